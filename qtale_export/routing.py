@@ -1,0 +1,322 @@
+"""Token-adaptive layer execution over a Hugging Face Llama-family model.
+
+A router on every decoder layer from `first_routed_layer` on decides, per token, whether the layer
+runs. A skipped token passes the layer unchanged and its keys/values at that layer are hidden from
+every later token (D-LLM's KV mask). Training samples decisions with straight-through Gumbel-softmax;
+inference executes iff P(execute) >= theta and runs each layer only on its executed tokens
+(gather -> layer -> scatter), with a dense masked path kept as the reference.
+
+The decoder layer's math is written here (not delegated to HF's layer forward) because the KV mask,
+compaction and per-token gates need control over positions and masks; the HF submodules (projections,
+norms, MLP) are called as they are, so LoRA (peft) and fake quantization (modelopt) apply unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class RouterConfig:
+    first_routed_layer: int = 2
+    keep_initial: int = 2  # the first tokens of every sequence always execute (attention sinks)
+    router_hidden: int = 64
+    execute_bias: float = 2.0  # initial logit margin for "execute": P = sigmoid(2) = 0.88
+    tau: float = 1.0  # Gumbel-softmax temperature during training
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Router(nn.Module):
+    """D-LLM's decision module: hidden -> r -> RMSNorm -> SiLU -> 2 logits (execute, skip)."""
+
+    def __init__(self, hidden: int, r: int, execute_bias: float, eps: float = 1e-6):
+        super().__init__()
+        self.down = nn.Linear(hidden, r)
+        self.norm = nn.RMSNorm(r, eps=eps)
+        self.out = nn.Linear(r, 2)
+        nn.init.normal_(self.out.weight, std=0.02)
+        with torch.no_grad():
+            self.out.bias.copy_(torch.tensor([execute_bias, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.silu(self.norm(self.down(x.float()))))
+
+
+@dataclass
+class RoutedOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: list | None = None
+    gates: list = field(default_factory=list)  # per routed layer [B, T]; straight-through in training
+    router_logits: list = field(default_factory=list)  # per routed layer [B, T, 2]
+    valid: torch.Tensor | None = None  # [B, T] bool, real (non-padding) tokens
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention_mask_4d(q_pos, k_pos, k_ok, window: int | None = None) -> torch.Tensor:
+    """[B, 1, Tq, Tk] bool: causal by original position, only allowed keys (valid and executed)."""
+    allowed = k_ok[:, None, None, :] & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
+    if window:
+        allowed &= k_pos[:, None, None, :] > q_pos[:, None, :, None] - window
+    # A query with no allowed key (padding, or a skipped token whose output is discarded) would
+    # give NaN in softmax; let it see everything, its result is never used.
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+class RoutedModel(nn.Module):
+    """A causal LM whose decoder layers are skipped per token by trained routers."""
+
+    def __init__(self, base: nn.Module, config: RouterConfig | None = None):
+        super().__init__()
+        self.base = base
+        self.router_config = config or RouterConfig()
+        cfg = self.hf_config
+        self.layer_ids = list(range(self.router_config.first_routed_layer, cfg.num_hidden_layers))
+        self.routers = nn.ModuleDict({
+            str(i): Router(cfg.hidden_size, self.router_config.router_hidden, self.router_config.execute_bias)
+            for i in self.layer_ids})
+        self.threshold = 0.5
+        self.theta_table: dict[str, dict] = {}
+        self.compact = True  # inference: run layers on executed tokens only
+        # provenance, filled by api.new_routed / load_checkpoint and written by checkpoint.save
+        self.base_info: dict = {"id": getattr(cfg, "name_or_path", "") or "custom", "sha256": None}
+        self.training_info: dict | None = None
+        self.quantization_info: dict | None = None
+        self.tokenizer = None
+        self.checkpoint_dir = None
+        self.reset_stats()
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The HF *ForCausalLM module, under a peft wrapper if LoRA is attached."""
+        return self.base.get_base_model() if hasattr(self.base, "get_base_model") else self.base
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.causal_lm.model
+
+    @property
+    def hf_config(self):
+        return self.causal_lm.config
+
+    def set_threshold(self, theta: float) -> None:
+        if not 0.0 <= float(theta) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {theta}")
+        self.threshold = float(theta)
+
+    def set_ratio(self, ratio: float) -> float:
+        """Set the threshold calibrated for `ratio` (see calibrate.py); returns theta."""
+        from .errors import QtaleError
+
+        key = ratio_key(ratio)
+        if float(ratio) >= 1.0:
+            self.set_threshold(0.0)  # P >= 0 always: every token runs every layer
+            return 0.0
+        if key not in self.theta_table:
+            have = ", ".join(sorted(self.theta_table)) or "none"
+            raise QtaleError(f"ratio {key} is not calibrated (calibrated: {have}); run qtale calibrate")
+        self.set_threshold(self.theta_table[key]["theta"])
+        return self.threshold
+
+    # ---- statistics ------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        n = len(self.layer_ids)
+        self._executed = torch.zeros(n, dtype=torch.float64)
+        self._tokens = 0
+        self._flops = torch.zeros(2, dtype=torch.float64)  # routed, dense
+
+    def execution_stats(self) -> dict:
+        """Accumulated since the last reset_stats(): per-layer executed fraction, overall ratio,
+        and routed FLOPs / dense FLOPs (decoder layers with their attention spans, routers, lm_head)."""
+        tokens = max(self._tokens, 1)
+        per_layer = (self._executed / tokens).tolist()
+        return {
+            "tokens": self._tokens,
+            "layer_ratio": {str(i): round(r, 6) for i, r in zip(self.layer_ids, per_layer)},
+            "execution_ratio": float(self._executed.sum() / (tokens * max(len(self.layer_ids), 1))),
+            "flops_fraction": float(self._flops[0] / self._flops[1]) if self._flops[1] > 0 else 1.0,
+        }
+
+    def _flop_terms(self):
+        c = self.hf_config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        h, nq, nkv = c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd
+        proj = 2 * h * (2 * nq + 2 * nkv) + 3 * 2 * h * c.intermediate_size
+        per_key = 2 * 2 * nq  # QK^T and AV per attended key
+        router = 2 * (h * self.router_config.router_hidden + self.router_config.router_hidden * 2)
+        head = 2 * h * c.vocab_size
+        return proj, per_key, router, head
+
+    @torch.no_grad()
+    def _account(self, valid, gates_hard, past_valid=None, past_exec=None) -> None:
+        """Count tokens, executions and FLOPs of one forward; `gates_hard` per routed layer [B, T].
+        past_valid [B]: real tokens in the cache; past_exec: per routed layer, executed cached keys."""
+        proj, per_key, router, head = self._flop_terms()
+        v = valid.double()
+        n_tok = v.sum()
+        zero = torch.zeros(valid.shape[0], dtype=torch.float64, device=valid.device)
+        past_valid = zero if past_valid is None else past_valid.double()
+        dense_keys = ((v.cumsum(1) + past_valid[:, None]) * v).sum()
+        n_layers = self.hf_config.num_hidden_layers
+        dense = n_layers * (proj * n_tok + per_key * dense_keys) + head * n_tok
+        routed = (n_layers - len(self.layer_ids)) * (proj * n_tok + per_key * dense_keys) + head * n_tok
+        for j, g in enumerate(gates_hard):
+            g = g.double() * v
+            pe = zero if past_exec is None else past_exec[j].double()
+            keys = ((g.cumsum(1) + pe[:, None]) * g).sum()
+            routed = routed + proj * g.sum() + per_key * keys + router * n_tok
+            self._executed[j] += float(g.sum())
+        self._tokens += int(n_tok)
+        self._flops += torch.tensor([float(routed), float(dense)], dtype=torch.float64)
+
+    # ---- the decoder layer ------------------------------------------------------------------
+    def _layer(self, layer, x, pos, k_pos, k_ok, past=None):
+        """One pre-norm decoder block on x [B, T, H]; returns (new hidden, (k, v)) with k/v of x."""
+        attn, c = layer.self_attn, self.hf_config
+        B, T, _ = x.shape
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, -1, hd)
+        k = attn.k_proj(h).view(B, T, -1, hd)
+        v = attn.v_proj(h).view(B, T, -1, hd).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = self.decoder.rotary_emb(x, pos)
+        cos, sin = cos[:, None], sin[:, None]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        kv = (k, v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        rep = q.shape[1] // k.shape[1]
+        mask = attention_mask_4d(pos, k_pos, k_ok, self._window())
+        o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                           attn_mask=mask, scale=getattr(attn, "scaling", hd ** -0.5))
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x, kv
+
+    def _window(self) -> int | None:
+        c = self.hf_config
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+            return int(c.sliding_window)
+        return None
+
+    def _compacted_layer(self, layer, x, pos, gate, want_kv: bool):
+        """Run `layer` on the executed tokens only: gather -> layer -> scatter back."""
+        B, T, H = x.shape
+        count = gate.sum(1)
+        n = max(int(count.max()), 1)
+        # stable partition: executed positions first (in order), then skipped ones
+        index = torch.argsort((~gate).to(torch.int8), dim=1, stable=True)[:, :n]
+        ok = torch.arange(n, device=x.device)[None, :] < count[:, None]
+        xc = x.gather(1, index[..., None].expand(B, n, H))
+        pc = pos.gather(1, index)
+        yc, (kc, vc) = self._layer(layer, xc, pc, pc, ok)
+        yc = torch.where(ok[..., None], yc, xc)  # padding rows write their own input back
+        out = x.scatter(1, index[..., None].expand(B, n, H), yc)
+        if not want_kv:
+            return out, None
+        # cache layout stays full-length: executed rows hold their k/v, skipped rows zeros
+        kv = [t.new_zeros(B, t.shape[1], T, t.shape[3]).scatter(
+            2, index[:, None, :, None].expand_as(t), torch.where(ok[:, None, :, None], t, 0.0))
+            for t in (kc, vc)]
+        return out, tuple(kv)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, past_key_values: list | None = None,
+                use_cache: bool = False, theta: float | torch.Tensor | None = None,
+                execute_all: bool = False, dense: bool | None = None) -> RoutedOutput:
+        """HF-style forward. `attention_mask` covers past + current tokens (1 = real token).
+
+        theta: threshold override, a float or one per sequence [B]; execute_all: every token runs
+        every layer (the all-layers reference); dense: force the masked reference path instead of
+        compaction at inference (training always uses the dense path).
+        """
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=input_ids.device)
+        full_valid = attention_mask.bool()
+        full_pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        valid, pos = full_valid[:, past_len:], full_pos[:, past_len:]
+        keep = valid & (pos < self.router_config.keep_initial)
+        sampling = self.training and not execute_all
+        compact = (not self.training) and past_key_values is None and not (dense if dense is not None
+                                                                          else not self.compact)
+        if theta is None:
+            theta = self.threshold
+        theta = torch.as_tensor(theta, dtype=torch.float32, device=input_ids.device).reshape(-1, 1)
+        x = self.decoder.embed_tokens(input_ids)
+        presents, gates, router_logits, gates_hard = [], [], [], []
+        past_valid = past_exec = None
+        if past_key_values:  # for FLOP accounting: real cached tokens, executed cached keys
+            past_valid = full_valid[:, :past_len].sum(1)
+            past_exec = [past_key_values[i][2].sum(1) for i in self.layer_ids]
+        for i, layer in enumerate(self.decoder.layers):
+            past = past_key_values[i] if past_key_values else None
+            routed = str(i) in self.routers
+            if not routed:
+                gate = valid
+                g = None
+            else:
+                logits = self.routers[str(i)](x)
+                router_logits.append(logits)
+                if execute_all:
+                    g = torch.ones(B, T, device=x.device)
+                elif sampling:
+                    g = F.gumbel_softmax(logits, tau=self.router_config.tau, hard=True)[..., 0]
+                else:
+                    g = (logits.softmax(-1)[..., 0] >= theta).float()
+                g = torch.where(keep, torch.ones_like(g), g) * valid
+                gate = g.detach().bool()
+                gates.append(g)
+                gates_hard.append(gate)
+            if compact and routed:
+                x, kv = self._compacted_layer(layer, x, pos, gate, use_cache)
+            else:
+                k_ok = gate if past is None else torch.cat([past[2] & full_valid[:, :past_len], gate], 1)
+                k_pos = pos if past is None else full_pos
+                y, kv = self._layer(layer, x, pos, k_pos, k_ok, past)
+                if g is None:
+                    x = y
+                elif sampling:
+                    x = x + g[..., None].to(x.dtype) * (y - x)  # straight-through: value 0/1, soft grad
+                else:
+                    x = torch.where(gate[..., None], y, x)
+                if routed:  # cache rows of skipped tokens are zeros, as in the compacted path
+                    kv = tuple(t * gate[:, None, :, None].to(t.dtype) for t in kv)
+                if past is not None:
+                    kv = (torch.cat([past[0], kv[0]], 2), torch.cat([past[1], kv[1]], 2))
+            if use_cache:
+                exec_mask = gate if past is None else torch.cat([past[2], gate], 1)
+                presents.append((kv[0], kv[1], exec_mask))
+        logits = self.causal_lm.lm_head(self.decoder.norm(x))
+        self._account(valid, gates_hard, past_valid, past_exec)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return RoutedOutput(logits=logits, loss=loss, past_key_values=presents if use_cache else None,
+                            gates=gates, router_logits=router_logits, valid=valid)
+
+    # ---- persistence helpers -----------------------------------------------------------------
+    def router_state(self) -> dict[str, torch.Tensor]:
+        return {f"{k}": v.detach().contiguous() for k, v in self.routers.state_dict().items()}
+
+
+def ratio_key(ratio: float) -> str:
+    """Canonical theta-table key of an execution ratio, e.g. 0.6 -> '0.6', 0.55 -> '0.55'."""
+    return f"{float(ratio):.4f}".rstrip("0").rstrip(".") if float(ratio) < 1 else "1.0"
