@@ -61,10 +61,12 @@ def _converted_embedded(name: str) -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    tmp.chmod(0o755)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.config.quantization_config = None  # the copy is plain float; no GGUF on reload
+        # the weights are dequantized floats now: save them as a plain model, not a GGUF one
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -106,6 +108,10 @@ def load_base(name_or_path: str | os.PathLike, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown our own progress output
+    hf_logging.set_verbosity_error()
     folder = resolve(name_or_path)
     try:
         config = AutoConfig.from_pretrained(folder)

@@ -1,0 +1,65 @@
+"""Post-training ratio control: find theta per target execution ratio by bisection."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from .routing import RoutedModel, ratio_key
+
+
+@torch.no_grad()
+def realized_ratio(model: RoutedModel, batches: list[dict], theta: float) -> float:
+    model.eval()
+    model.reset_stats()
+    for b in batches:
+        model(b["input_ids"], attention_mask=b["attention_mask"], theta=theta)
+    return model.execution_stats()["execution_ratio"]
+
+
+def parse_ratio(value: str | float) -> float:
+    """A target execution ratio in (0, 1]; ValueError with a one-line reason otherwise."""
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid ratio '{value}': must be a number in (0, 1]") from None
+    if not 0.0 < r <= 1.0 or r != r:
+        raise ValueError(f"invalid ratio '{value}': must be in (0, 1]")
+    return r
+
+
+@torch.no_grad()
+def calibrate(model: RoutedModel, batches: list[dict], ratios: list[float], tol: float = 0.01,
+              max_iter: int = 30, progress: bool = True) -> dict[str, dict]:
+    """theta for each target ratio on `batches`; stored in model.theta_table and returned.
+
+    The realized ratio falls as theta rises (a layer runs iff P(execute) >= theta), so bisection on
+    [0, 1] converges; it stops once within `tol`, else keeps the closest theta it saw.
+    """
+    table: dict[str, dict] = {}
+    seen: dict[float, float] = {}
+
+    def ratio_at(theta: float) -> float:
+        if theta not in seen:
+            seen[theta] = realized_ratio(model, batches, theta)
+        return seen[theta]
+
+    bar = tqdm(sorted(ratios, reverse=True), desc="calibrate", disable=not progress, leave=False)
+    for target in bar:
+        if target >= 1.0:  # P >= 0 holds for every token: the dense model, exactly
+            table[ratio_key(target)] = {"theta": 0.0, "realized": ratio_at(0.0)}
+            continue
+        lo, hi = 0.0, 1.0
+        best = min(seen.items(), key=lambda kv: abs(kv[1] - target), default=(0.5, ratio_at(0.5)))
+        for _ in range(max_iter):
+            mid = (lo + hi) / 2
+            r = ratio_at(mid)
+            if abs(r - target) < abs(best[1] - target):
+                best = (mid, r)
+            if abs(r - target) <= tol:
+                break
+            lo, hi = (mid, hi) if r > target else (lo, mid)
+        table[ratio_key(target)] = {"theta": best[0], "realized": round(best[1], 6)}
+        bar.set_postfix(target=target, realized=round(best[1], 4))
+    model.theta_table.update(table)
+    model.reset_stats()
+    return table

@@ -1,0 +1,177 @@
+"""`qtale` and `qtale-export` command lines: parse, call one function per subcommand, print, exit."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import QtaleError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + traceback
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def ratio_arg(value: str) -> float:
+    from .calibrate import parse_ratio
+
+    try:
+        return parse_ratio(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def ratios_arg(value: str) -> list[float]:
+    items = [v for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("no ratios given")
+    return [ratio_arg(v.strip()) for v in items]
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
+    Console().print(table)
+
+
+# ---- train ----------------------------------------------------------------------------------
+def add_train(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help="embedded name or HF folder (default %(default)s)")
+    p.add_argument("--data", nargs="+", required=True, help="LLM-Adapters JSON file(s) or plain text")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--method", choices=["qtale", "dllm"], default=d.method)
+    p.add_argument("--loss", choices=["auto", "task", "distill"], default=d.loss)
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_rank", "seed", "save_every",
+                 "first_routed_layer", "keep_initial", "router_hidden", "lambda1_warmup"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "weight_decay", "lambda1", "lambda2", "tau"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--target-ratio", type=ratio_arg, default=d.target_ratio, help="Omega")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--json", action="store_true")
+
+
+def run_train(args) -> int:
+    from . import checkpoint
+    from .train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    out = train(cfg, resume=args.resume, force=args.force)
+    from .train import dist_info
+
+    if dist_info()[0] != 0:
+        return 0
+    meta = checkpoint.read_meta(out)
+    summary = {"checkpoint": str(out), "steps": meta["training"]["steps_done"],
+               "final": meta["training"]["final_losses"]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_table(f"trained {out}", ["metric", "value"], [[k, v] for k, v in summary["final"].items()])
+    return 0
+
+
+# ---- calibrate ------------------------------------------------------------------------------
+def add_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder (qtale train --out)")
+    p.add_argument("--ratios", type=ratios_arg, default=[0.5, 0.6, 0.7, 0.8, 1.0],
+                   help="comma-separated target execution ratios in (0, 1]")
+    p.add_argument("--data", default=None, help="calibration text or JSON (default: built-in text)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--tol", type=float, default=0.01)
+    p.add_argument("--json", action="store_true")
+
+
+def run_calibrate(args) -> int:
+    from . import checkpoint
+    from .api import load_checkpoint
+    from .calibrate import calibrate
+    from .data import CALIBRATION_TEXT, text_batches
+
+    folder = Path(args.checkpoint)
+    checkpoint.read_meta(folder)  # a clear error before loading the model
+    model = load_checkpoint(folder)
+    data = Path(args.data) if args.data else CALIBRATION_TEXT
+    batches = text_batches(data, model.tokenizer, args.seq_len, 4, args.max_tokens)
+    table = calibrate(model, batches, args.ratios, tol=args.tol)
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    checkpoint.update_meta(folder, theta_table=model.theta_table,
+                           calibration={"data": data.name, "tokens": tokens, "tol": args.tol})
+    if args.json:
+        print(json.dumps({"ratios": table}))
+    else:
+        print_table(f"theta table of {folder} ({tokens} tokens of {data.name})", ["ratio", "theta", "realized"],
+                    [[k, v["theta"], v["realized"]] for k, v in table.items()])
+    return 0
+
+
+# ---- registry ---------------------------------------------------------------------------------
+# (name, module, add-arguments function, run function, help). Modules are imported lazily and a
+# subcommand is listed only when its module is present.
+COMMANDS = [
+    ("train", None, add_train, run_train, "train routers (QTALE or the D-LLM baseline)"),
+    ("calibrate", None, add_calibrate, run_calibrate, "calibrate theta for target execution ratios"),
+]
+
+
+def _resolve(module: str | None, fn):
+    if module is None or callable(fn):
+        return fn
+    return getattr(importlib.import_module(module, __package__), fn)
+
+
+def build_parser(prog: str = "qtale") -> Parser:
+    parser = Parser(prog=prog, description="QTALE: quantization-robust token-adaptive LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, module, add, run, help_text in COMMANDS:
+        try:
+            add_fn = _resolve(module, add)
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_fn(p)
+        p.set_defaults(_run=(module, run))
+    return parser
+
+
+def _run(args) -> int:
+    module, run = args._run
+    result = _resolve(module, run)(args)
+    if isinstance(result, dict):
+        if getattr(args, "json", False):
+            print(json.dumps(result))
+        return 0
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None, prog: str = "qtale") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return _run(args)
+    except QtaleError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

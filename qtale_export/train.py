@@ -1,0 +1,272 @@
+"""Router training: task or self-distillation loss + execution-ratio loss (+ QTALE's entropy term).
+
+Runs as is on one process, or under `torchrun` (DDP; gloo on CPU, nccl on GPUs). The data order and
+the Gumbel noise are functions of (seed, step), so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint
+from .data import Example, collate, load_examples
+from .errors import QtaleError
+from .routing import RoutedModel, RouterConfig
+
+STATE = "train_state.json"
+OPTIMIZER = "optimizer.pt"
+LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/qtale"
+    method: str = "qtale"  # qtale: + entropy regulariser; dllm: the D-LLM baseline (lambda2 = 0)
+    loss: str = "auto"  # task | distill | auto (task for instruction JSON, distill for text)
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seq_len: int = 256
+    target_ratio: float = 0.5  # Omega
+    lambda1: float = 1.0  # ratio loss weight
+    lambda1_warmup: int = 0  # steps of linear warm-up of lambda1
+    lambda2: float = 0.1  # entropy weight (qtale only)
+    tau: float = 1.0
+    lora_rank: int = 0
+    seed: int = 0
+    save_every: int = 50
+    max_examples: int | None = None
+    first_routed_layer: int = 2
+    keep_initial: int = 2
+    router_hidden: int = 64
+
+    def validate(self) -> None:
+        if self.method not in ("qtale", "dllm"):
+            raise QtaleError(f"unknown method '{self.method}' (qtale or dllm)")
+        if self.loss not in ("auto", "task", "distill"):
+            raise QtaleError(f"unknown loss '{self.loss}' (task, distill or auto)")
+        if not 0.0 < self.target_ratio <= 1.0:
+            raise QtaleError(f"invalid target ratio {self.target_ratio}: must be in (0, 1]")
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1 or self.seq_len < 16:
+            raise QtaleError("steps must be >= 0, batch size and grad accumulation >= 1, seq_len >= 16")
+        if not self.data:
+            raise QtaleError("no training data given (--data FILE ...)")
+
+
+# ---- losses --------------------------------------------------------------------------------
+def ratio_loss(gates: list[torch.Tensor], valid: torch.Tensor, target: float) -> torch.Tensor:
+    """L1 between each token's mean execution over routed layers and the target ratio Omega."""
+    per_token = torch.stack(gates).mean(0)
+    return ((per_token - target).abs() * valid).sum() / valid.sum().clamp(min=1)
+
+
+def router_entropy(router_logits: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the execute/skip distribution over valid tokens and routed layers."""
+    logp = torch.stack(router_logits).log_softmax(-1)
+    ent = -(logp.exp() * logp).sum(-1).mean(0)
+    return (ent * valid).sum() / valid.sum().clamp(min=1)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions, mean over valid tokens."""
+    kl = F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
+                  log_target=True, reduction="none").sum(-1)
+    return (kl * valid).sum() / valid.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def path_stats(gates: list[torch.Tensor], valid: torch.Tensor) -> dict:
+    """Realized ratio and distinct execution paths per 1k tokens in a batch."""
+    g = torch.stack([x.detach() > 0.5 for x in gates], -1)[valid]  # [tokens, routed layers]
+    n = max(g.shape[0], 1)
+    return {"realized_ratio": float(g.float().mean()) if g.numel() else 0.0,
+            "paths_per_1k": torch.unique(g, dim=0).shape[0] * 1000.0 / n}
+
+
+# ---- distributed ---------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed() -> tuple[int, int]:
+    rank, world = dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return rank, world
+
+
+# ---- model and state ------------------------------------------------------------------------
+def build_model(cfg: TrainConfig) -> RoutedModel:
+    from .api import new_routed
+
+    model = new_routed(cfg.model, RouterConfig(first_routed_layer=cfg.first_routed_layer,
+                                               keep_initial=cfg.keep_initial,
+                                               router_hidden=cfg.router_hidden, tau=cfg.tau))
+    for p in model.base.parameters():
+        p.requires_grad_(False)
+    if cfg.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model.base = get_peft_model(model.base, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                           target_modules=targets, lora_dropout=0.0))
+    return model
+
+
+def load_resume_state(model: RoutedModel, out: Path) -> dict:
+    """Routers, LoRA and trainer state of an interrupted run in `out`."""
+    meta = checkpoint.read_meta(out)
+    checkpoint.verify_files(out, meta)
+    model.routers.load_state_dict(checkpoint.load_routers(out))
+    adapter = out / checkpoint.ADAPTER / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model.base, load_file(adapter))
+    state = json.loads((out / STATE).read_text())
+    return state
+
+
+def save_state(model: RoutedModel, cfg: TrainConfig, out: Path, step: int, optimizer, losses: dict,
+               started: float) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=out.parent))
+    try:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)  # tensors + numbers: weights_only-loadable
+        (tmp / STATE).write_text(json.dumps({"step": step, "elapsed_s": time.time() - started}))
+        extra = {OPTIMIZER: tmp / OPTIMIZER, STATE: tmp / STATE}
+        if (out / LOG).is_file():
+            shutil.copy2(out / LOG, tmp / LOG)
+            extra[LOG] = tmp / LOG
+        training = {"config": asdict(cfg), "steps_done": step, "final_losses": losses,
+                    "data": [str(Path(d).name) if Path(d).is_file() else d for d in cfg.data],
+                    "data_paths": cfg.data, "torch": torch.__version__}
+        checkpoint.save(model, out, training=training, extra_files=extra)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- the loop -------------------------------------------------------------------------------
+def batch_for(examples: list[Example], step: int, micro: int, cfg: TrainConfig, rank: int, world: int,
+              pad_id: int) -> dict[str, torch.Tensor]:
+    """Deterministic batch: sample k of the run is perm(seed, epoch)[k mod N]."""
+    n = len(examples)
+    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+    picked = []
+    for k in range(first, first + cfg.batch_size):
+        epoch, i = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        picked.append(examples[int(perm[i])])
+    return collate(picked, pad_id)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+    cfg.validate()
+    out = Path(cfg.out)
+    rank, world = init_distributed()
+    if out.exists() and not resume and not force:
+        raise QtaleError(f"output folder {out} exists: pass --resume to continue it or --force to overwrite")
+    if resume and not (out / STATE).is_file():
+        raise QtaleError(f"cannot resume: {out} holds no interrupted run ({STATE} missing)")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    tokenizer = model.tokenizer
+    examples = load_examples(cfg.data, tokenizer, cfg.seq_len, limit=cfg.max_examples)
+    instruction = any(e.labels[0] == -100 for e in examples[:50])
+    loss_kind = cfg.loss if cfg.loss != "auto" else ("task" if instruction else "distill")
+    lambda2 = cfg.lambda2 if cfg.method == "qtale" else 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume:
+        start = load_resume_state(model, out)["step"]
+        optimizer.load_state_dict(torch.load(out / OPTIMIZER, weights_only=True))
+        if rank == 0 and (out / LOG).is_file():  # drop log lines of steps that were not saved
+            lines = (out / LOG).read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
+            (out / LOG).write_text("".join(ln + "\n" for ln in kept))
+    if force and out.exists() and not resume and rank == 0:
+        shutil.rmtree(out)
+    runner = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(model)
+    model.train()
+    started = time.time()
+    losses: dict = {}
+    bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.method}", disable=not progress or rank > 0,
+               initial=start, total=cfg.steps)
+    for step in bar:
+        torch.manual_seed(cfg.seed * 1000003 + step * world + rank)  # Gumbel noise, resumable
+        warm = 1.0 if cfg.lambda1_warmup <= 0 else min(1.0, (step + 1) / cfg.lambda1_warmup)
+        lambda1 = cfg.lambda1 * warm
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            b = batch_for(examples, step, micro, cfg, rank, world, tokenizer.pad_token_id)
+            valid = b["attention_mask"].bool()
+            vf = valid.float()
+            o = runner(b["input_ids"], attention_mask=b["attention_mask"],
+                       labels=b["labels"] if loss_kind == "task" else None)
+            if loss_kind == "task":
+                main = o.loss
+            else:
+                with torch.no_grad(), _adapters_off(model):
+                    teacher = model(b["input_ids"], attention_mask=b["attention_mask"], execute_all=True).logits
+                main = distill_loss(o.logits, teacher, vf)
+            r_loss = ratio_loss(o.gates, vf, cfg.target_ratio)
+            ent = router_entropy(o.router_logits, vf)
+            total = main + lambda1 * r_loss - lambda2 * ent
+            (total / cfg.grad_accum).backward()
+            stats = path_stats(o.gates, valid)
+            for k, v in {"loss": total.item(), loss_kind + "_loss": main.item(), "ratio_loss": r_loss.item(),
+                         "entropy": ent.item(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        if not all(math.isfinite(v) for v in sums.values()):
+            raise QtaleError(f"training diverged at step {step} (non-finite loss); lower --lr")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses = {k: round(v, 6) for k, v in sums.items()}
+        bar.set_postfix(loss=losses["loss"], ratio=round(losses["realized_ratio"], 3),
+                        ent=round(losses["entropy"], 3))
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / LOG, "a") as f:
+                f.write(json.dumps({"step": step + 1, "lambda1": lambda1, "lambda2": lambda2,
+                                    "time_s": round(time.time() - started, 2), **losses}) + "\n")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_state(model, cfg, out, step + 1, optimizer, losses, started)
+    if cfg.steps == start and rank == 0 and not resume:
+        save_state(model, cfg, out, start, optimizer, losses, started)
+    if world > 1:
+        torch.distributed.barrier()
+    model.eval()
+    return out
+
+
+class _adapters_off:
+    """Context: LoRA adapters disabled (the teacher is the untouched base), a no-op without LoRA."""
+
+    def __init__(self, model: RoutedModel):
+        self.ctx = model.base.disable_adapter() if hasattr(model.base, "disable_adapter") else None
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else None
