@@ -1,0 +1,220 @@
+"""qtale build (qtale_export/tensorrt.py) without TensorRT: planning, errors, dry run, manifest updates."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from qtale_export import tensorrt as qtrt
+from qtale_export.errors import QtaleError
+from trt_fake_export import make_export
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    qtrt.add_build_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+@pytest.fixture
+def plugin_lib(tmp_path: Path) -> Path:
+    lib = tmp_path / "libqtale_trt_plugins.so"
+    lib.write_bytes(b"\x7fELF not really")
+    return lib
+
+
+def test_dry_run_prints_trtexec_command(tmp_path, plugin_lib, capsys):
+    exp = make_export(tmp_path / "exp")
+    result = qtrt.run_build(parse(exp, "--plugin-lib", plugin_lib, "--min-tokens", 4, "--opt-tokens", 64,
+                                  "--max-tokens", 512, "--batch", "1:2:4", "--timing-cache", tmp_path / "tc",
+                                  "--dry-run"))
+    line = capsys.readouterr().out.strip()
+    assert result["dry_run"] and line.startswith("trtexec ")
+    for flag in (f"--onnx={exp}/prefill.onnx", f"--saveEngine={exp}/prefill.int4.engine",
+                 "--minShapes=input_ids:1x4,attention_mask:1x4,theta:1",
+                 "--optShapes=input_ids:2x64,attention_mask:2x64,theta:2",
+                 "--maxShapes=input_ids:4x512,attention_mask:4x512,theta:4",
+                 "--stronglyTyped", f"--dynamicPlugins={plugin_lib}", f"--timingCacheFile={tmp_path}/tc",
+                 "--memPoolSize=workspace:4096M"):
+        assert flag in line.split(), flag
+    assert not (exp / "prefill.int4.engine").exists()
+
+
+def test_dry_run_jetson_defaults_and_weak_fp16(tmp_path, capsys):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="fp32")
+    qtrt.run_build(parse(exp, "--precision", "fp16", "--jetson", "--dry-run"))
+    words = capsys.readouterr().out.split()
+    assert "--fp16" in words and "--stronglyTyped" not in words
+    assert "--memPoolSize=workspace:2048M" in words
+    assert not any(w.startswith("--dynamicPlugins") for w in words)
+
+
+def test_plugin_export_requires_plugin_lib(tmp_path):
+    exp = make_export(tmp_path / "exp")
+    with pytest.raises(QtaleError, match="--plugin-lib"):
+        qtrt.plan_build(parse(exp))
+    with pytest.raises(QtaleError, match="not found"):
+        qtrt.plan_build(parse(exp, "--plugin-lib", tmp_path / "missing.so"))
+
+
+def test_plugin_ops_detected_from_onnx_even_if_manifest_says_standard(tmp_path, plugin_lib):
+    exp = make_export(tmp_path / "exp")
+    manifest = json.loads((exp / "manifest.json").read_text())
+    manifest["ops"] = "standard"
+    (exp / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QtaleError, match="plugin ops"):
+        qtrt.plan_build(parse(exp))
+
+
+def test_plugin_lib_for_standard_export_is_ignored_with_warning(tmp_path, plugin_lib, capsys):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="fp16")
+    plan = qtrt.plan_build(parse(exp, "--plugin-lib", plugin_lib))
+    assert plan.plugin_lib is None and not plan.uses_plugins
+    assert "ignoring --plugin-lib" in capsys.readouterr().err
+
+
+def test_missing_manifest_and_graph_errors(tmp_path):
+    exp = make_export(tmp_path / "exp", manifest=False)
+    with pytest.raises(QtaleError, match="manifest.json not found"):
+        qtrt.plan_build(parse(exp, "--dry-run"))
+    exp = make_export(tmp_path / "exp2", ops="standard", precision="fp16")
+    (exp / "prefill.onnx").unlink()
+    with pytest.raises(QtaleError, match="missing"):
+        qtrt.plan_build(parse(exp))
+    with pytest.raises(QtaleError, match="no 'decode' graph"):
+        qtrt.plan_build(parse(make_export(tmp_path / "exp3", ops="standard"), "--graph", "decode"))
+
+
+def test_precision_mismatch_and_bad_profiles(tmp_path):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="int4")
+    with pytest.raises(QtaleError, match="re-export"):
+        qtrt.plan_build(parse(exp, "--precision", "fp8"))
+    with pytest.raises(QtaleError, match="min-tokens"):
+        qtrt.plan_build(parse(exp, "--min-tokens", 64, "--opt-tokens", 8))
+    with pytest.raises(QtaleError, match="batch"):
+        qtrt.plan_build(parse(exp, "--batch", "4:2:8"))
+
+
+def test_fp8_refused_on_jetson_and_sm87(tmp_path, monkeypatch):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="fp8")
+    with pytest.raises(QtaleError, match="Jetson Orin"):
+        qtrt.plan_build(parse(exp, "--jetson"))
+    monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.7")
+    with pytest.raises(QtaleError, match=r"SM >= 8\.9.*SM 8\.7"):
+        qtrt.run_build(parse(exp))
+    qtrt.check_fp8("fp8", False, "8.9")
+    qtrt.check_fp8("fp8", False, "9.0")
+    qtrt.check_fp8("int4", True, "8.7")
+
+
+def test_missing_tensorrt_is_one_line_error(tmp_path, monkeypatch):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="fp16")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.9")
+    with pytest.raises(QtaleError) as info:
+        qtrt.run_build(parse(exp))
+    assert "pip install tensorrt" in str(info.value) and "\n" not in str(info.value)
+    assert qtrt.main(["build", str(exp)]) == 2
+
+
+def test_record_engine_updates_manifest(tmp_path, plugin_lib):
+    exp = make_export(tmp_path / "exp")
+    engine = exp / "prefill.int4.engine"
+    engine.write_bytes(b"engine-v1")
+    kwargs = dict(graph="prefill", precision="int4", tensorrt_version="10.3.0", sm="8.7", plugin_lib=plugin_lib,
+                  batch=(1, 1, 1), tokens=(1, 256, 2048), jetson=True, strongly_typed=True, built_with="trtexec")
+    qtrt.record_engine(exp, engine, **kwargs)
+    engine.write_bytes(b"engine-v2")
+    entry = qtrt.record_engine(exp, engine, **kwargs)
+    manifest = json.loads((exp / "manifest.json").read_text())
+    assert manifest["files"]["prefill.int4.engine"] == hashlib.sha256(b"engine-v2").hexdigest()
+    assert "prefill.onnx" in manifest["files"]
+    assert manifest["engines"] == [entry]  # re-recording replaces, never duplicates
+    assert entry["gpu_sm"] == "8.7" and entry["tensorrt_version"] == "10.3.0"
+    assert entry["plugin_library"]["sha256"] == hashlib.sha256(plugin_lib.read_bytes()).hexdigest()
+    assert [p.name for p in exp.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_manifest_write_is_atomic(tmp_path, monkeypatch):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="fp16")
+    engine = exp / "prefill.fp16.engine"
+    engine.write_bytes(b"x")
+    before = (exp / "manifest.json").read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        qtrt.record_engine(exp, engine, graph="prefill", precision="fp16", tensorrt_version=None, sm=None,
+                           plugin_lib=None, batch=(1, 1, 1), tokens=(1, 2, 3), jetson=False, strongly_typed=True,
+                           built_with="trtexec")
+    assert (exp / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in exp.iterdir()) == ["manifest.json", "prefill.fp16.engine", "prefill.onnx"]
+
+
+def test_record_subcommand_reads_trtexec_log(tmp_path, monkeypatch):
+    exp = make_export(tmp_path / "exp", ops="standard", precision="fp16")
+    (exp / "prefill.fp16.engine").write_bytes(b"e")
+    log = exp / "build.log"
+    log.write_text("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --onnx=...\n")
+    monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.9")
+    assert qtrt.main(["record", str(exp), "--engine", str(exp / "prefill.fp16.engine"),
+                      "--trtexec-log", str(log)]) == 0
+    entry = json.loads((exp / "manifest.json").read_text())["engines"][0]
+    assert entry["tensorrt_version"] == "10.3.0" and entry["built_with"] == "trtexec"
+
+
+def fake_tensorrt(calls: list) -> types.ModuleType:
+    """Just enough of the tensorrt module surface used by build_engine_bytes, recording calls."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0"
+
+    class Obj:
+        def __init__(self, name):
+            self._name = name
+
+        def __getattr__(self, attr):
+            def method(*args, **kwargs):
+                calls.append((f"{self._name}.{attr}", args))
+                if attr == "build_serialized_network":
+                    return b"ENGINE"
+                if attr == "parse_from_file":
+                    return True
+                if attr == "serialize":
+                    return b"CACHE"
+                return Obj(attr)
+            return method
+
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Builder = lambda logger: Obj("builder")
+    trt.OnnxParser = lambda network, logger: Obj("parser")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="fp16")
+    return trt
+
+
+def test_build_with_python_api_writes_engine_and_manifest(tmp_path, plugin_lib, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.9")
+    exp = make_export(tmp_path / "exp")
+    entry = qtrt.run_build(parse(exp, "--plugin-lib", plugin_lib, "--timing-cache", tmp_path / "tc",
+                                 "--max-tokens", 1024))
+    assert (exp / "prefill.int4.engine").read_bytes() == b"ENGINE"
+    assert (tmp_path / "tc").read_bytes() == b"CACHE"
+    names = [c[0] for c in calls]
+    assert names.index("get_plugin_registry.load_library") < names.index("parser.parse_from_file")
+    assert ("builder.create_network", (2,)) in calls  # 1 << STRONGLY_TYPED
+    assert ("create_builder_config.set_memory_pool_limit", ("workspace", 4096 << 20)) in calls
+    set_shape = [c[1] for c in calls if c[0] == "create_optimization_profile.set_shape"]
+    assert ("input_ids", [1, 1], [1, 256], [1, 1024]) in set_shape
+    assert entry["sha256"] == hashlib.sha256(b"ENGINE").hexdigest() and entry["built_with"] == "tensorrt-python"
