@@ -1,0 +1,127 @@
+"""Run the CUDA kernels on a GPU: the C++ kernel test, and the C ABI (ctypes) on the golden vectors."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data" / "ops_vectors.npz"
+DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # qtale_dtype
+H2D, D2H = 1, 2  # cudaMemcpyKind
+
+
+def gpu_arch() -> str:
+    """SM of GPU 0 as a CMake architecture ("90"), falling back to CMake's "native"."""
+    try:
+        cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()[0]
+        return cap.replace(".", "")
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "native"
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> Path:
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if shutil.which("cmake") is None or not Path(nvcc).exists():
+        pytest.skip("cmake and nvcc are needed to build the kernels")
+    out = tmp_path_factory.mktemp("plugins-gpu")
+    subprocess.run(["cmake", "-S", str(ROOT / "plugins"), "-B", str(out), f"-DCMAKE_CUDA_ARCHITECTURES={gpu_arch()}",
+                    f"-DCMAKE_CUDA_COMPILER={nvcc}"], check=True, capture_output=True, timeout=300)
+    subprocess.run(["cmake", "--build", str(out), "-j", "4", "--target", "qtale_kernels", "qtale_kernel_test"],
+                   check=True, capture_output=True, timeout=900)
+    return out
+
+
+def test_kernel_test_executable_passes(build_dir):
+    proc = subprocess.run([str(build_dir / "qtale_kernel_test")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ALL PASSED" in proc.stdout
+
+
+class Cuda:
+    """Minimal cudart via ctypes: the same runtime libqtale_kernels.so is linked against."""
+
+    def __init__(self, kernels: Path):
+        deps = subprocess.run(["ldd", str(kernels)], capture_output=True, text=True, check=True).stdout
+        match = re.search(r"(\S*libcudart\.so\S*) => (\S+)", deps)
+        assert match, f"libqtale_kernels.so is not linked against a shared cudart:\n{deps}"
+        self.rt = ctypes.CDLL(match.group(2))
+        self.rt.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.rt.cudaFree.argtypes = [ctypes.c_void_p]
+        self.ptrs: list[ctypes.c_void_p] = []
+
+    def alloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_void_p()
+        assert self.rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1))) == 0
+        self.ptrs.append(ptr)
+        return ptr.value
+
+    def upload(self, array: np.ndarray) -> int:
+        array = np.ascontiguousarray(array)
+        ptr = self.alloc(array.nbytes)
+        assert self.rt.cudaMemcpy(ptr, array.ctypes.data, array.nbytes, H2D) == 0
+        return ptr
+
+    def download(self, ptr: int, shape, dtype) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        assert self.rt.cudaDeviceSynchronize() == 0
+        assert self.rt.cudaMemcpy(out.ctypes.data, ptr, out.nbytes, D2H) == 0
+        return out
+
+    def free(self) -> None:
+        for ptr in self.ptrs:
+            self.rt.cudaFree(ptr)
+        self.ptrs.clear()
+
+
+def load_kernels(build_dir: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_dir / "libqtale_kernels.so"))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.qtale_token_compact.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.qtale_token_scatter.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr]
+    lib.qtale_token_compact_workspace_size.argtypes = [i64, i64]
+    lib.qtale_token_compact_workspace_size.restype = ctypes.c_size_t
+    return lib
+
+
+def test_c_abi_matches_golden_vectors(build_dir):
+    lib = load_kernels(build_dir)
+    cuda = Cuda(build_dir / "libqtale_kernels.so")
+    data = np.load(DATA)
+    try:
+        for name in data["cases"]:
+            c = {k.split("__", 1)[1]: data[k] for k in data.files if k.startswith(f"{name}__")}
+            hidden = c["hidden"]
+            batch, tokens, width = hidden.shape
+            dtype = DTYPES[hidden.dtype]
+            # Outputs sized for the upper bound N = T, packed with the actual N by the kernel.
+            compact = cuda.alloc(hidden.nbytes)
+            index, count, n64 = cuda.alloc(batch * tokens * 8), cuda.alloc(batch * 8), cuda.alloc(8)
+            work = cuda.alloc(lib.qtale_token_compact_workspace_size(batch, tokens))
+            status = lib.qtale_token_compact(cuda.upload(hidden), cuda.upload(c["gate"].astype(np.uint8)), batch,
+                                             tokens, width, dtype, compact, index, count, None, n64, work, None)
+            assert status == 0, name
+            n = int(cuda.download(n64, (), np.int64))
+            assert n == int(c["n"]), name
+            np.testing.assert_array_equal(cuda.download(count, (batch,), np.int64), c["count"], err_msg=name)
+            np.testing.assert_array_equal(cuda.download(index, (batch, n), np.int64), c["index"], err_msg=name)
+            np.testing.assert_array_equal(cuda.download(compact, (batch, n, width), hidden.dtype), c["compact"],
+                                          err_msg=name)
+
+            out = cuda.alloc(hidden.nbytes)
+            status = lib.qtale_token_scatter(cuda.upload(c["residual"]), cuda.upload(c["update"]),
+                                             cuda.upload(c["index"]), cuda.upload(c["count"]), batch, tokens, n,
+                                             width, dtype, out, None)
+            assert status == 0, name
+            np.testing.assert_array_equal(cuda.download(out, hidden.shape, hidden.dtype), c["out"], err_msg=name)
+            cuda.free()
+    finally:
+        cuda.free()
