@@ -1,0 +1,512 @@
+"""Prefill and decode ONNX graphs of a RoutedModel, built node by node from its weights.
+
+The graphs reproduce `qtale_export.routing.RoutedModel` at inference (see docs/export.md):
+routers on the fp32 hidden state, gate = P(execute) >= theta (per sequence), the first
+`keep_initial` real tokens forced on, padding forced off; prefill runs every routed layer on its
+executed tokens only (compact -> layer -> scatter), with either standard ONNX ops or the qtale
+TokenCompact/TokenScatter ops; decode runs a layer for a token and keeps its output only where the
+gate is on, appending zero K/V rows with exec=false where it is off.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import QtaleError
+
+QTALE_DOMAIN = "qtale"
+PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": "qtale"}
+NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+           np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
+MIN_OPSET = 18
+
+
+# ---------------------------------------------------------------------------------------------
+# model description
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Spec:
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    inv_freq: np.ndarray
+    rope_scale: float
+    scaling: float
+    window: int | None
+    qk_norm: bool
+    hidden_act: str
+    routed: list[int]
+    keep_initial: int
+    eos_token_id: int | list | None
+    tied: bool
+
+
+@dataclass
+class Weights:
+    """numpy copies of every tensor the graphs need (fp32); linear weights in torch layout [out, in]."""
+    spec: Spec
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    quantized: dict[str, dict] = field(default_factory=dict)  # param -> {"amax": ...} from modelopt
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy().copy()
+
+
+def extract(model) -> Weights:
+    """Weights and structure of a RoutedModel; LoRA adapters are merged (on a copy)."""
+    lm = model.causal_lm
+    if hasattr(model.base, "peft_config"):
+        lm = copy.deepcopy(model.base).merge_and_unload()
+    cfg = lm.config
+    dec = lm.model
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise QtaleError(f"unsupported MLP activation '{act}' for ONNX export (Llama-family SiLU only)")
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layer0 = dec.layers[0]
+    rot = dec.rotary_emb
+    window = model._window()
+    spec = Spec(
+        num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+        kv_heads=cfg.num_key_value_heads, head_dim=hd, vocab=cfg.vocab_size,
+        eps=float(getattr(layer0.input_layernorm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6))),
+        inv_freq=_np(rot.inv_freq), rope_scale=float(getattr(rot, "attention_scaling", 1.0)),
+        scaling=float(getattr(layer0.self_attn, "scaling", hd ** -0.5)), window=window,
+        qk_norm=hasattr(layer0.self_attn, "q_norm"), hidden_act=act, routed=list(model.layer_ids),
+        keep_initial=int(model.router_config.keep_initial), eos_token_id=cfg.eos_token_id,
+        tied=lm.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr())
+    w = Weights(spec)
+    t = w.tensors
+
+    def linear(name, mod):
+        t[f"{name}.weight"] = _np(mod.weight)
+        if getattr(mod, "bias", None) is not None:
+            t[f"{name}.bias"] = _np(mod.bias)
+        wq = getattr(mod, "weight_quantizer", None)
+        amax = getattr(wq, "amax", None) if wq is not None else None
+        if amax is not None and getattr(wq, "is_enabled", True):
+            w.quantized[name] = {"amax": _np(amax)}
+
+    t["embed"] = _np(dec.embed_tokens.weight)
+    t["norm.weight"] = _np(dec.norm.weight)
+    if not spec.tied:
+        t["lm_head.weight"] = _np(lm.lm_head.weight)
+        if getattr(lm.lm_head, "bias", None) is not None:
+            t["lm_head.bias"] = _np(lm.lm_head.bias)
+    for i, layer in enumerate(dec.layers):
+        p = f"layers.{i}"
+        a = layer.self_attn
+        t[f"{p}.ln1.weight"] = _np(layer.input_layernorm.weight)
+        t[f"{p}.ln2.weight"] = _np(layer.post_attention_layernorm.weight)
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear(f"{p}.{n}", getattr(a, n))
+        if spec.qk_norm:
+            t[f"{p}.q_norm.weight"] = _np(a.q_norm.weight)
+            t[f"{p}.k_norm.weight"] = _np(a.k_norm.weight)
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            linear(f"{p}.{n}", getattr(layer.mlp, n))
+    for i in spec.routed:
+        r = model.routers[str(i)]
+        p = f"router.{i}"
+        t[f"{p}.down.weight"], t[f"{p}.down.bias"] = _np(r.down.weight), _np(r.down.bias)
+        t[f"{p}.norm.weight"] = _np(r.norm.weight)
+        t[f"{p}.out.weight"], t[f"{p}.out.bias"] = _np(r.out.weight), _np(r.out.bias)
+        w.tensors[f"{p}.eps"] = np.array(r.norm.eps if r.norm.eps is not None else 1e-6, np.float32)
+    return w
+
+
+def quantizable(name: str) -> bool:
+    """Decoder projections are quantized; routers, embeddings, norms and lm_head stay float."""
+    return name.startswith("layers.") and name.endswith("_proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# graph builder
+# ---------------------------------------------------------------------------------------------
+class Builder:
+    def __init__(self, opset: int, act: np.dtype, weight_fn):
+        self.opset = opset
+        self.act = np.dtype(act)
+        self.nodes: list = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.inputs: list = []
+        self.outputs: list = []
+        self.value_info: list = []
+        self._n = 0
+        self._consts: dict = {}
+        self.weight_fn = weight_fn  # (builder, x, name, W [out,in] fp32) -> y, the precision policy
+        self.custom = False
+
+    def fresh(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def op(self, op_type, inputs, n_out=1, name=None, domain="", outputs=None, **attrs):
+        name = name or self.fresh(op_type)
+        outs = outputs or [f"{name}/out{j}" if n_out > 1 else f"{name}/out" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain or None,
+                                           **attrs))
+        if domain == QTALE_DOMAIN:
+            self.custom = True
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(f"const_{len(self._consts)}", arr)
+        return self._consts[key]
+
+    def actc(self, value) -> str:
+        return self.const(value, self.act)
+
+    def add_input(self, name, elem, shape):
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def add_output(self, name, elem, shape):
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def cast(self, x, to):
+        return self.op("Cast", [x], to=to)
+
+    def to_act(self, x):
+        return x if self.act == np.float32 else self.cast(x, NP2ONNX[self.act])
+
+    def to_f32(self, x):
+        return x if self.act == np.float32 else self.cast(x, TensorProto.FLOAT)
+
+    def reduce(self, op_type, x, axes, keepdims=1):
+        return self.op(op_type, [x, self.const(axes)], keepdims=keepdims)
+
+    def unsq(self, x, axes):
+        return self.op("Unsqueeze", [x, self.const(axes)])
+
+    def model(self, name: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, list(self.inits.values()),
+                                  value_info=self.value_info)
+        opsets = [helper.make_opsetid("", self.opset)]
+        if self.custom:
+            opsets.append(helper.make_opsetid(QTALE_DOMAIN, 1))
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="qtale-export")
+        m.ir_version = min(m.ir_version, 10)
+        return m
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoder math
+# ---------------------------------------------------------------------------------------------
+class Lowering:
+    def __init__(self, b: Builder, w: Weights, ops: str):
+        self.b, self.w, self.s, self.ops = b, w, w.spec, ops
+        self._w_inits: dict[str, str] = {}
+
+    # -- weights --
+    def tensor(self, name, dtype=None) -> str:
+        key = (name, dtype)
+        if key not in self._w_inits:
+            arr = self.w.tensors[name]
+            dt = np.dtype(dtype or self.b.act)
+            self._w_inits[key] = self.b.init(name if dt == self.b.act else f"{name}.{dt.name}", arr.astype(dt))
+        return self._w_inits[key]
+
+    def linear(self, x, name):
+        y = self.b.weight_fn(self.b, x, name, self.w.tensors[f"{name}.weight"])
+        if f"{name}.bias" in self.w.tensors:
+            y = self.b.op("Add", [y, self.tensor(f"{name}.bias")])
+        return y
+
+    def rmsnorm(self, x, wname, eps):
+        b = self.b
+        xf = b.to_f32(x)
+        var = b.reduce("ReduceMean", b.op("Mul", [xf, xf]), [-1])
+        inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])
+        return b.op("Mul", [self.tensor(wname), b.to_act(b.op("Mul", [xf, inv]))])
+
+    # -- positions and masks --
+    def positions(self, mask):
+        """attention_mask int64 [B, S] -> (valid bool, pos int64 = clamp(cumsum - 1, 0))."""
+        b = self.b
+        valid = b.cast(mask, TensorProto.BOOL)
+        cs = b.op("CumSum", [mask, b.const(1)])
+        pos = b.op("Max", [b.op("Sub", [cs, b.const(1)]), b.const(0)])
+        return valid, pos
+
+    def rope(self, pos):
+        """cos, sin [B, 1, T, hd] (act dtype) for int64 positions [B, T]."""
+        b, s = self.b, self.s
+        if "rope.inv_freq" not in b.inits:
+            b.init("rope.inv_freq", s.inv_freq.astype(np.float32))
+        freqs = b.op("Mul", [b.unsq(b.cast(pos, TensorProto.FLOAT), [-1]), "rope.inv_freq"])
+        emb = b.op("Concat", [freqs, freqs], axis=-1)
+        out = []
+        for f in ("Cos", "Sin"):
+            t = b.op(f, [emb])
+            if s.rope_scale != 1.0:
+                t = b.op("Mul", [t, b.const(s.rope_scale, np.float32)])
+            out.append(b.unsq(b.to_act(t), [1]))
+        return out
+
+    def rotate(self, x, cos, sin):
+        b, h = self.b, self.s.head_dim // 2
+        x1, x2 = b.op("Split", [x, b.const([h, h])], n_out=2, axis=-1)
+        rot = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
+        return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rot, sin])])
+
+    def attn_mask(self, q_pos, k_pos, k_ok):
+        """[B, 1, 1, Tq, Tk] bool, as routing.attention_mask_4d (rows with no key see every key)."""
+        b = self.b
+        kp = b.unsq(k_pos, [1])  # [B, 1, Tk]
+        qp = b.unsq(q_pos, [2])  # [B, Tq, 1]
+        allowed = b.op("And", [b.unsq(k_ok, [1]), b.op("LessOrEqual", [kp, qp])])
+        if self.s.window:
+            allowed = b.op("And", [allowed, b.op("Greater", [kp, b.op("Sub", [qp, b.const(self.s.window)])])])
+        anyk = b.reduce("ReduceMax", b.cast(allowed, TensorProto.INT32), [-1])
+        allowed = b.op("Or", [allowed, b.op("Equal", [anyk, b.const(0, np.int32)])])
+        return b.unsq(allowed, [1, 2])
+
+    # -- blocks --
+    def layer(self, i, x, q_pos, k_pos, k_ok, past=None):
+        """Pre-norm block on x [B, T, H]; returns (y, k, v) with k/v [B, kv, T, hd] of x only."""
+        b, s = self.b, self.s
+        p = f"layers.{i}"
+        nh, kv, hd = s.heads, s.kv_heads, s.head_dim
+        h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
+        q = b.op("Reshape", [self.linear(h, f"{p}.q_proj"), b.const([0, 0, nh, hd])])
+        k = b.op("Reshape", [self.linear(h, f"{p}.k_proj"), b.const([0, 0, kv, hd])])
+        v = b.op("Reshape", [self.linear(h, f"{p}.v_proj"), b.const([0, 0, kv, hd])])
+        if s.qk_norm:
+            q = self.rmsnorm(q, f"{p}.q_norm.weight", s.eps)
+            k = self.rmsnorm(k, f"{p}.k_norm.weight", s.eps)
+        q, k, v = (b.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in (q, k, v))
+        cos, sin = self.rope(q_pos)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        kk, vv = k, v
+        if past is not None:
+            kk = b.op("Concat", [past[0], k], axis=2)
+            vv = b.op("Concat", [past[1], v], axis=2)
+        q5 = b.op("Reshape", [q, b.const([0, kv, nh // kv, -1, hd])])  # head h uses kv head h // rep
+        kt = b.unsq(b.op("Transpose", [kk], perm=[0, 1, 3, 2]), [2])  # [B, kv, 1, hd, Tk]
+        scores = b.op("Mul", [b.op("MatMul", [q5, kt]), b.actc(s.scaling)])
+        mask = self.attn_mask(q_pos, k_pos, k_ok)
+        scores = b.op("Where", [mask, b.to_f32(scores), b.const(-np.inf, np.float32)])
+        probs = b.to_act(b.op("Softmax", [scores], axis=-1))
+        o = b.op("MatMul", [probs, b.unsq(vv, [2])])  # [B, kv, rep, T, hd]
+        o = b.op("Reshape", [o, b.const([0, nh, -1, hd])])
+        o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd])])
+        x = b.op("Add", [x, self.linear(o, f"{p}.o_proj")])
+        h = self.rmsnorm(x, f"{p}.ln2.weight", s.eps)
+        g = self.linear(h, f"{p}.gate_proj")
+        g = b.op("Mul", [g, b.op("Sigmoid", [g])])
+        m = self.linear(b.op("Mul", [g, self.linear(h, f"{p}.up_proj")]), f"{p}.down_proj")
+        return b.op("Add", [x, m]), k, v
+
+    def router_gate(self, i, x, theta, valid, keep):
+        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32."""
+        b = self.b
+        p = f"router.{i}"
+        xf = b.to_f32(x)
+
+        def lin(t, n):
+            y = b.op("MatMul", [t, self.tensor_f32_t(f"{p}.{n}.weight")], name=f"{p}.{n}/MatMul")
+            return b.op("Add", [y, self.tensor(f"{p}.{n}.bias", np.float32)])
+
+        h = lin(xf, "down")
+        var = b.reduce("ReduceMean", b.op("Mul", [h, h]), [-1])
+        eps = float(self.w.tensors[f"{p}.eps"])
+        h = b.op("Mul", [b.op("Mul", [h, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])]),
+                         self.tensor(f"{p}.norm.weight", np.float32)])
+        h = b.op("Mul", [h, b.op("Sigmoid", [h])])
+        prob = b.op("Softmax", [lin(h, "out")], axis=-1)
+        p_exec = b.op("Squeeze", [b.op("Slice", [prob, b.const([0]), b.const([1]), b.const([-1])]), b.const([-1])])
+        on = b.op("GreaterOrEqual", [p_exec, b.unsq(theta, [1])])
+        return b.op("Or", [b.op("And", [on, valid]), keep])
+
+    def tensor_f32_t(self, name):
+        key = (name, "T")
+        if key not in self._w_inits:
+            self._w_inits[key] = self.b.init(name + ".T", np.ascontiguousarray(self.w.tensors[name].T.astype(np.float32)))
+        return self._w_inits[key]
+
+    def keep_mask(self, valid, pos):
+        b = self.b
+        return b.op("And", [valid, b.op("Less", [pos, b.const(self.s.keep_initial)])])
+
+    def embed(self, ids):
+        return self.b.op("Gather", [self.tensor("embed"), ids], axis=0)
+
+    def head(self, x):
+        b = self.b
+        h = self.rmsnorm(x, "norm.weight", self.s.eps)
+        if self.s.tied:
+            wt = b.op("Transpose", [self.tensor("embed")], perm=[1, 0])
+            y = b.op("MatMul", [h, wt], name="lm_head/MatMul")
+        else:
+            y = b.weight_fn(b, h, "lm_head", self.w.tensors["lm_head.weight"])
+            if "lm_head.bias" in self.w.tensors:
+                y = b.op("Add", [y, self.tensor("lm_head.bias")])
+        return b.to_f32(y)
+
+    # -- compaction --
+    def compact(self, x, gate):
+        """-> (xc [B,N,H], index [B,N], count [B], ok [B,N] bool)."""
+        b = self.b
+        if self.ops == "plugin":
+            xc, index, count, n = b.op("TokenCompact", [x, gate], n_out=4, domain=QTALE_DOMAIN, **PLUGIN_ATTRS)
+            elem = NP2ONNX[b.act]
+            nm = self.b.nodes[-1].name
+            b.value_info += [helper.make_tensor_value_info(xc, elem, None),
+                             helper.make_tensor_value_info(index, TensorProto.INT64, ["batch", f"{nm}_n"]),
+                             helper.make_tensor_value_info(count, TensorProto.INT64, ["batch"]),
+                             helper.make_tensor_value_info(n, TensorProto.INT64, [])]
+        else:
+            g = b.cast(gate, TensorProto.INT64)
+            count = b.reduce("ReduceSum", g, [1], keepdims=0)
+            first = b.op("Sub", [b.op("CumSum", [g, b.const(1)]), b.const(1)])  # rank among executed
+            later = b.op("Add", [b.op("CumSum", [b.op("Sub", [b.const(1), g]), b.const(1)]),
+                                 b.op("Sub", [b.unsq(count, [1]), b.const(1)])])  # count + rank among skipped
+            dest = b.op("Where", [gate, first, later])  # destination slot of every position
+            ar = b.op("Range", [b.const(0), b.op("Squeeze", [b.op("Slice", [b.op("Shape", [g]), b.const([1]),
+                                                                             b.const([2])]), b.const([0])]),
+                                b.const(1)])
+            src = b.op("Expand", [b.unsq(ar, [0]), b.op("Shape", [g])])
+            perm = b.op("ScatterElements", [dest, dest, src], axis=1)  # the stable partition
+            n = b.op("Max", [b.reduce("ReduceMax", count, [0], keepdims=1), b.const([1])])
+            index = b.op("Slice", [perm, b.const([0]), n, b.const([1])])
+            xc = b.op("GatherND", [x, b.unsq(index, [2])], batch_dims=1)
+            n = b.op("Squeeze", [n, b.const([0])])
+        ok = b.op("Less", [b.unsq(b.op("Range", [b.const(0), n, b.const(1)]), [0]), b.unsq(count, [1])])
+        return xc, index, count, ok
+
+    def scatter(self, residual, update, index, count, ok, fallback):
+        """out = residual with rows index[b, i] = update[b, i] for i < count[b] (3-D tensors)."""
+        b = self.b
+        if self.ops == "plugin":
+            out = b.op("TokenScatter", [residual, update, index, count], domain=QTALE_DOMAIN, **PLUGIN_ATTRS)
+            b.value_info.append(helper.make_tensor_value_info(out, NP2ONNX[b.act], None))
+            return out
+        upd = b.op("Where", [b.unsq(ok, [2]), update, fallback])
+        idx = b.op("Expand", [b.unsq(index, [2]), b.op("Shape", [upd])])
+        return b.op("ScatterElements", [residual, idx, upd], axis=1)
+
+    def kv_full(self, t, index, count, ok, zeros):
+        """Compacted k/v [B, kv, N, hd] -> full-length [B, kv, T, hd], zeros on skipped rows."""
+        b, s = self.b, self.s
+        t3 = b.op("Reshape", [b.op("Transpose", [t], perm=[0, 2, 1, 3]), b.const([0, 0, s.kv_heads * s.head_dim])])
+        full = self.scatter(zeros, t3, index, count, ok, b.actc(0.0))
+        return b.op("Transpose", [b.op("Reshape", [full, b.const([0, 0, s.kv_heads, s.head_dim])])], perm=[0, 2, 1, 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# the two graphs
+# ---------------------------------------------------------------------------------------------
+def _io_common(b: Builder, s: Spec, seq: str):
+    b.add_input("input_ids", TensorProto.INT64, ["batch", seq])
+    b.add_input("attention_mask", TensorProto.INT64, ["batch", "total" if seq == "one" else seq])
+    b.add_input("theta", TensorProto.FLOAT, ["batch"])
+
+
+def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+    s = w.spec
+    b = Builder(opset, act, weight_fn)
+    L = Lowering(b, w, ops)
+    _io_common(b, s, "seq")
+    valid, pos = L.positions("attention_mask")
+    keep = L.keep_mask(valid, pos)
+    x = L.embed("input_ids")
+    zeros = None
+    execs = []
+    elem = NP2ONNX[b.act]
+    for i in range(s.num_layers):
+        if i in s.routed:
+            gate = L.router_gate(i, x, "theta", valid, keep)
+            xc, index, count, ok = L.compact(x, gate)
+            pc = b.op("GatherElements", [pos, index], axis=1)
+            y, k, v = L.layer(i, xc, pc, pc, ok)
+            x = L.scatter(x, y, index, count, ok, xc)
+            if zeros is None:
+                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
+                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
+            k = L.kv_full(k, index, count, ok, zeros)
+            v = L.kv_full(v, index, count, ok, zeros)
+        else:
+            gate = valid
+            x, k, v = L.layer(i, x, pos, pos, valid)
+        b.op("Identity", [k], outputs=[f"present.{i}.key"])
+        b.op("Identity", [v], outputs=[f"present.{i}.value"])
+        execs.append(b.unsq(gate, [0]))
+    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
+    b.op("Identity", [L.head(x)], outputs=["logits"])
+    b.add_output("logits", TensorProto.FLOAT, ["batch", "seq", s.vocab])
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "seq", s.head_dim])
+    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "seq"])
+    return b.model("qtale_prefill")
+
+
+def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+    """One new token per sequence against a full-length cache (plain ops: nothing to compact)."""
+    s = w.spec
+    b = Builder(opset, act, weight_fn)
+    L = Lowering(b, w, ops)
+    elem = NP2ONNX[b.act]
+    _io_common(b, s, "one")
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
+    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
+    full_valid, full_pos = L.positions("attention_mask")
+    valid = b.op("Slice", [full_valid, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
+    pos = b.op("Slice", [full_pos, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
+    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
+    keep = L.keep_mask(valid, pos)
+    x = L.embed("input_ids")
+    execs = []
+    for i in range(s.num_layers):
+        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
+        gate = L.router_gate(i, x, "theta", valid, keep) if i in s.routed else valid
+        k_ok = b.op("Concat", [b.op("And", [pe, past_valid]), gate], axis=1)
+        y, k, v = L.layer(i, x, pos, full_pos, k_ok, past=(f"past.{i}.key", f"past.{i}.value"))
+        if i in s.routed:
+            x = b.op("Where", [b.unsq(gate, [2]), y, x])
+            g4 = b.unsq(gate, [1, 3])
+            k = b.op("Where", [g4, k, b.actc(0.0)])
+            v = b.op("Where", [g4, v, b.actc(0.0)])
+        else:
+            x = y
+        b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
+        b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
+    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
+    b.op("Identity", [L.head(x)], outputs=["logits"])
+    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
+    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    return b.model("qtale_decode")
+
+
+def io_description(m: onnx.ModelProto) -> dict:
+    def desc(vis):
+        out = {}
+        for vi in vis:
+            tt = vi.type.tensor_type
+            out[vi.name] = {"dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                            "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
+        return out
+    return {"inputs": desc(m.graph.input), "outputs": desc(m.graph.output)}
