@@ -80,8 +80,9 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def save(model, path: str | os.PathLike, *, training: dict | None = None,
          quantization: dict | None = None, extra_tensors: dict | None = None,
-         extra_files: dict[str, Path] | None = None) -> Path:
-    """Write `model` (a RoutedModel) as a checkpoint folder, atomically. Returns the folder."""
+         extra_files: dict[str, Path] | None = None, logs: dict[str, Path] | None = None) -> Path:
+    """Write `model` (a RoutedModel) as a checkpoint folder, atomically. Returns the folder.
+    `extra_files` are copied and checksummed; `logs` are copied but not checksummed (they grow)."""
     from safetensors.torch import save_file
 
     target = Path(path)
@@ -109,6 +110,8 @@ def save(model, path: str | os.PathLike, *, training: dict | None = None,
                       for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         write_json_atomic(tmp / META, meta)
+        for name, src in (logs or {}).items():
+            shutil.copy2(src, tmp / name)
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -150,13 +150,11 @@ def save_state(model: RoutedModel, cfg: TrainConfig, out: Path, step: int, optim
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)  # tensors + numbers: weights_only-loadable
         (tmp / STATE).write_text(json.dumps({"step": step, "elapsed_s": time.time() - started}))
         extra = {OPTIMIZER: tmp / OPTIMIZER, STATE: tmp / STATE}
-        if (out / LOG).is_file():
-            shutil.copy2(out / LOG, tmp / LOG)
-            extra[LOG] = tmp / LOG
+        logs = {LOG: out / LOG} if (out / LOG).is_file() else {}
         training = {"config": asdict(cfg), "steps_done": step, "final_losses": losses,
                     "data": [str(Path(d).name) if Path(d).is_file() else d for d in cfg.data],
                     "data_paths": cfg.data, "torch": torch.__version__}
-        checkpoint.save(model, out, training=training, extra_files=extra)
+        checkpoint.save(model, out, training=training, extra_files=extra, logs=logs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import qtale_export
+from conftest import spread_routers
+from qtale_export.calibrate import calibrate, parse_ratio, realized_ratio
+from qtale_export.data import CALIBRATION_TEXT, HELDOUT_TEXT, text_batches
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    m = qtale_export.load(tiny_dir)
+    spread_routers(m, std=0.5)
+    return m
+
+
+def test_calibration_generalizes_to_heldout_text(model):
+    calib = text_batches(CALIBRATION_TEXT, model.tokenizer, 128, 4)
+    heldout = text_batches(HELDOUT_TEXT, model.tokenizer, 128, 4)
+    table = calibrate(model, calib, [0.5, 0.7, 1.0], progress=False)
+    for target in (0.5, 0.7):
+        entry = table[str(target)]
+        assert abs(entry["realized"] - target) <= 0.01
+        assert abs(realized_ratio(model, heldout, entry["theta"]) - target) <= 0.02
+    assert table["1.0"] == {"theta": 0.0, "realized": 1.0}
+    model.set_ratio(0.5)
+    assert model.threshold == table["0.5"]["theta"]
+
+
+def test_set_ratio_one_reproduces_base_model(model):
+    ids = torch.randint(3, 200, (2, 16))
+    with torch.no_grad():
+        model.set_ratio(1.0)
+        assert (model(ids).logits - model.causal_lm(ids).logits).abs().max() < 1e-5
+
+
+def test_uncalibrated_ratio_is_a_clear_error(model):
+    with pytest.raises(qtale_export.QtaleError, match="not calibrated"):
+        model.set_ratio(0.33)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "0", "-1", "abc", "nan"])
+def test_parse_ratio_rejects(bad):
+    with pytest.raises(ValueError, match="invalid ratio"):
+        parse_ratio(bad)

@@ -1,0 +1,98 @@
+"""Training mechanics on a tiny model: losses move, QTALE raises router entropy, resume is exact."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qtale_export
+from qtale_export import checkpoint, train as train_mod
+from qtale_export.train import TrainConfig, train
+
+
+def cfg_for(tiny_dir, text_file, out, **kw) -> TrainConfig:
+    base = dict(model=str(tiny_dir), data=[str(text_file)], out=str(out), steps=12, batch_size=2,
+                seq_len=64, lr=1e-2, target_ratio=0.3, lambda2=0.5, save_every=4, seed=1, router_hidden=16)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def log(out):
+    return [json.loads(line) for line in (out / train_mod.LOG).read_text().splitlines()]
+
+
+def test_training_lowers_loss_and_moves_ratio(tiny_dir, text_file, tmp_path):
+    out = train(cfg_for(tiny_dir, text_file, tmp_path / "run", steps=16), progress=False)
+    rows = log(out)
+    assert len(rows) == 16
+    first, last = rows[:3], rows[-3:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    assert mean(last, "loss") < mean(first, "loss")
+    assert abs(mean(last, "realized_ratio") - 0.3) < abs(mean(first, "realized_ratio") - 0.3)
+    meta = checkpoint.read_meta(out)
+    assert meta["training"]["steps_done"] == 16
+    assert meta["training"]["config"]["method"] == "qtale"
+    assert qtale_export.load(out).routers.state_dict().keys()
+
+
+def test_qtale_has_higher_router_entropy_than_dllm(tiny_dir, text_file, tmp_path):
+    ent = {}
+    for method in ("qtale", "dllm"):
+        out = train(cfg_for(tiny_dir, text_file, tmp_path / method, method=method, steps=12), progress=False)
+        ent[method] = sum(r["entropy"] for r in log(out)[-4:]) / 4
+    assert ent["qtale"] > ent["dllm"]
+
+
+def test_resume_continues_from_saved_step(tiny_dir, text_file, tmp_path, monkeypatch):
+    ref = train(cfg_for(tiny_dir, text_file, tmp_path / "ref", steps=10), progress=False)
+    real_batch = train_mod.batch_for
+
+    def dying(examples, step, *a, **k):
+        if step == 6:
+            raise KeyboardInterrupt  # killed after the step-4 checkpoint, mid-way to step 8
+        return real_batch(examples, step, *a, **k)
+
+    monkeypatch.setattr(train_mod, "batch_for", dying)
+    cfg = cfg_for(tiny_dir, text_file, tmp_path / "cut", steps=10)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    assert json.loads((tmp_path / "cut" / train_mod.STATE).read_text())["step"] == 4
+    monkeypatch.setattr(train_mod, "batch_for", real_batch)
+    out = train(cfg, resume=True, progress=False)
+    assert [r["step"] for r in log(out)] == list(range(1, 11))
+    a, b = checkpoint.load_routers(ref), checkpoint.load_routers(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_instruction_data_task_loss_with_lora(tiny_dir, tmp_path):
+    data = tmp_path / "tiny.json"
+    data.write_text(json.dumps([{"instruction": f"Is {i} even? Answer format: true/false", "input": "",
+                                 "output": f"the correct answer is {str(i % 2 == 0).lower()}"} for i in range(8)]))
+    out = train(cfg_for(tiny_dir, data, tmp_path / "lora", steps=3, lora_rank=4, seq_len=256), progress=False)
+    assert (out / checkpoint.ADAPTER / "adapter_model.safetensors").is_file()
+    assert "task_loss" in log(out)[0]
+    m = qtale_export.load(out)
+    assert hasattr(m.base, "peft_config")
+
+
+def test_output_folder_is_not_clobbered(tiny_dir, text_file, tmp_path):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(qtale_export.QtaleError, match="exists"):
+        train(cfg_for(tiny_dir, text_file, tmp_path / "exists"), progress=False)
+    with pytest.raises(qtale_export.QtaleError, match="cannot resume"):
+        train(cfg_for(tiny_dir, text_file, tmp_path / "exists"), resume=True, progress=False)
+
+
+def test_torchrun_two_gloo_processes(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "qtale_export.cli", "train", "--model", str(tiny_dir), "--data", str(text_file),
+           "--out", str(out), "--steps", "3", "--batch-size", "1", "--seq-len", "64",
+           "--router-hidden", "16", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 3
+    assert [row["step"] for row in log(out)] == [1, 2, 3]
