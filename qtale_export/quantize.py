@@ -1,0 +1,430 @@
+"""Weight-only post-training quantization of a RoutedModel's decoder layers (fake quant, CPU or GPU).
+
+Formats (all symmetric, weights only; activations, KV cache, routers, embeddings, norms and lm_head
+stay in floating point):
+
+  int4-awq  4-bit integer, per-group scales, AWQ (modelopt `awq_lite`: per-input-channel smoothing
+            scales searched on calibration activations, folded into the weights, the inverse kept as
+            the input quantizer's `pre_quant_scale`)
+  int4      4-bit integer, per-group scales, round-to-nearest (modelopt `max` calibration)
+  int3      3-bit integer, per-group scales, round-to-nearest, implemented here ("qtale-rtn"):
+            modelopt has no INT3 preset nor an INT3 export/deployment path (TensorRT-LLM has no INT3
+            kernels), so the codes and scales are computed explicitly and stay inspectable/exportable.
+  int8      8-bit integer, per-output-channel scales (modelopt `max`)
+  fp8       FP8 E4M3, per-output-channel scales (modelopt `max`)
+
+Group size: 128 where the layer's input dimension allows it, else 64 (SmolLM2-135M: 576 -> 64 for
+q/k/v/o/gate/up, 1536 -> 128 for down_proj); `group_size` forces one size for every layer.
+
+Persistence: no base weights are stored. The checkpoint holds the quantizer tensors (`_amax`,
+`_pre_quant_scale` of modelopt's quantizers, or the INT3 scales) in quantizer.safetensors and a JSON
+description in qtale.json "quantization". `restore` rebuilds the same quantizer modules from that
+description (mtq.quantize with no calibration), loads the tensors and re-folds the AWQ scales into
+the base weights exactly as modelopt did; INT3 re-runs the deterministic RTN and checks that it
+reproduces the stored scales. `mto.modelopt_state()` is not used for persistence: it holds
+torch.dtype objects and tuples (not JSON), and torch.save would need pickle.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import QtaleError
+
+FORMATS = {
+    # name: (tool, bits, granularity, algorithm)
+    "int4-awq": ("modelopt", 4, "group", "awq_lite"),
+    "int4": ("modelopt", 4, "group", "max"),
+    "int3": ("qtale-rtn", 3, "group", "rtn"),
+    "int8": ("modelopt", 8, "channel", "max"),
+    "fp8": ("modelopt", 8, "channel", "max"),
+}
+QUANTIZER_FILE = "quantizer.safetensors"
+INT3_PREFIX = "qtale_rtn."  # tensor-name prefix of INT3 scales in quantizer.safetensors
+SCALE_BYTES = {"int": 2, "fp8": 4}  # fp16 scales for integer formats, fp32 for FP8 (TensorRT-LLM)
+
+
+# ---- which layers, which group size ---------------------------------------------------------
+def decoder_linears(model) -> dict[str, nn.Linear]:
+    """The decoder layers' Linear modules by name relative to model.causal_lm (LoRA factors and the
+    routers excluded; under peft the wrapped `base_layer` is the one quantized)."""
+    lm = model.causal_lm
+    prefix = None
+    for name, mod in lm.named_modules():
+        if mod is model.decoder.layers:
+            prefix = name + "."
+            break
+    out = {}
+    for name, mod in lm.named_modules():
+        if (isinstance(mod, nn.Linear) and prefix and name.startswith(prefix)
+                and "lora_" not in name and not name.endswith("modules_to_save")):
+            out[name] = mod
+    if not out:
+        raise QtaleError("the model has no decoder Linear layers to quantize")
+    return out
+
+
+def layer_type(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.base_layer' -> 'self_attn.q_proj'."""
+    t = re.sub(r"^.*?layers\.\d+\.", "", name)
+    return t[: -len(".base_layer")] if t.endswith(".base_layer") else t
+
+
+def choose_group(in_features: int, requested: int | None, name: str) -> int:
+    if requested is not None:
+        if in_features % requested:
+            raise QtaleError(f"--group-size {requested} does not divide the input dimension {in_features} "
+                             f"of {layer_type(name)}")
+        return requested
+    for g in (128, 64):
+        if in_features % g == 0:
+            return g
+    raise QtaleError(f"no group size of 128 or 64 divides the input dimension {in_features} of "
+                     f"{layer_type(name)}; pass --group-size")
+
+
+def group_sizes(linears: dict[str, nn.Linear], fmt: str, requested: int | None) -> dict[str, int | None]:
+    """Group size per layer type (None: per output channel)."""
+    if FORMATS[fmt][2] == "channel":
+        if requested is not None:
+            raise QtaleError(f"--group-size applies to int4/int4-awq/int3; {fmt} uses per-channel scales")
+        return {layer_type(n): None for n in linears}
+    if requested is not None and (requested <= 0 or requested & (requested - 1)):
+        raise QtaleError(f"--group-size must be a positive power of two, got {requested}")
+    out: dict[str, int] = {}
+    for name, lin in linears.items():
+        g = choose_group(lin.in_features, requested, name)
+        t = layer_type(name)
+        if out.setdefault(t, g) != g:
+            raise QtaleError(f"layers of type {t} have different input dimensions; pass --group-size")
+    return out
+
+
+# ---- modelopt ------------------------------------------------------------------------------
+def _modelopt():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import modelopt
+            import modelopt.torch.quantization as mtq
+    except ImportError:
+        raise QtaleError("quantization needs NVIDIA Model Optimizer: pip install nvidia-modelopt") from None
+    return modelopt, mtq
+
+
+def _quiet():
+    """modelopt prints per-call progress; keep the CLI's stdout clean."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def modelopt_config(linears: dict[str, nn.Linear], fmt: str, groups: dict, algorithm) -> dict:
+    """A modelopt quant config that enables exactly the weight quantizers of `linears`."""
+    _, bits, gran, _ = FORMATS[fmt]
+    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for name in linears:
+        if fmt == "fp8":
+            cfg = {"num_bits": (4, 3), "axis": 0}
+        elif gran == "channel":
+            cfg = {"num_bits": bits, "axis": 0}
+        else:
+            cfg = {"num_bits": bits, "block_sizes": {-1: groups[layer_type(name)], "type": "static"}}
+        entries.append({"quantizer_name": f"{name}.weight_quantizer", "cfg": cfg, "enable": True})
+    alg = {"method": "awq_lite", "alpha_step": 0.1} if algorithm == "awq_lite" else algorithm
+    return {"quant_cfg": entries, "algorithm": alg}
+
+
+def _modelopt_tensors(model) -> dict[str, torch.Tensor]:
+    """Quantizer buffers (amax, AWQ pre_quant_scale) of the decoder Linear layers."""
+    names = set(decoder_linears(model))
+    out = {}
+    for key, t in model.causal_lm.state_dict().items():
+        mod = key.rsplit(".", 2)[0]
+        if mod in names and ("_quantizer." in key) and key.rsplit(".", 1)[1] in ("_amax", "_pre_quant_scale"):
+            out[key] = t.detach().clone().contiguous()
+    return out
+
+
+# ---- INT3 round-to-nearest -------------------------------------------------------------------
+def rtn_codes(weight: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric group-wise round-to-nearest: int8 codes in [-(2^(b-1)-1), 2^(b-1)-1] and float32
+    scales [out, in/group] with weight ~= codes * scale (scale = group absmax / (2^(b-1)-1))."""
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().float()
+    out_f, in_f = w.shape
+    wg = w.reshape(out_f, in_f // group, group)
+    scale = wg.abs().amax(-1) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax).to(torch.int8)
+    return codes.reshape(out_f, in_f), scale
+
+
+def rtn_dequant(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    out_f, in_f = codes.shape
+    return (codes.float().reshape(out_f, in_f // group, group) * scale[..., None]).reshape(out_f, in_f)
+
+
+def _apply_rtn(linears: dict[str, nn.Linear], bits: int, groups: dict) -> dict[str, torch.Tensor]:
+    scales = {}
+    with torch.no_grad():
+        for name, lin in linears.items():
+            g = groups[layer_type(name)]
+            codes, scale = rtn_codes(lin.weight, bits, g)
+            lin.weight.copy_(rtn_dequant(codes, scale, g).to(lin.weight.dtype))
+            scales[f"{INT3_PREFIX}{name}.scale"] = scale.contiguous()
+    return scales
+
+
+# ---- bookkeeping -----------------------------------------------------------------------------
+def weight_bytes(linears: dict[str, nn.Linear], fmt: str, groups: dict) -> dict:
+    """Storage of the quantized weights at their bit width incl. scales, vs the same weights in fp16."""
+    _, bits, gran, alg = FORMATS[fmt]
+    scale_b = SCALE_BYTES["fp8" if fmt == "fp8" else "int"]
+    q = fp16 = params = 0
+    for name, lin in linears.items():
+        o, i = lin.out_features, lin.in_features
+        n = o * i
+        params += n
+        fp16 += 2 * n
+        n_scales = o if gran == "channel" else n // groups[layer_type(name)]
+        q += (n * bits + 7) // 8 + n_scales * scale_b + (2 * i if alg == "awq_lite" else 0)
+    return {"quantized": q, "fp16": fp16, "params": params, "ratio": round(q / fp16, 6),
+            "bits_per_weight": round(8 * q / params, 4)}
+
+
+def _texts_digest(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def calibration_batches(texts: list[str], tokenizer, max_length: int = 512, batch_size: int = 4):
+    """Right-padded batches of the calibration texts (each cut to max_length tokens)."""
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
+    enc = [e for e in enc if e]
+    if not enc:
+        raise QtaleError("calibration data is empty after tokenization")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for s in range(0, len(enc), batch_size):
+        chunk = enc[s:s + batch_size]
+        n = max(map(len, chunk))
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            ids[r, :len(e)] = torch.tensor(e)
+            mask[r, :len(e)] = 1
+        batches.append((ids, mask))
+    return batches, sum(map(len, enc))
+
+
+# ---- public API ------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, group_size: int | None = None,
+             *, calib_source: str | None = None, max_length: int = 512) -> dict:
+    """Quantize `model`'s decoder Linear weights in place; returns the JSON description (`info`)
+    that restore() and the checkpoint need. The quantizer tensors are on model.quantizer_tensors."""
+    if fmt not in FORMATS:
+        raise QtaleError(f"unknown quantization format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if getattr(model, "quantization_info", None):
+        raise QtaleError(f"the model is already quantized ({model.quantization_info.get('format')}); "
+                         "quantize the unquantized checkpoint")
+    tool, bits, gran, algorithm = FORMATS[fmt]
+    tokenizer = tokenizer or model.tokenizer
+    linears = decoder_linears(model)
+    groups = group_sizes(linears, fmt, group_size)
+    calib = {"source": None, "samples": 0, "tokens": 0}
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    if tool == "modelopt":
+        modelopt, mtq = _modelopt()
+        batches = []
+        if algorithm == "awq_lite":
+            if not calib_texts:
+                raise QtaleError(f"{fmt} needs calibration data (--calib-data or the built-in text)")
+            if tokenizer is None:
+                raise QtaleError("calibration needs a tokenizer")
+            batches, n_tok = calibration_batches(calib_texts, tokenizer, max_length)
+            calib = {"source": calib_source, "samples": len(calib_texts), "tokens": n_tok,
+                     "max_length": max_length, "sha256": _texts_digest(calib_texts)}
+
+        def forward_loop(_):
+            for ids, mask in batches:
+                model(ids, attention_mask=mask, execute_all=True)  # every layer sees every token
+
+        config = modelopt_config(linears, fmt, groups, algorithm)
+        try:
+            with _quiet(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mtq.quantize(model.causal_lm, config, forward_loop=forward_loop if batches else None)
+        except (RuntimeError, ValueError, AssertionError, NotImplementedError) as exc:
+            raise QtaleError(f"modelopt could not quantize to {fmt}: {str(exc).splitlines()[0]}") from None
+        tensors = _modelopt_tensors(model)
+        n_amax = sum(k.endswith("weight_quantizer._amax") for k in tensors)
+        if n_amax != len(linears):
+            raise QtaleError(f"modelopt calibrated {n_amax} of {len(linears)} weight quantizers for {fmt}")
+        quantizer = f"nvidia-modelopt {modelopt.__version__}"
+    else:
+        tensors = _apply_rtn(linears, bits, groups)
+        quantizer = "qtale-rtn"
+        calib = {"source": None, "samples": 0, "tokens": 0, "note": "round-to-nearest needs no calibration"}
+    model.train(was_training)
+    info = {
+        "format": fmt,
+        "quantizer": quantizer,
+        "algorithm": algorithm,
+        "bits": bits,
+        "dtype": "fp8_e4m3" if fmt == "fp8" else f"int{bits}",
+        "symmetric": True,
+        "granularity": "per-group" if gran == "group" else "per-output-channel",
+        "group_size": groups,
+        "quantized": "decoder layers' Linear weights (q/k/v/o, gate/up/down); embeddings, norms, "
+                     "lm_head, routers and LoRA factors stay float; activations are not quantized",
+        "num_layers": len(linears),
+        "calibration": calib,
+        "weight_bytes": weight_bytes(linears, fmt, groups),
+        "seconds": round(time.time() - t0, 2),
+        "theta_table_note": "thresholds were calibrated before quantization; re-run qtale calibrate",
+    }
+    model.quantization_info = info
+    model.quantizer_tensors = tensors
+    return info
+
+
+def quantizer_tensors(model) -> dict[str, torch.Tensor]:
+    """The tensors to store next to the checkpoint (quantizer.safetensors)."""
+    t = getattr(model, "quantizer_tensors", None)
+    if t is None:
+        raise QtaleError("the model is not quantized")
+    return t
+
+
+@torch.no_grad()
+def restore(model, folder, info: dict) -> None:
+    """Rebuild the quantized model from the checkpoint's description and quantizer tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    fmt = info.get("format") if isinstance(info, dict) else None
+    if fmt not in FORMATS:
+        raise QtaleError(f"checkpoint {folder}: unknown quantization format '{fmt}'")
+    path = Path(folder) / QUANTIZER_FILE
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise QtaleError(f"corrupt or missing {path}: {str(exc).splitlines()[0]}") from None
+    tool, bits, gran, _ = FORMATS[fmt]
+    linears = decoder_linears(model)
+    groups = info.get("group_size") or {}
+    missing = {layer_type(n) for n in linears} - set(groups)
+    if missing:
+        raise QtaleError(f"checkpoint {folder}: no group size recorded for {sorted(missing)}")
+    if tool == "qtale-rtn":
+        scales = _apply_rtn(linears, bits, groups)
+        if set(scales) != set(tensors) or any(not torch.equal(scales[k], tensors[k]) for k in scales):
+            raise QtaleError(f"checkpoint {folder}: the INT3 scales do not match the base weights "
+                             "(another base model?)")
+    else:
+        _, mtq = _modelopt()
+        config = modelopt_config(linears, fmt, groups, None)
+        with _quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mtq.quantize(model.causal_lm, config, forward_loop=None)
+        modules = dict(model.causal_lm.named_modules())
+        want = {f"{n}.weight_quantizer._amax" for n in linears}
+        if not want <= set(tensors):
+            raise QtaleError(f"corrupt {path}: missing quantizer scales for {len(want - set(tensors))} layers")
+        for key, t in tensors.items():
+            qname, attr = key.rsplit(".", 1)
+            q = modules.get(qname)
+            lin = modules.get(qname.rsplit(".", 1)[0])
+            if q is None or lin is None or attr not in ("_amax", "_pre_quant_scale"):
+                raise QtaleError(f"corrupt {path}: unexpected tensor {key}")
+            if attr == "_amax":
+                q.amax = t
+            else:
+                # modelopt's AWQ folds 1/pre_quant_scale into the weight and scales the input by
+                # pre_quant_scale; repeat the fold with the same fp32 arithmetic.
+                q._enable_pre_quant_scale = True
+                q.pre_quant_scale = t.to(lin.weight.dtype)
+                inv = 1.0 / t.to(torch.float32)
+                lin.weight.data.copy_((lin.weight * inv.squeeze()[None, :]).to(lin.weight.dtype))
+    model.quantization_info = info
+    model.quantizer_tensors = tensors
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name (unquantized)")
+    parser.add_argument("--format", required=True, choices=list(FORMATS), dest="format",
+                        help="weight format of the decoder layers")
+    parser.add_argument("--out", required=True, help="output checkpoint folder")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="group size for int4/int4-awq/int3 (default: 128 where the input "
+                             "dimension allows, else 64)")
+    parser.add_argument("--calib-data", default=None,
+                        help="calibration text (.txt: one sample per paragraph/line) or instruction "
+                             "JSON (LLM-Adapters records); default: the package's calibration text")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
+    parser.add_argument("--calib-length", type=int, default=512, help="max tokens per sample (default 512)")
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
+    return parser
+
+
+def read_calibration(path: str | Path | None, samples: int) -> tuple[list[str], str]:
+    """(texts, source): paragraphs of a text file or prompt+answer of instruction records."""
+    from . import data as qdata
+
+    if samples is None or samples <= 0:
+        raise QtaleError(f"--calib-samples must be positive, got {samples}")
+    p = Path(path) if path else qdata.CALIBRATION_TEXT
+    src = qdata.read_source(p)
+    if isinstance(src, str):
+        texts = [t.strip() for t in re.split(r"\n\s*\n", src) if t.strip()]
+        if len(texts) == 1:
+            texts = [t.strip() for t in src.splitlines() if t.strip()]
+    else:
+        texts = [qdata.format_prompt(r["instruction"], r.get("input", "")) + str(r["output"]) for r in src]
+    name = str(p) if path else f"qtale_export/data/{p.name} (built-in)"
+    return texts[:samples], name
+
+
+def run_quantize(args) -> dict:
+    from . import checkpoint
+    from .api import load
+
+    out = Path(args.out)
+    model = load(args.checkpoint)
+    if model.quantization_info:
+        raise QtaleError(f"{args.checkpoint} is already quantized ({model.quantization_info.get('format')})")
+    fmt = args.format
+    texts, source = ([], None)
+    if FORMATS.get(fmt, ("", 0, "", ""))[3] == "awq_lite":  # the others are round-to-nearest
+        texts, source = read_calibration(getattr(args, "calib_data", None), getattr(args, "calib_samples", 64))
+    info = quantize(model, fmt, texts, model.tokenizer, getattr(args, "group_size", None),
+                    calib_source=source, max_length=getattr(args, "calib_length", 512))
+    checkpoint.save(model, out, quantization=info, extra_tensors=quantizer_tensors(model))
+    result = {"out": str(out), **info}
+    if not getattr(args, "no_verify", False):
+        probe = model.tokenizer(["The weather today is calm, and the river runs slowly past the town."],
+                                return_tensors="pt")
+        with torch.no_grad():
+            ref = model(probe.input_ids, execute_all=True).logits
+            again = load(out)(probe.input_ids, execute_all=True).logits
+        if not torch.equal(ref, again):
+            raise QtaleError(f"reloading {out} does not reproduce the quantized logits "
+                             f"(max diff {(ref - again).abs().max().item():.3g})")
+        result["verified_identical_logits"] = True
+    return result
