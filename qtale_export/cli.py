@@ -128,6 +128,12 @@ def run_calibrate(args) -> int:
 COMMANDS = [
     ("train", None, add_train, run_train, "train routers (QTALE or the D-LLM baseline)"),
     ("calibrate", None, add_calibrate, run_calibrate, "calibrate theta for target execution ratios"),
+    ("quantize", ".quantize", "add_quantize_arguments", "run_quantize",
+     "weight-only quantization (int4-awq, int4, int3, int8, fp8)"),
+    ("eval", ".evaluate", "add_eval_arguments", "run_eval", "zero-shot commonsense accuracy, perplexity"),
+    ("export", ".export.main", "add_export_arguments", "run_export", "ONNX export (same as qtale-export)"),
+    ("verify", ".export.main", "add_verify_arguments", "run_verify", "check an export against PyTorch"),
+    ("build", ".tensorrt", "add_build_arguments", "run_build", "TensorRT engine from an export folder"),
 ]
 
 
@@ -163,6 +169,10 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "qtale") -> int:
     args = build_parser(prog).parse_args(argv)
+    return dispatch(args, prog)
+
+
+def dispatch(args, prog: str) -> int:
     try:
         return _run(args)
     except QtaleError as exc:
@@ -171,6 +181,16 @@ def main(argv: list[str] | None = None, prog: str = "qtale") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """`qtale-export`: the export subcommand as its own program."""
+    from .export.main import add_export_arguments
+
+    parser = Parser(prog="qtale-export", description="ONNX export of a routed QTALE model")
+    add_export_arguments(parser)
+    parser.set_defaults(_run=(".export.main", "run_export"))
+    return dispatch(parser.parse_args(argv), "qtale-export")
 
 
 if __name__ == "__main__":
