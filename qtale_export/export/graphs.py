@@ -160,7 +160,8 @@ class Builder:
         return outs[0] if n_out == 1 else outs
 
     def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        arr = np.asarray(arr)  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+        self.inits[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
         return name
 
     def const(self, value, dtype=np.int64) -> str:

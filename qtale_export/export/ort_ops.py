@@ -84,8 +84,12 @@ def to_runnable(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def session(path: str | os.PathLike, providers=None, threads: int | None = None):
-    """An onnxruntime.InferenceSession for an exported graph, with the qtale ops when it uses them."""
+def session(path: str | os.PathLike, providers=None, threads: int | None = None, exact: bool = False):
+    """An onnxruntime.InferenceSession for an exported graph, with the qtale ops when it uses them.
+
+    exact: compute quantized matmuls in fp32 (MatMulNBits accuracy_level 0, no int8-activation
+    fusion of DequantizeLinear -> MatMul), as verification does; the default keeps ORT's fast path.
+    """
     import onnxruntime as ort
 
     path = Path(path)
@@ -97,11 +101,21 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None)
     so.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
     model = onnx.load(str(path), load_external_data=False)
-    if not uses_qtale_ops(model):
+    rewrite = uses_qtale_ops(model)
+    if exact:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        for n in model.graph.node:
+            for a in n.attribute:
+                if n.op_type == "MatMulNBits" and a.name == "accuracy_level" and a.i != 0:
+                    a.i = 0
+                    rewrite = True
+    if not rewrite:
         return ort.InferenceSession(str(path), so, providers=providers)
-    from onnxruntime_extensions import get_library_path
+    if uses_qtale_ops(model):
+        from onnxruntime_extensions import get_library_path
 
-    register()
-    so.register_custom_ops_library(get_library_path())
+        register()
+        so.register_custom_ops_library(get_library_path())
+        model = to_runnable(model)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
-    return ort.InferenceSession(to_runnable(model).SerializeToString(), so, providers=providers)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)

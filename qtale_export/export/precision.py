@@ -110,16 +110,18 @@ def to_matmul_nbits(model: onnx.ModelProto, ks: list[int]) -> onnx.ModelProto:
 
     nodes = [n.name for n in model.graph.node
              if n.op_type == "MatMul" and quantizable(n.name.rsplit("/", 1)[0])]
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
     block = matmul_nbits_block(ks)
     level = logging.getLogger().level
     try:
-        cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=None)
-        q = mnq.MatMulNBitsQuantizer(model, nodes_to_include=nodes, algo_config=cfg)
+        cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4)
+        q = mnq.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
         q.process()
     finally:
         logging.getLogger().setLevel(level)
     out = q.model.model
     left = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name in nodes]
+    left += [n.name for n in out.graph.node if n.op_type == "MatMulNBits" and n.name.split("/")[0] + "/MatMul" in others]
     if left:
         raise QtaleError(f"MatMulNBits quantization skipped {len(left)} projections (e.g. {left[0]})")
     return out

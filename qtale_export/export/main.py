@@ -1,0 +1,210 @@
+"""`qtale export` / `qtale verify` / `qtale-export`: argument parsing and the export pipeline.
+
+run_export(args) -> dict and run_verify(args) -> dict raise QtaleError (one line) on bad input;
+run_verify returns the report with "ok" false when out of tolerance (the CLI exits non-zero then).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import QtaleError
+from .precision import PRECISIONS, TARGETS, min_opset
+
+OPS = ("standard", "plugin")
+DEFAULT_OPSET = 21
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("checkpoint", nargs="?", default="smollm2-135m",
+                        help="QTALE checkpoint folder, HF model folder or embedded model name (default smollm2-135m)")
+    parser.add_argument("--ratio", type=float, default=0.6,
+                        help="execution ratio whose calibrated theta becomes the default (0 < r <= 1; 1.0 = theta 0)")
+    parser.add_argument("--theta", type=float, default=None,
+                        help="default theta to record instead of the calibrated one for --ratio")
+    parser.add_argument("--precision", default=None,
+                        help=f"{'/'.join(PRECISIONS)} (default fp32, or the checkpoint's quantization format)")
+    parser.add_argument("--ops", default="standard", help="standard (plain ONNX) or plugin (qtale TokenCompact/TokenScatter)")
+    parser.add_argument("--target", default=None,
+                        help="ort-cpu or tensorrt (default ort-cpu; tensorrt for fp8)")
+    parser.add_argument("--out", required=False, default=None, help="export folder to create")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--decode-steps", type=int, default=4, help="decode steps checked by the verification")
+    return parser
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("dir", help="export folder (with manifest.json)")
+    parser.add_argument("--theta", type=float, action="append", default=None,
+                        help="theta to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
+    parser.add_argument("--decode-steps", type=int, default=4, help="decode steps compared per theta")
+    return parser
+
+
+def _quant_precision(info: dict | None) -> str | None:
+    if not info:
+        return None
+    fmt = str(info.get("format", "")).lower()
+    for p in ("int4", "int8", "fp8"):
+        if p in fmt:
+            return p
+    raise QtaleError(f"checkpoint quantization format '{info.get('format')}' has no ONNX lowering")
+
+
+def check_options(ratio, precision, ops, target, opset, out, force, theta=None) -> tuple[str, str]:
+    """Validate the options (before any work); returns (precision, target) with defaults applied."""
+    import onnx
+
+    if ratio is None or not 0.0 < float(ratio) <= 1.0:
+        raise QtaleError(f"--ratio must be in (0, 1], got {ratio}")
+    if theta is not None and not 0.0 <= float(theta) <= 1.0:
+        raise QtaleError(f"--theta must be in [0, 1], got {theta}")
+    precision = precision or "fp32"
+    if precision not in PRECISIONS:
+        raise QtaleError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if ops not in OPS:
+        raise QtaleError(f"unknown op set '{ops}' (choose from {', '.join(OPS)})")
+    target = target or ("tensorrt" if precision == "fp8" else "ort-cpu")
+    if target not in TARGETS:
+        raise QtaleError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+    if precision == "fp8" and target == "ort-cpu":
+        raise QtaleError("--precision fp8 needs --target tensorrt (ONNX Runtime on CPU has no FP8 matmul)")
+    lo, hi = min_opset(precision), onnx.defs.onnx_opset_version()
+    if not lo <= int(opset) <= hi:
+        raise QtaleError(f"--opset {opset} is not supported for {precision} (use {lo}..{hi})")
+    if out is None:
+        raise QtaleError("--out DIR is required")
+    if Path(out).exists() and not force:
+        raise QtaleError(f"{out} already exists; pass --force to replace it")
+    return precision, target
+
+
+def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | None = None,
+           precision: str | None = None, ops: str = "standard", target: str | None = None,
+           opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
+           verify_thetas=None) -> dict:
+    """Export a loaded RoutedModel to `out` (see docs/export.md); returns the manifest."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from ..checkpoint import replace_dir
+    from . import graphs
+    from .manifest import FORMAT, FORMAT_VERSION, checksums, write_manifest
+    from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
+    from .verify import verify_export
+
+    qprec = _quant_precision(getattr(model, "quantization_info", None))
+    if qprec and precision and precision != qprec:
+        raise QtaleError(f"the checkpoint is quantized to {qprec}; export it with --precision {qprec}")
+    precision, target = check_options(ratio, precision or qprec, ops, target, opset, out, force, theta)
+    if theta is None:
+        theta = model.set_ratio(ratio)
+    theta = float(theta)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    w = graphs.extract(model)
+    s = w.spec
+    weight_fn = make_weight_fn(precision, target, w.quantized)
+    act = activation_dtype(precision)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        described = {}
+        for kind, build in (("prefill", graphs.build_prefill), ("decode", graphs.build_decode)):
+            m = build(w, ops, int(opset), act, weight_fn)
+            if precision == "int4" and target == "ort-cpu":
+                ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
+                m = to_matmul_nbits(m, ks)
+            onnx.checker.check_model(m)
+            name = f"{kind}.onnx"
+            described[kind] = {"file": name, **graphs.io_description(m)}
+            onnx.save_model(m, str(tmp / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{name}.data", size_threshold=1024)
+            del m
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        t_build = time.time() - t0
+        ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
+        eos = s.eos_token_id
+        data = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "base_model": dict(model.base_info), "checkpoint": ckpt,
+            "precision": precision, "ops": ops, "target": target, "opset": int(opset),
+            "ratio": float(ratio), "theta": theta, "theta_table": model.theta_table,
+            "router": model.router_config.to_dict(),
+            "graphs": described,
+            "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
+                      "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": eos,
+                      "routed_layers": s.routed, "keep_initial": s.keep_initial,
+                      "activation_dtype": np.dtype(act).name,
+                      "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
+                                  "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
+                      "int4_block": (matmul_nbits_block([s.hidden, s.heads * s.head_dim]) if precision == "int4"
+                                     else None)},
+            "files": checksums(tmp),
+            "engines": [],
+            "tools": {"torch": torch.__version__, "transformers": transformers.__version__,
+                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            "verification": None,
+        }
+        write_manifest(tmp, data)
+        t1 = time.time()
+        report = verify_export(tmp, model=model, decode_steps=decode_steps, check_files=False,
+                               thetas=verify_thetas)
+        report["seconds"] = {"build": round(t_build, 2), "verify": round(time.time() - t1, 2)}
+        data["verification"] = report
+        write_manifest(tmp, data)
+        if not report["ok"]:
+            bad = next(c for c in report["cases"] if not c["ok"])
+            raise QtaleError(f"verification failed ({precision}, {ops}): theta {bad['theta']}: "
+                             f"max abs diff {bad.get('max_abs_diff')}, top-1 {bad.get('top1')}, "
+                             f"exec agreement {bad.get('exec_agreement')}; nothing was written to {out}")
+        if out.exists() and not force:
+            raise QtaleError(f"{out} already exists; pass --force to replace it")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data
+
+
+def run_export(args) -> dict:
+    precision, _ = check_options(args.ratio, getattr(args, "precision", None), args.ops, args.target,
+                                 args.opset, args.out, args.force, getattr(args, "theta", None))
+    import qtale_export
+
+    model = qtale_export.load(args.checkpoint)
+    return export(model, args.out, checkpoint=args.checkpoint, ratio=args.ratio, theta=getattr(args, "theta", None),
+                  precision=args.precision, ops=args.ops, target=args.target, opset=args.opset,
+                  force=args.force, decode_steps=getattr(args, "decode_steps", 4))
+
+
+def run_verify(args) -> dict:
+    from .verify import verify_export
+
+    return verify_export(args.dir, thetas=args.theta, decode_steps=args.decode_steps)
+
+
+def main(argv=None) -> int:
+    """Console script `qtale-export`: export, print the manifest's verification as JSON."""
+    parser = add_export_arguments(argparse.ArgumentParser(prog="qtale-export", description=__doc__))
+    args = parser.parse_args(argv)
+    try:
+        data = run_export(args)
+    except QtaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "verification": data["verification"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
