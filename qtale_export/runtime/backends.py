@@ -1,0 +1,169 @@
+"""Execution backends for the prefill/decode graphs of an export folder (no PyTorch).
+
+`OrtBackend`: ONNX Runtime, CPU by default; device="cuda" or "tensorrt" adds that execution
+provider in front of CPU when the installed onnxruntime has it (QtaleError otherwise). Plugin-op
+graphs (domain "qtale") run through `qtale_export.export.ort_ops.session`, which registers the
+Python kernels of the qtale ops.
+
+`TensorRTBackend`: serialized engines recorded in manifest["engines"] by `qtale build`;
+`tensorrt` and `cuda-python` are imported lazily, a clear QtaleError says what is missing.
+
+Both expose `run(graph, feeds) -> {output name: np.ndarray}` with graph in ("prefill", "decode").
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QtaleError
+
+GRAPHS = ("prefill", "decode")
+BACKENDS = ("ort", "tensorrt")
+ORT_DEVICES = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
+               "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}
+
+
+class OrtBackend:
+    kind = "ort"
+
+    def __init__(self, folder: str | os.PathLike, manifest: dict, device: str = "cpu",
+                 threads: int | None = None, exact: bool = False):
+        import onnxruntime as ort
+
+        from ..export import ort_ops  # torch-free: onnx + onnxruntime(-extensions)
+
+        if device not in ORT_DEVICES:
+            raise QtaleError(f"unknown ONNX Runtime device '{device}' (choose from {', '.join(ORT_DEVICES)})")
+        have = ort.get_available_providers()
+        want = ORT_DEVICES[device]
+        missing = [p for p in want if p not in have]
+        if missing:
+            raise QtaleError(f"ONNX Runtime has no {missing[0]} here (available: {', '.join(have)}); "
+                             f"install onnxruntime-gpu or use device='cpu'")
+        self.providers = want + ["CPUExecutionProvider"]
+        self.folder = Path(folder)
+        self.sessions = {}
+        for g in GRAPHS:
+            info = manifest["graphs"].get(g)
+            if not info:
+                raise QtaleError(f"export {folder} has no {g} graph")
+            self.sessions[g] = ort_ops.session(self.folder / info["file"], providers=self.providers,
+                                               threads=threads, exact=exact)
+        self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
+        self.name = f"onnxruntime:{device}:{manifest.get('precision')}"
+
+    def run(self, graph: str, feeds: dict) -> dict:
+        sess = self.sessions[graph]
+        return dict(zip(self.outputs[graph], sess.run(None, feeds)))
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError:
+        raise QtaleError("backend 'tensorrt' needs the TensorRT Python package (pip install tensorrt, "
+                         "or JetPack on Jetson); use backend='ort' otherwise") from None
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+    except ImportError:
+        raise QtaleError("backend 'tensorrt' needs cuda-python (pip install cuda-python)") from None
+    return trt, cudart
+
+
+def _ck(res):
+    err = res[0] if isinstance(res, tuple) else res
+    if int(err) != 0:
+        raise QtaleError(f"CUDA error {err}")
+    return res[1] if isinstance(res, tuple) and len(res) == 2 else res
+
+
+class TensorRTBackend:
+    """Runs the engines of manifest["engines"] (one per graph; `precision` picks among several)."""
+
+    kind = "tensorrt"
+
+    def __init__(self, folder: str | os.PathLike, manifest: dict, precision: str | None = None,
+                 plugin_library: str | None = None):
+        folder = Path(folder)
+        engines = {}
+        for e in manifest.get("engines") or []:
+            if not isinstance(e, dict) or e.get("graph") not in GRAPHS:
+                continue
+            if precision and e.get("precision") != precision:
+                continue
+            engines.setdefault(e["graph"], e)
+        missing = [g for g in GRAPHS if g not in engines]
+        if missing:
+            have = ", ".join(f"{e.get('graph')}:{e.get('precision')}" for e in manifest.get("engines") or []) or "none"
+            raise QtaleError(f"export {folder} has no TensorRT engine for the {missing[0]} graph"
+                             f"{' at ' + precision if precision else ''} (engines: {have}); "
+                             f"build one with `qtale build {folder} --graph {missing[0]}`")
+        trt, cudart = _import_tensorrt()
+        self.trt, self.cudart = trt, cudart
+        for e in engines.values():
+            lib = plugin_library or ((e.get("plugin_library") or {}).get("path"))
+            if lib:
+                if not Path(lib).is_file():
+                    raise QtaleError(f"TensorRT plugin library {lib} not found (engine {e['file']} needs it)")
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        logger = trt.Logger(trt.Logger.WARNING)
+        trt.init_libnvinfer_plugins(logger, "")
+        runtime = trt.Runtime(logger)
+        self.engines, self.contexts = {}, {}
+        for g, e in engines.items():
+            engine = runtime.deserialize_cuda_engine((folder / e["file"]).read_bytes())
+            if engine is None:
+                raise QtaleError(f"TensorRT could not load {folder / e['file']} (built for another "
+                                 f"TensorRT version or GPU? built with {e.get('tensorrt_version')}, sm {e.get('gpu_sm')})")
+            self.engines[g] = engine
+            self.contexts[g] = engine.create_execution_context()
+        self.stream = _ck(cudart.cudaStreamCreate())
+        self.name = f"tensorrt:{engines['prefill'].get('precision')}"
+
+    def run(self, graph: str, feeds: dict) -> dict:
+        trt, cudart = self.trt, self.cudart
+        engine, ctx = self.engines[graph], self.contexts[graph]
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        bufs, outs = [], {}
+        try:
+            for n in names:
+                if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT:
+                    arr = np.ascontiguousarray(feeds[n], dtype=trt.nptype(engine.get_tensor_dtype(n)))
+                    ctx.set_input_shape(n, arr.shape)
+                    ptr = _ck(cudart.cudaMalloc(max(arr.nbytes, 1)))
+                    bufs.append(ptr)
+                    _ck(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes,
+                                               cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+                    ctx.set_tensor_address(n, ptr)
+            for n in names:
+                if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT:
+                    arr = np.empty(tuple(ctx.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n)))
+                    ptr = _ck(cudart.cudaMalloc(max(arr.nbytes, 1)))
+                    bufs.append(ptr)
+                    ctx.set_tensor_address(n, ptr)
+                    outs[n] = (arr, ptr)
+            if not ctx.execute_async_v3(self.stream):
+                raise QtaleError(f"TensorRT execution of the {graph} engine failed")
+            for n, (arr, ptr) in outs.items():
+                _ck(cudart.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes,
+                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+            _ck(cudart.cudaStreamSynchronize(self.stream))
+        finally:
+            for p in bufs:
+                cudart.cudaFree(p)
+        return {n: a for n, (a, _) in outs.items()}
+
+
+def make_backend(folder, manifest: dict, backend: str = "ort", device: str = "cpu", threads=None,
+                 precision: str | None = None, plugin_library: str | None = None, exact: bool = False):
+    if backend == "ort":
+        return OrtBackend(folder, manifest, device=device, threads=threads, exact=exact)
+    if backend == "tensorrt":
+        return TensorRTBackend(folder, manifest, precision=precision, plugin_library=plugin_library)
+    raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,357 @@
+"""`Runtime`: text generation and scoring on an export folder, with a KV cache, no PyTorch.
+
+    rt = Runtime.open("exports/smollm2-fp32")           # checks every file's sha256 first
+    res = rt.generate("The capital of France is", ratio=0.6, max_new_tokens=32)
+    res.text, res.realized_ratio, res.tokens_per_s
+    for piece in rt.stream("Tell me", ratio=0.6): print(piece, end="")
+    rt.score(["Q: 2+2? A:"], [" 4"], ratio=0.6)          # log-likelihoods
+
+The prompt runs through prefill.onnx once; every new token through decode.onnx with the cache
+(present.* -> past.*, exec_mask -> past_exec). Theta comes from the manifest's theta table
+(`select.select_theta`); the realized execution ratio is read back from the exec masks over the
+routed layers and every token that went through the model.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import QtaleError
+from . import select as _select
+from .backends import make_backend
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer (transformers' AutoTokenizer when importable, else the `tokenizers` library)
+# ---------------------------------------------------------------------------------------------
+class Tokenizer:
+    def __init__(self, folder: Path):
+        self.hf = None
+        self.tk = None
+        try:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(str(folder))
+        except ImportError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise QtaleError(f"cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}") from None
+        if self.hf is None:
+            path = folder / "tokenizer.json"
+            if not path.is_file():
+                raise QtaleError(f"export {folder} has no tokenizer.json")
+            from tokenizers import Tokenizer as _T
+
+            self.tk = _T.from_file(str(path))
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        if self.hf is not None:
+            return list(self.hf(text, add_special_tokens=special)["input_ids"])
+        return list(self.tk.encode(text, add_special_tokens=special).ids)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=True)
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+    def chat(self, prompt: str) -> list[int]:
+        if self.hf is None or not getattr(self.hf, "chat_template", None):
+            raise QtaleError("this export's tokenizer has no chat template; run without --chat")
+        text = self.hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        return self.encode(text, special=False)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        if self.hf is not None and self.hf.eos_token_id is not None:
+            return {int(self.hf.eos_token_id)}
+        return set()
+
+    @property
+    def pad_id(self) -> int:
+        if self.hf is not None and self.hf.pad_token_id is not None:
+            return int(self.hf.pad_token_id)
+        return 0
+
+    @property
+    def max_length(self) -> int | None:
+        m = getattr(self.hf, "model_max_length", None) if self.hf is not None else None
+        return int(m) if m and m < 10_000_000 else None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    realized_ratio: float  # executed (routed layer, token) pairs / all, over prompt + fed tokens
+    prefill_ratio: float  # the same over the prompt only
+    tokens_per_s: float  # new tokens / (prefill + decode) wall time
+    decode_tokens_per_s: float  # (new tokens - 1) / decode wall time
+    prefill_s: float
+    decode_s: float
+    stop_reason: str  # eos | stop | length | max_length
+    engine: str
+    theta: float
+    selection: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+class Sampler:
+    """Greedy when temperature == 0; otherwise temperature + top-p (nucleus) with a seeded RNG."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        if temperature < 0:
+            raise QtaleError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise QtaleError(f"top_p must be in (0, 1], got {top_p}")
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0.0:
+            return int(np.argmax(logits))
+        p = _softmax(logits / self.temperature)
+        if self.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = order[: int(np.searchsorted(cum, self.top_p) + 1)]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q / q.sum()
+        return int(self.rng.choice(len(p), p=p))
+
+
+class Runtime:
+    def __init__(self, folder: Path, manifest: dict, backend, tokenizer: Tokenizer, max_length: int,
+                 ratio_mode: str = "interpolate"):
+        self.folder, self.manifest, self.backend, self.tokenizer = folder, manifest, backend, tokenizer
+        self.max_length = int(max_length)
+        self.ratio_mode = ratio_mode
+        m = manifest["model"]
+        self.num_layers = int(m["num_layers"])
+        self.routed = [int(i) for i in m.get("routed_layers") or []]
+        eos = m.get("eos_token_id")
+        self.eos_ids = set(tokenizer.eos_ids)
+        self.eos_ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+        self.kv_dtype = np.dtype(m.get("activation_dtype") or "float32")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, export_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
+             threads: int | None = None, verify: bool = True, max_length: int | None = None,
+             ratio_mode: str = "interpolate", precision: str | None = None,
+             plugin_library: str | None = None, exact: bool = False) -> "Runtime":
+        """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer."""
+        from ..export.manifest import read_manifest
+
+        folder = Path(export_dir)
+        manifest = read_manifest(folder, verify=verify)
+        if ratio_mode not in _select.MODES:
+            raise QtaleError(f"unknown ratio mode '{ratio_mode}' (choose from {', '.join(_select.MODES)})")
+        be = make_backend(folder, manifest, backend=backend, device=device, threads=threads,
+                          precision=precision, plugin_library=plugin_library, exact=exact)
+        tok = Tokenizer(folder)
+        m = manifest["model"]
+        limit = max_length or m.get("max_position_embeddings") or m.get("max_length") or tok.max_length \
+            or DEFAULT_MAX_LENGTH
+        return cls(folder, manifest, be, tok, int(limit), ratio_mode)
+
+    @property
+    def engine(self) -> str:
+        return self.backend.name
+
+    # ---- theta ----------------------------------------------------------------------------------
+    def select(self, ratio: float | None = None, theta: float | None = None) -> dict:
+        """{"theta", "ratio", "mode", ...}: theta given, else from `ratio`, else the export's default."""
+        if theta is not None:
+            t = float(theta)
+            if not 0.0 <= t <= 1.0 or t != t:
+                raise QtaleError(f"theta must be in [0, 1], got {theta}")
+            return {"theta": t, "ratio": None, "mode": "theta"}
+        if ratio is None:
+            return {"theta": float(self.manifest.get("theta", 0.0)), "ratio": self.manifest.get("ratio"),
+                    "mode": "export default"}
+        return _select.select_theta(self.manifest.get("theta_table"), ratio, self.ratio_mode)
+
+    # ---- inputs -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise QtaleError("empty prompt")
+        ids = self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
+        if not ids:
+            raise QtaleError("the prompt encodes to no tokens")
+        if len(ids) >= self.max_length:
+            raise QtaleError(f"prompt is {len(ids)} tokens; the maximum is {self.max_length - 1} "
+                             f"(max length {self.max_length})")
+        return ids
+
+    def _prefill(self, ids: np.ndarray, mask: np.ndarray, theta: float) -> dict:
+        theta_v = np.full((ids.shape[0],), theta, np.float32)
+        return self.backend.run("prefill", {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                                            "theta": theta_v})
+
+    def _exec_ratio(self, exec_mask: np.ndarray, n: int | None = None) -> float:
+        if not self.routed:
+            return 1.0
+        e = exec_mask[self.routed]
+        if n is not None:
+            e = e[..., :n]
+        return float(e.mean()) if e.size else 1.0
+
+    # ---- generation -------------------------------------------------------------------------------
+    def stream(self, prompt: str, ratio: float | None = None, theta: float | None = None,
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None, chat: bool = False,
+               result: list | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece; the GenerationResult is appended to `result`
+        (a list) at the end, and kept as `self.last_result`."""
+        if int(max_new_tokens) < 1:
+            raise QtaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sel = self.select(ratio, theta)
+        th = float(sel["theta"])
+        sampler = Sampler(temperature, top_p, seed)
+        stops = [s for s in (stop or []) if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        ids = self.encode_prompt(prompt, chat)
+        n_prompt = len(ids)
+        t0 = time.perf_counter()
+        out = self._prefill(np.asarray([ids]), np.ones((1, n_prompt), np.int64), th)
+        t_prefill = time.perf_counter() - t0
+        prefill_ratio = self._exec_ratio(out["exec_mask"])
+        exec_mask = out["exec_mask"]
+        logits = out["logits"][0, -1]
+        gen: list[int] = []
+        emitted = 0
+        reason = "length"
+        t1 = time.perf_counter()
+        text = ""
+        while True:
+            tok = sampler(logits)
+            if tok in self.eos_ids:
+                reason = "eos"
+                break
+            gen.append(tok)
+            text = self.tokenizer.decode(gen)
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                reason = "stop"
+                break
+            safe = len(text) - hold
+            while safe > emitted and text[safe - 1] == "\ufffd":  # an unfinished multi-byte char
+                safe -= 1
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if len(gen) >= int(max_new_tokens):
+                reason = "length"
+                break
+            total = n_prompt + len(gen)
+            if total >= self.max_length:
+                reason = "max_length"
+                break
+            feeds = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
+                     for kv in ("key", "value")}
+            feeds.update({"past_exec": out["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
+                          "attention_mask": np.ones((1, total), np.int64),
+                          "theta": np.full((1,), th, np.float32)})
+            out = self.backend.run("decode", feeds)
+            exec_mask = out["exec_mask"]
+            logits = out["logits"][0, -1]
+        t_end = time.perf_counter()
+        if reason != "stop":
+            text = self.tokenizer.decode(gen) if gen else ""
+        if len(text) > emitted:
+            yield text[emitted:]
+        decode_s = t_end - t1
+        res = GenerationResult(
+            text=text, token_ids=gen, prompt_tokens=n_prompt, new_tokens=len(gen),
+            realized_ratio=self._exec_ratio(exec_mask), prefill_ratio=prefill_ratio,
+            tokens_per_s=len(gen) / max(t_end - t0, 1e-9),
+            decode_tokens_per_s=max(len(gen) - 1, 0) / max(decode_s, 1e-9) if len(gen) > 1 else 0.0,
+            prefill_s=t_prefill, decode_s=decode_s, stop_reason=reason, engine=self.engine, theta=th,
+            selection=sel)
+        self.last_result = res
+        if result is not None:
+            result.append(res)
+
+    def generate(self, prompt: str, ratio: float | None = None, theta: float | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None, chat: bool = False,
+                 callback: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate a continuation; `callback(piece)` gets the text as it is produced."""
+        box: list = []
+        for piece in self.stream(prompt, ratio, theta, max_new_tokens, temperature, top_p, seed, stop, chat, box):
+            if callback is not None:
+                callback(piece)
+        return box[0]
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def score(self, contexts: list[str], continuations: list[str], ratio: float | None = None,
+              theta: float | None = None, batch_size: int = 8, return_greedy: bool = False):
+        """Log-likelihood of each continuation given its context (sum over its tokens).
+
+        Tokenization as lm-eval: the continuation's tokens are those of context + continuation
+        after the context's own tokens. With return_greedy, (loglik, is_greedy) pairs.
+        """
+        if len(contexts) != len(continuations):
+            raise QtaleError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        th = float(self.select(ratio, theta)["theta"])
+        items = []
+        for c, x in zip(contexts, continuations):
+            if not c:
+                raise QtaleError("empty context")
+            if not x:
+                raise QtaleError("empty continuation")
+            ctx = self.tokenizer.encode(c)
+            whole = self.tokenizer.encode(c + x)
+            n_ctx = len(ctx)
+            if whole[:n_ctx] != ctx:  # a merge across the boundary: encode the parts separately
+                whole = ctx + self.tokenizer.encode(x, special=False)
+            if len(whole) <= n_ctx:
+                raise QtaleError(f"continuation {x!r} adds no tokens")
+            if len(whole) > self.max_length:
+                raise QtaleError(f"context + continuation is {len(whole)} tokens; the maximum is {self.max_length}")
+            items.append((whole, n_ctx))
+        results = []
+        for s in range(0, len(items), max(int(batch_size), 1)):
+            chunk = items[s:s + batch_size]
+            T = max(len(w) for w, _ in chunk)
+            ids = np.full((len(chunk), T), self.tokenizer.pad_id, np.int64)
+            mask = np.zeros((len(chunk), T), np.int64)
+            for b, (w, _) in enumerate(chunk):  # left padding
+                ids[b, T - len(w):] = w
+                mask[b, T - len(w):] = 1
+            logits = self._prefill(ids, mask, th)["logits"]
+            for b, (w, n_ctx) in enumerate(chunk):
+                off = T - len(w)
+                lp = _log_softmax(logits[b, off + n_ctx - 1: off + len(w) - 1])
+                tgt = np.asarray(w[n_ctx:])
+                ll = float(lp[np.arange(len(tgt)), tgt].sum())
+                greedy = bool((lp.argmax(-1) == tgt).all())
+                results.append((ll, greedy) if return_greedy else ll)
+        return results
