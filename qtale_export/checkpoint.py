@@ -80,7 +80,8 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def save(model, path: str | os.PathLike, *, training: dict | None = None,
          quantization: dict | None = None, extra_tensors: dict | None = None,
-         extra_files: dict[str, Path] | None = None, logs: dict[str, Path] | None = None) -> Path:
+         extra_files: dict[str, Path] | None = None, logs: dict[str, Path] | None = None,
+         routers: dict | None = None) -> Path:
     """Write `model` (a RoutedModel) as a checkpoint folder, atomically. Returns the folder.
     `extra_files` are copied and checksummed; `logs` are copied but not checksummed (they grow)."""
     from safetensors.torch import save_file
@@ -89,7 +90,7 @@ def save(model, path: str | os.PathLike, *, training: dict | None = None,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_file(model.router_state(), tmp / ROUTERS)
+        save_file(routers if routers is not None else model.router_state(), tmp / ROUTERS)
         if hasattr(model.base, "peft_config"):
             model.base.save_pretrained(tmp / ADAPTER)
         if extra_tensors:

@@ -61,6 +61,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--target-ratio", type=ratio_arg, default=d.target_ratio, help="Omega")
     p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model (FSDP2)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--json", action="store_true")

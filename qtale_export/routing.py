@@ -314,7 +314,9 @@ class RoutedModel(nn.Module):
 
     # ---- persistence helpers -----------------------------------------------------------------
     def router_state(self) -> dict[str, torch.Tensor]:
-        return {f"{k}": v.detach().contiguous() for k, v in self.routers.state_dict().items()}
+        """Full router tensors (gathered from shards under FSDP: a collective there)."""
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+                for k, v in self.routers.state_dict().items()}
 
 
 def ratio_key(ratio: float) -> str:

@@ -53,6 +53,7 @@ class TrainConfig:
     first_routed_layer: int = 2
     keep_initial: int = 2
     router_hidden: int = 64
+    fsdp: bool = False  # shard the base model across processes (torchrun) instead of replicating it
 
     def validate(self) -> None:
         if self.method not in ("qtale", "dllm"):
@@ -65,6 +66,8 @@ class TrainConfig:
             raise QtaleError("steps must be >= 0, batch size and grad accumulation >= 1, seq_len >= 16")
         if not self.data:
             raise QtaleError("no training data given (--data FILE ...)")
+        if self.fsdp and self.lora_rank:
+            raise QtaleError("--fsdp with --lora-rank is not supported yet: train LoRA with DDP")
 
 
 # ---- losses --------------------------------------------------------------------------------
@@ -128,6 +131,38 @@ def build_model(cfg: TrainConfig) -> RoutedModel:
     return model
 
 
+def shard(model: RoutedModel) -> None:
+    """FSDP2: shard every module the routed forward calls as a unit (each projection, each MLP),
+    then the rest (embeddings, norms, head, routers) at the root. The routed layer calls the HF
+    submodules directly, not the decoder layer's forward, so the layer itself cannot be the unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.decoder.layers:
+        fully_shard(layer.mlp)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            fully_shard(getattr(layer.self_attn, name))
+    fully_shard(model)
+
+
+def optimizer_state(model: RoutedModel, optimizer, sharded: bool) -> dict:
+    """Full optimizer state (a collective under FSDP: every rank must call it)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: RoutedModel, optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def load_resume_state(model: RoutedModel, out: Path) -> dict:
     """Routers, LoRA and trainer state of an interrupted run in `out`."""
     meta = checkpoint.read_meta(out)
@@ -143,18 +178,18 @@ def load_resume_state(model: RoutedModel, out: Path) -> dict:
     return state
 
 
-def save_state(model: RoutedModel, cfg: TrainConfig, out: Path, step: int, optimizer, losses: dict,
-               started: float) -> None:
+def save_state(model: RoutedModel, cfg: TrainConfig, out: Path, step: int, opt_state: dict,
+               routers: dict, losses: dict, started: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=out.parent))
     try:
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)  # tensors + numbers: weights_only-loadable
+        torch.save(opt_state, tmp / OPTIMIZER)  # tensors + numbers: loadable with weights_only=True
         (tmp / STATE).write_text(json.dumps({"step": step, "elapsed_s": time.time() - started}))
         extra = {OPTIMIZER: tmp / OPTIMIZER, STATE: tmp / STATE}
         logs = {LOG: out / LOG} if (out / LOG).is_file() else {}
         training = {"config": asdict(cfg), "steps_done": step, "final_losses": losses,
                     "data": [str(Path(d).name) if Path(d).is_file() else d for d in cfg.data],
                     "data_paths": cfg.data, "torch": torch.__version__}
-        checkpoint.save(model, out, training=training, extra_files=extra, logs=logs)
+        checkpoint.save(model, out, training=training, extra_files=extra, logs=logs, routers=routers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -188,23 +223,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     instruction = any(e.labels[0] == -100 for e in examples[:50])
     loss_kind = cfg.loss if cfg.loss != "auto" else ("task" if instruction else "distill")
     lambda2 = cfg.lambda2 if cfg.method == "qtale" else 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume:
         start = load_resume_state(model, out)["step"]
-        optimizer.load_state_dict(torch.load(out / OPTIMIZER, weights_only=True))
         if rank == 0 and (out / LOG).is_file():  # drop log lines of steps that were not saved
             lines = (out / LOG).read_text().splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
             (out / LOG).write_text("".join(ln + "\n" for ln in kept))
     if force and out.exists() and not resume and rank == 0:
         shutil.rmtree(out)
+    sharded = cfg.fsdp and world > 1
     runner = model
-    if world > 1:
+    if sharded:
+        shard(model)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume:
+        load_optimizer_state(model, optimizer, torch.load(out / OPTIMIZER, weights_only=True), sharded)
     model.train()
     started = time.time()
     losses: dict = {}
@@ -247,10 +286,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             with open(out / LOG, "a") as f:
                 f.write(json.dumps({"step": step + 1, "lambda1": lambda1, "lambda2": lambda2,
                                     "time_s": round(time.time() - started, 2), **losses}) + "\n")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_state(model, cfg, out, step + 1, optimizer, losses, started)
-    if cfg.steps == start and rank == 0 and not resume:
-        save_state(model, cfg, out, start, optimizer, losses, started)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            # gathering full state is a collective under FSDP: every rank takes part
+            opt_state, routers = optimizer_state(model, optimizer, sharded), model.router_state()
+            if rank == 0:
+                save_state(model, cfg, out, step + 1, opt_state, routers, losses, started)
+    if cfg.steps == start and not resume:
+        opt_state, routers = optimizer_state(model, optimizer, sharded), model.router_state()
+        if rank == 0:
+            save_state(model, cfg, out, start, opt_state, routers, losses, started)
     if world > 1:
         torch.distributed.barrier()
     model.eval()

@@ -85,14 +85,27 @@ def test_output_folder_is_not_clobbered(tiny_dir, text_file, tmp_path):
         train(cfg_for(tiny_dir, text_file, tmp_path / "exists"), resume=True, progress=False)
 
 
-def test_torchrun_two_gloo_processes(tiny_dir, text_file, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+def torchrun(tiny_dir, text_file, out, port, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "qtale_export.cli", "train", "--model", str(tiny_dir), "--data", str(text_file),
-           "--out", str(out), "--steps", "3", "--batch-size", "1", "--seq-len", "64",
-           "--router-hidden", "16", "--json"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 3
+           "--out", str(out), "--batch-size", "1", "--seq-len", "64", "--router-hidden", "16", "--json",
+           *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_torchrun_two_gloo_processes_ddp(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "ddp"
+    assert torchrun(tiny_dir, text_file, out, 29517, "--steps", "3")["steps"] == 3
     assert [row["step"] for row in log(out)] == [1, 2, 3]
+
+
+def test_torchrun_fsdp_with_resume(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "fsdp"
+    assert torchrun(tiny_dir, text_file, out, 29518, "--steps", "2", "--fsdp")["steps"] == 2
+    assert torchrun(tiny_dir, text_file, out, 29519, "--steps", "3", "--fsdp", "--resume")["steps"] == 3
+    assert [row["step"] for row in log(out)] == [1, 2, 3]
+    model = qtale_export.load(out)  # full (unsharded) router tensors that load strictly
+    assert model.router_config.router_hidden == 16
+    assert model.routers["2"].down.weight.shape == (16, model.hf_config.hidden_size)
