@@ -13,7 +13,9 @@ Ratio rule (`select_theta`):
     outside the calibrated range has no guarantee at all.
 
 Budget rule (`select_budget`), over measured points {export, ratio, ms_per_token, accuracy}:
-  * max_ms_per_token only: of the points that meet it, the highest ratio (then the lower latency);
+  * max_ms_per_token only: of the points that meet it, the highest ratio, then the wider
+    precision (fp32 > fp16 > int8/fp8 > int4), then the lower latency (no accuracy was asked for,
+    so the most compute per token that fits is taken as the most accurate);
   * min_accuracy only: of the points that meet it, the lowest latency (or lowest ratio if no
     latency was recorded);
   * both: of the points that meet both, the lowest latency;
@@ -28,6 +30,7 @@ except ImportError:  # copied next to a Triton model.py
         pass
 
 MODES = ("interpolate", "nearest")
+PRECISION_RANK = {"fp32": 4, "fp16": 3, "bf16": 3, "int8": 2, "fp8": 2, "int4": 1}
 
 
 def ratio_key(ratio: float) -> str:
@@ -79,7 +82,7 @@ def select_theta(theta_table: dict | None, ratio, mode: str = "interpolate") -> 
         raise QtaleError(f"ratio {key} is below the lowest calibrated ratio {ratio_key(lo_r)} "
                          f"(calibrated: {have}); use ratio >= {ratio_key(lo_r)} or recalibrate")
     if mode == "nearest":
-        rr, th = min(pts, key=lambda p: (abs(p[0] - r), -p[0]))
+        rr, th = min(pts, key=lambda p: (round(abs(p[0] - r), 9), -p[0]))
         return {"ratio": r, "theta": th, "mode": "nearest", "calibrated_ratio": rr}
     for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
         if r0 <= r <= r1:
@@ -146,7 +149,7 @@ def select_budget(points: list[dict], max_ms_per_token: float | None = None,
         raise QtaleError(f"no variant meets the budget ({want}); closest: {c['export']} ratio "
                          f"{ratio_key(c['ratio'])} ({got})")
     if min_accuracy is None:
-        return max(ok, key=lambda p: (p["ratio"], -p["ms_per_token"]))
+        return max(ok, key=lambda p: (p["ratio"], PRECISION_RANK.get(p.get("precision"), 0), -p["ms_per_token"]))
     if max_ms_per_token is None and not all(p.get("ms_per_token") is not None for p in ok):
         return min(ok, key=lambda p: (p["ratio"], -p["accuracy"]))
     return min(ok, key=lambda p: (p.get("ms_per_token", float("inf")), -p["accuracy"]))

@@ -1,0 +1,176 @@
+"""Runtime on a tiny export: greedy == PyTorch token by token, score == PyTorch, errors, sampling."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qtale_export.errors import QtaleError
+from qtale_export.runtime import Runtime
+
+from .conftest import THETAS
+
+PROMPT = "The quick brown fox jumps over the lazy dog. A journey"
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_export):
+    return Runtime.open(tiny_export)
+
+
+def torch_greedy(model, ids: list[int], theta: float, n: int, eos: set[int]) -> list[int]:
+    x = torch.tensor([ids])
+    mask = torch.ones_like(x)
+    th = torch.tensor([theta])
+    out = []
+    with torch.no_grad():
+        r = model(x, mask, theta=th, use_cache=True)
+        for _ in range(n):
+            nxt = int(r.logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            out.append(nxt)
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
+            r = model(torch.tensor([[nxt]]), mask, past_key_values=r.past_key_values, use_cache=True, theta=th)
+    return out
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.6, 0.5])
+def test_greedy_matches_pytorch(rt, tiny_model, ratio):
+    res = rt.generate(PROMPT, ratio=ratio, max_new_tokens=12)
+    theta = THETAS["1.0" if ratio == 1.0 else str(ratio)]
+    assert res.theta == pytest.approx(theta) and res.selection["mode"] == "exact"
+    ids = rt.tokenizer.encode(PROMPT)
+    ref = torch_greedy(tiny_model, ids, theta, 12, rt.eos_ids)
+    assert res.token_ids == ref
+    assert 0.0 < res.realized_ratio <= 1.0
+    if ratio == 1.0:
+        assert res.realized_ratio == 1.0
+    assert res.tokens_per_s > 0 and res.engine.startswith("onnxruntime:cpu")
+
+
+def test_realized_ratio_matches_pytorch_exec_masks(rt, tiny_model):
+    ids = rt.tokenizer.encode(PROMPT)
+    res = rt.generate(PROMPT, ratio=0.5, max_new_tokens=1)
+    with torch.no_grad():
+        r = tiny_model(torch.tensor([ids]), theta=torch.tensor([THETAS["0.5"]]), use_cache=True)
+    ref = float(torch.stack([r.past_key_values[i][2] for i in tiny_model.layer_ids]).float().mean())
+    assert res.prefill_ratio == pytest.approx(ref)
+
+
+def test_score_matches_pytorch(rt, tiny_model):
+    ctx = ["The quick brown fox", "Water boils at", "The capital of France is"]
+    cont = [" jumps over the lazy dog.", " one hundred degrees", " Paris."]
+    theta = THETAS["0.6"]
+    got = rt.score(ctx, cont, ratio=0.6, batch_size=2)
+    for c, x, ll in zip(ctx, cont, got):
+        cids, whole = rt.tokenizer.encode(c), rt.tokenizer.encode(c + x)
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([whole]), theta=torch.tensor([theta])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        ref = float(sum(lp[t - 1, whole[t]] for t in range(len(cids), len(whole))))
+        assert abs(ll - ref) < 1e-4, (c, ll, ref)
+    # batching (left padding) does not change the result
+    single = [rt.score([c], [x], ratio=0.6)[0] for c, x in zip(ctx, cont)]
+    np.testing.assert_allclose(got, single, atol=1e-4)
+
+
+def test_sampling_seeded_and_stop_strings(rt):
+    a = rt.generate(PROMPT, ratio=0.6, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    b = rt.generate(PROMPT, ratio=0.6, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    assert a.token_ids == b.token_ids
+    full = rt.generate(PROMPT, ratio=0.6, max_new_tokens=12)
+    stop = full.text[3:5]
+    if stop and stop.strip():
+        cut = rt.generate(PROMPT, ratio=0.6, max_new_tokens=12, stop=[stop])
+        assert cut.stop_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    pieces = list(rt.stream(PROMPT, ratio=0.6, max_new_tokens=12))
+    assert "".join(pieces) == full.text
+
+
+def test_interpolated_ratio(rt):
+    res = rt.generate(PROMPT, ratio=0.7, max_new_tokens=2)
+    assert res.selection["mode"] == "interpolated"
+    assert THETAS["0.8"] < res.theta < THETAS["0.6"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(prompt="", ratio=0.6), "empty prompt"),
+    (dict(prompt="   ", ratio=0.6), "empty prompt"),
+    (dict(prompt="hi there", ratio=0.0), "(0, 1]"),
+    (dict(prompt="hi there", ratio=1.5), "(0, 1]"),
+    (dict(prompt="hi there", ratio=0.3), "below the lowest calibrated"),
+    (dict(prompt="hi there", ratio=0.6, chat=True), "chat template"),
+])
+def test_bad_input(rt, kw, msg):
+    prompt = kw.pop("prompt")
+    with pytest.raises(QtaleError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        rt.generate(prompt, **kw)
+
+
+def test_prompt_too_long(tiny_export):
+    rt = Runtime.open(tiny_export, max_length=16)
+    with pytest.raises(QtaleError, match="maximum is 15"):
+        rt.generate(PROMPT * 3, ratio=0.6)
+    res = rt.generate("The quick", ratio=0.6, max_new_tokens=100)
+    assert res.stop_reason in ("max_length", "eos") and res.prompt_tokens + res.new_tokens <= 16
+
+
+def test_tampered_export(tiny_export, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    data = bad / "decode.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(QtaleError, match="sha256"):
+        Runtime.open(bad)
+
+
+def test_missing_engine(tiny_export):
+    with pytest.raises(QtaleError, match="no TensorRT engine"):
+        Runtime.open(tiny_export, backend="tensorrt")
+    with pytest.raises(QtaleError, match="unknown backend"):
+        Runtime.open(tiny_export, backend="vllm")
+
+
+def run_cli(*argv):
+    import argparse
+
+    from qtale_export.runtime.command import add_run_arguments, run_run
+
+    return run_run(add_run_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv]))
+
+
+def test_run_cli_json_and_stream(tiny_export, capsys):
+    out = run_cli(tiny_export, "--ratio", "0.6", "--prompt", PROMPT, "--max-new-tokens", "5", "--json")
+    assert {"text", "realized_ratio", "tokens_per_s", "engine"} <= set(out)
+    assert capsys.readouterr().out == ""  # the CLI prints the returned dict with --json
+    out = run_cli(tiny_export, "--ratio", "1.0", "--prompt", PROMPT, "--max-new-tokens", "5", "--stream")
+    cap = capsys.readouterr()
+    assert cap.out == out["text"] + "\n" and "realized ratio 1.000" in cap.err
+    with pytest.raises(QtaleError, match=r"\(0, 1\]"):
+        run_cli(tiny_export, "--ratio", "1.2", "--prompt", PROMPT)
+    with pytest.raises(QtaleError, match="empty prompt"):
+        run_cli(tiny_export, "--ratio", "0.6", "--prompt", "")
+
+
+def test_runtime_imports_without_torch(tiny_export):
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "import qtale_export.runtime as r, qtale_export.triton, qtale_export.bench\n"
+        "rt = r.Runtime.open(sys.argv[1])\n"
+        "res = rt.generate('The quick brown', ratio=0.6, max_new_tokens=3)\n"
+        "rt.score(['The quick'], [' brown'], ratio=0.6)\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m, v in sys.modules.items() if v is not None)\n"
+        "print('ok', res.new_tokens)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_export)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("ok")
