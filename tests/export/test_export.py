@@ -1,0 +1,261 @@
+"""ONNX export: every precision x op set against PyTorch, decode, manifest, bad input."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qtale_export
+from qtale_export import checkpoint
+from qtale_export.errors import QtaleError
+from qtale_export.export import main as export_main
+from qtale_export.export import ort_ops
+from qtale_export.export.manifest import read_manifest
+
+from conftest import spread_routers
+
+CASES = [("fp32", "standard", None), ("fp32", "plugin", None), ("fp16", "standard", None), ("fp16", "plugin", None),
+         ("int4", "standard", "ort-cpu"), ("int4", "plugin", "ort-cpu"), ("int4", "standard", "tensorrt"),
+         ("int4", "plugin", "tensorrt"), ("int8", "standard", None), ("int8", "plugin", None),
+         ("fp8", "standard", "tensorrt"), ("fp8", "plugin", "tensorrt")]
+
+
+@pytest.fixture(scope="session")
+def spread_ckpt(tiny_dir, tmp_path_factory):
+    model = qtale_export.load(tiny_dir)
+    spread_routers(model)
+    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+    return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "routed")
+
+
+@pytest.fixture(scope="session")
+def spread_model(spread_ckpt):
+    return qtale_export.load(spread_ckpt)
+
+
+@pytest.fixture(scope="session")
+def exported(spread_model, spread_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(precision, ops, target=None):
+        key = (precision, ops, target)
+        if key not in cache:
+            out = root / f"{precision}-{ops}-{target}"
+            export_main.export(spread_model, out, checkpoint=str(spread_ckpt), ratio=0.6, precision=precision,
+                               ops=ops, target=target)
+            cache[key] = out
+        return cache[key]
+    return get
+
+
+def _batch(model, n=3, t=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.hf_config.vocab_size, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    if n > 2:
+        mask[2, :9] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("precision,ops,target", CASES)
+def test_export_matches_pytorch(exported, spread_model, precision, ops, target):
+    out = exported(precision, ops, target)
+    manifest = read_manifest(out)
+    assert manifest["verification"]["ok"], manifest["verification"]
+    for kind in ("prefill", "decode"):
+        onnx.checker.check_model(str(out / f"{kind}.onnx"))
+    prefill = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    types = {n.op_type for n in prefill.graph.node}
+    assert ("TokenCompact" in types) == (ops == "plugin")
+    if precision == "int4":
+        assert ("MatMulNBits" in types) == (manifest["target"] == "ort-cpu")
+    if precision in ("int8", "fp8") or (precision == "int4" and manifest["target"] == "tensorrt"):
+        assert "DequantizeLinear" in types
+    # routers stay fp32 and unquantized
+    inits = {i.name: i for i in prefill.graph.initializer}
+    assert inits["router.2.down.weight.T"].data_type == onnx.TensorProto.FLOAT
+    # explicit check of all/none executed, batch with padding, several thetas
+    from qtale_export.export.verify import reference_model
+    ref = reference_model(manifest, out, spread_model)
+    sess = ort_ops.session(out / "prefill.onnx", exact=True)
+    ids, mask = _batch(ref)
+    valid = mask.bool().numpy()
+    atol = {"fp16": 5e-3}.get(precision, 1e-4)
+    for th in (0.0, 0.3, 0.7, 1.0):
+        theta = torch.full((3,), th)
+        with torch.no_grad():
+            r = ref(ids, mask, theta=theta, use_cache=True)
+        got = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})))
+        want_exec = np.stack([p[2].numpy() for p in r.past_key_values])
+        np.testing.assert_array_equal(got["exec_mask"], want_exec)
+        if th == 0.0:
+            assert got["exec_mask"][:, valid].all()  # every real token runs every layer
+        if th == 1.0:
+            assert not got["exec_mask"][2:, valid].sum() > (3 * 2 * len(ref.layer_ids))  # only keep_initial
+        assert np.abs(got["logits"] - r.logits.numpy())[valid].max() <= atol * max(1.0, np.abs(r.logits.numpy()).max())
+        for i in (0, 3):
+            np.testing.assert_allclose(got[f"present.{i}.key"].astype(np.float32),
+                                       r.past_key_values[i][0].numpy(), atol=atol * 10, rtol=0)
+
+
+@pytest.mark.parametrize("ops", ["standard", "plugin"])
+def test_decode_16_steps(exported, spread_model, ops):
+    out = exported("fp32", ops)
+    pre = ort_ops.session(out / "prefill.onnx")
+    dec = ort_ops.session(out / "decode.onnx")
+    m = spread_model
+    ids, mask = _batch(m, n=2, t=9, seed=1)
+    theta = torch.tensor([0.4, 0.6])
+    with torch.no_grad():
+        r = m(ids, mask, theta=theta, use_cache=True)
+    names = [o.name for o in pre.get_outputs()]
+    got = dict(zip(names, pre.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})))
+    L = m.hf_config.num_hidden_layers
+    past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+    skipped = 0
+    for _ in range(16):
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        feeds = {f"past.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
+        feeds.update(past_exec=got["exec_mask"], input_ids=nxt.numpy(), attention_mask=mask.numpy(),
+                     theta=theta.numpy())
+        got = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feeds)))
+        with torch.no_grad():
+            r = m(nxt, mask, past_key_values=past, use_cache=True, theta=theta)
+        np.testing.assert_array_equal(got["exec_mask"], np.stack([p[2].numpy() for p in r.past_key_values]))
+        np.testing.assert_allclose(got["logits"], r.logits.numpy(), atol=1e-4, rtol=0)
+        for i in (2, L - 1):
+            np.testing.assert_allclose(got[f"present.{i}.key"], r.past_key_values[i][0].numpy(), atol=1e-4, rtol=0)
+        skipped += int((~got["exec_mask"][2:, :, -1]).sum())
+        past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+    assert skipped > 0  # the decode path did skip layers
+
+
+def test_manifest_and_files(exported, spread_ckpt):
+    out = exported("fp32", "standard")
+    data = read_manifest(out)
+    assert data["format"] == "qtale-export" and data["format_version"] == 1
+    assert data["theta"] == 0.5 and data["ratio"] == 0.6 and data["checkpoint"] == str(spread_ckpt.resolve())
+    for f in ("prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "tokenizer.json"):
+        assert f in data["files"], f
+    g = data["graphs"]["prefill"]
+    assert g["inputs"]["theta"] == {"dtype": "float32", "shape": ["batch"]}
+    assert g["outputs"]["exec_mask"]["shape"] == [6, "batch", "seq"]
+    assert data["graphs"]["decode"]["inputs"]["past_exec"]["shape"] == [6, "batch", "past"]
+    assert data["model"]["kv_heads"] == 2 and data["model"]["head_dim"] == 16
+
+
+def test_checksum_detects_modified_file(exported, tmp_path):
+    import shutil
+
+    src = exported("fp32", "standard")
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    read_manifest(out)
+    with open(out / "decode.onnx.data", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(QtaleError, match="decode.onnx.data"):
+        read_manifest(out)
+    args = export_main.add_verify_arguments(argparse.ArgumentParser()).parse_args([str(out)])
+    with pytest.raises(QtaleError, match="sha256"):
+        export_main.run_verify(args)
+
+
+def test_run_verify_cli(exported):
+    out = exported("int4", "plugin")
+    args = export_main.add_verify_arguments(argparse.ArgumentParser()).parse_args([str(out), "--theta", "0.5",
+                                                                                   "--decode-steps", "2"])
+    report = export_main.run_verify(args)
+    assert report["ok"] and [c["theta"] for c in report["cases"]] == [0.5]
+    json.dumps(report)
+
+
+def _args(argv):
+    return export_main.add_export_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--ratio", "0"], "ratio"), (["--ratio", "1.5"], "ratio"), (["--precision", "int3"], "precision"),
+    (["--ops", "magic"], "op set"), (["--precision", "fp8", "--target", "ort-cpu"], "tensorrt"),
+    (["--target", "tpu"], "target"), (["--precision", "int4", "--opset", "17"], "opset"),
+])
+def test_bad_options(spread_ckpt, tmp_path, argv, match):
+    out = tmp_path / "out"
+    with pytest.raises(QtaleError, match=match):
+        export_main.run_export(_args([str(spread_ckpt), "--out", str(out)] + argv))
+    assert not out.exists()
+
+
+def test_existing_out_and_force(spread_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(QtaleError, match="--force"):
+        export_main.run_export(_args([str(spread_ckpt), "--out", str(out)]))
+    assert (out / "keep.txt").exists()
+    data = export_main.run_export(_args([str(spread_ckpt), "--out", str(out), "--force", "--ratio", "1.0",
+                                         "--decode-steps", "1"]))
+    assert data["theta"] == 0.0 and not (out / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_uncalibrated_ratio_and_format_version(spread_ckpt, tmp_path):
+    with pytest.raises(QtaleError, match="calibrate"):
+        export_main.run_export(_args([str(spread_ckpt), "--out", str(tmp_path / "o"), "--ratio", "0.3"]))
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(spread_ckpt, bad)
+    meta = json.loads((bad / "qtale.json").read_text())
+    meta["format_version"] = 99
+    (bad / "qtale.json").write_text(json.dumps(meta))
+    with pytest.raises(QtaleError, match="format version"):
+        export_main.run_export(_args([str(bad), "--out", str(tmp_path / "o2")]))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def _default_model_theta(model, ratio=0.6):
+    """Bisection for the theta whose execution ratio on a short text is `ratio` (stands in for calibrate)."""
+    from conftest import TEXT
+
+    ids = model.tokenizer(TEXT[:600], return_tensors="pt")["input_ids"]
+    lo, hi = 0.0, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        model.reset_stats()
+        with torch.no_grad():
+            model(ids, theta=mid)
+        if model.execution_stats()["execution_ratio"] > ratio:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2, model.execution_stats()["execution_ratio"]
+
+
+@pytest.mark.slow
+def test_default_model_export(tmp_path):
+    model = qtale_export.load("smollm2-135m", fresh=True)
+    spread_routers(model, std=0.05)
+    theta, realized = _default_model_theta(model)
+    model.theta_table = {"0.6": {"theta": theta, "realized": realized}}
+    timings = {}
+    for precision in ("fp32", "int4"):
+        t = time.time()
+        data = export_main.export(model, tmp_path / precision, checkpoint="smollm2-135m", ratio=0.6,
+                                  precision=precision, decode_steps=2, verify_thetas=[0.0, theta])
+        timings[precision] = time.time() - t
+        assert data["verification"]["ok"], data["verification"]
+        print(precision, round(timings[precision], 1), "s", json.dumps({k: data["verification"][k] for k in (
+            "max_abs_diff", "top1_agreement", "exec_mask_agreement", "seconds")}))
+    size = lambda p: sum(f.stat().st_size for f in p.iterdir())  # noqa: E731
+    assert size(tmp_path / "int4") < size(tmp_path / "fp32") / 3
