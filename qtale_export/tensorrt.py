@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qtale_export.checkpoint import file_sha256
 from qtale_export.errors import QtaleError
+from qtale_export.export.manifest import write_manifest
 
 PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 GRAPHS = ("prefill", "decode")
@@ -88,17 +89,11 @@ class BuildPlan:
         return self.export_dir / self.engine_name
 
 
-def read_manifest(export_dir: Path) -> dict[str, Any]:
-    path = Path(export_dir) / "manifest.json"
-    if not path.is_file():
-        raise QtaleError(f"{path} not found: not a qtale export folder (create one with qtale-export --out DIR)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise QtaleError(f"{path} is not valid JSON ({exc}); re-run qtale-export") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != "qtale-export":
-        raise QtaleError(f"{path} is not a qtale export manifest (format != 'qtale-export'); re-run qtale-export")
-    return manifest
+def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
+    """The export's manifest; with verify, every listed file's sha256 is checked (tampering fails)."""
+    from qtale_export.export.manifest import read_manifest as read
+
+    return read(export_dir, verify=verify)
 
 
 def parse_range(text: str, what: str) -> tuple[int, int, int]:
@@ -308,14 +303,6 @@ def build_engine_bytes(plan: BuildPlan) -> tuple[bytes, str]:
 # ---- manifest bookkeeping -----------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
     path = Path(path)
@@ -338,14 +325,14 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
                   strongly_typed: bool, built_with: str) -> dict[str, Any]:
     """Add (or replace) the engine's entry in manifest.json and its sha256 in "files"; atomic rewrite."""
     export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
+    manifest = read_manifest(export_dir, verify=False)  # the engine being (re)recorded changed on purpose
     engine_file = Path(engine_file)
     if not engine_file.is_file():
         raise QtaleError(f"engine {engine_file} not found: the build did not produce it")
     rel = os.path.relpath(engine_file.resolve(), export_dir.resolve())
     if rel.startswith(".."):
         raise QtaleError(f"engine {engine_file} must be inside {export_dir}")
-    digest = sha256_file(engine_file)
+    digest = file_sha256(engine_file)
     entry = {
         "file": rel,
         "graph": graph,
@@ -356,7 +343,7 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
         "jetson": jetson,
         "strongly_typed": strongly_typed,
         "plugin_library": None if plugin_lib is None else {
-            "path": str(Path(plugin_lib).resolve()), "sha256": sha256_file(Path(plugin_lib))},
+            "path": str(Path(plugin_lib).resolve()), "sha256": file_sha256(Path(plugin_lib))},
         "profile": {"batch": list(batch), "tokens": list(tokens)},
         "built_with": built_with,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -364,7 +351,7 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
     manifest.setdefault("files", {})[rel] = digest
     engines = [e for e in manifest.get("engines", []) if not (isinstance(e, dict) and e.get("file") == rel)]
     manifest["engines"] = engines + [entry]
-    atomic_write_bytes(export_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_manifest(export_dir, manifest)
     return entry
 
 

@@ -82,7 +82,7 @@ def test_plugin_lib_for_standard_export_is_ignored_with_warning(tmp_path, plugin
 
 def test_missing_manifest_and_graph_errors(tmp_path):
     exp = make_export(tmp_path / "exp", manifest=False)
-    with pytest.raises(QtaleError, match="manifest.json not found"):
+    with pytest.raises(QtaleError, match="no manifest.json"):
         qtrt.plan_build(parse(exp, "--dry-run"))
     exp = make_export(tmp_path / "exp2", ops="standard", precision="fp16")
     (exp / "prefill.onnx").unlink()

@@ -46,6 +46,7 @@ def make_export(root: Path, *, ops: str = "plugin", precision: str = "int4", man
                            "attention_mask": {"dtype": "int64", "shape": ["batch", "seq"]},
                            "theta": {"dtype": "float32", "shape": ["batch"]}},
                 "outputs": {}}},
+            "model": {"num_layers": 1, "hidden": 1, "kv_heads": 1, "head_dim": 1, "vocab": 1},
             "files": {"prefill.onnx": hashlib.sha256(data).hexdigest()},
             "engines": [],
         }
