@@ -380,6 +380,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
     parser.add_argument("--calib-length", type=int, default=512, help="max tokens per sample (default 512)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
 
 
@@ -427,4 +428,9 @@ def run_quantize(args) -> dict:
             raise QtaleError(f"reloading {out} does not reproduce the quantized logits "
                              f"(max diff {(ref - again).abs().max().item():.3g})")
         result["verified_identical_logits"] = True
+    if not getattr(args, "json", False):
+        wb = info["weight_bytes"]
+        print(f"{out}: {fmt} ({info['quantizer']}, {info['algorithm']}), groups {info['group_size']}, "
+              f"{wb['quantized'] / 2**20:.2f} MiB vs {wb['fp16'] / 2**20:.2f} MiB fp16 "
+              f"({wb['bits_per_weight']} bits/weight)")
     return result

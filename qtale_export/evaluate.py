@@ -1,0 +1,319 @@
+"""Zero-shot evaluation of a RoutedModel: multiple-choice log-likelihood scoring (lm-evaluation-harness
+conventions), perplexity on held-out text, KL to the all-layers reference, realized execution ratio.
+
+Scoring follows lm-evaluation-harness `loglikelihood` requests: a context's trailing whitespace moves
+to the continuation; the continuation's tokens are those of tokenize(context + continuation) after
+the tokens of tokenize(context); an empty context is replaced by the EOS token; no BOS is added;
+inputs longer than the model window keep their last tokens. Requests are deduplicated, sorted by
+length (longest first), right-padded; by default each distinct context runs once and its
+continuations run on its KV cache (the routed model's cache keeps the per-token execution masks,
+so routing is the same as in one full forward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import QtaleError
+from .tasks import AVG7, PRIMARY, STYLES, Item, build_items, load_docs, parse_tasks
+
+
+# ---- log-likelihood requests -----------------------------------------------------------------
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    if not context:
+        prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+def max_length(model) -> int:
+    return int(getattr(model.hf_config, "max_position_embeddings", 2048) or 2048)
+
+
+@torch.no_grad()
+def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
+                  theta=None, execute_all: bool = False, progress: bool = True,
+                  desc: str = "score", share_context: bool = True) -> list[tuple[float, bool]]:
+    """(sum of log P(continuation | context), continuation is the greedy one) per request.
+
+    share_context: run each distinct context once (KV cache) and all its continuations on top of
+    it (batch_size contexts per batch); otherwise one padded forward of context+continuation per
+    request (batch_size requests per batch), exactly the harness's inputs."""
+    from tqdm import tqdm
+
+    window = max_length(model)
+    enc: dict[tuple, int] = {}
+    order = []
+    for ctx, cont in requests:
+        c, t = encode_pair(tokenizer, ctx, cont)
+        if not t:
+            raise QtaleError(f"empty continuation after tokenization: {cont!r}")
+        t = t[-window:]
+        c = c[-(window + 1 - len(t)):]  # the harness keeps the last window+1 tokens of context+continuation
+        key = (tuple(c), tuple(t))
+        if key not in enc:
+            enc[key] = len(enc)
+        order.append(enc[key])
+    uniq = list(enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    results: list[tuple[float, bool] | None] = [None] * len(uniq)
+    model.eval()
+
+    def padded(seqs):
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for r, x in enumerate(seqs):
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        return ids.to(device), mask.to(device)
+
+    def record(i, rows: torch.Tensor):
+        target = torch.tensor(uniq[i][1], device=rows.device)
+        logp = F.log_softmax(rows.float(), dim=-1)
+        results[i] = (float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+
+    if not share_context:
+        inputs = [list(c + t)[:-1] for c, t in uniq]
+        ranked = sorted(range(len(uniq)), key=lambda i: -len(inputs[i]))
+        for s in tqdm(range(0, len(ranked), batch_size), desc=desc, disable=not progress, leave=False):
+            idx = ranked[s:s + batch_size]
+            ids, mask = padded([inputs[i] for i in idx])
+            logits = model(ids, attention_mask=mask, theta=theta, execute_all=execute_all).logits
+            for r, i in enumerate(idx):
+                n, k = len(inputs[i]), len(uniq[i][1])
+                record(i, logits[r, n - k:n])
+        return [results[j] for j in order]
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (c, _) in enumerate(uniq):
+        groups.setdefault(c, []).append(i)
+    ctxs = sorted(groups, key=lambda c: -(len(c) + max(len(uniq[i][1]) for i in groups[c])))
+    for s in tqdm(range(0, len(ctxs), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = ctxs[s:s + batch_size]
+        cids, cmask = padded([list(c) for c in batch])
+        out = model(cids, attention_mask=cmask, theta=theta, execute_all=execute_all, use_cache=True)
+        rows = [(b, i) for b, c in enumerate(batch) for i in groups[c]]
+        sel = torch.tensor([b for b, _ in rows], device=device)
+        past = [tuple(t.index_select(0, sel) for t in layer) for layer in out.past_key_values]
+        conts = [list(uniq[i][1])[:-1] for _, i in rows]
+        need_cont = any(conts)
+        if need_cont:
+            tids, tmask = padded([x if x else [pad] for x in conts])
+            tmask = tmask * torch.tensor([1 if x else 0 for x in conts], device=device)[:, None]
+            tlog = model(tids, attention_mask=torch.cat([cmask.index_select(0, sel), tmask], 1),
+                         past_key_values=past, theta=theta, execute_all=execute_all).logits
+        for r, (b, i) in enumerate(rows):
+            first = out.logits[b, len(batch[b]) - 1][None]
+            k = len(uniq[i][1])
+            record(i, torch.cat([first, tlog[r, :k - 1]], 0) if k > 1 else first)
+    return [results[j] for j in order]
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda k: values[k])  # first of ties, like numpy
+
+
+def score_items(items: list[Item], lls: list[float]) -> list[dict]:
+    """Per-item predictions from the flattened log-likelihoods (items' choices in order)."""
+    out, pos = [], 0
+    for it in items:
+        ll = lls[pos:pos + it.n_choices]
+        pos += it.n_choices
+        norm = [v / max(len(t), 1) for v, t in zip(ll, it.norm_text)]
+        pred, pred_norm = _argmax(ll), _argmax(norm)
+        out.append({"gold": it.gold, "lls": [round(v, 6) for v in ll], "pred": pred, "pred_norm": pred_norm,
+                    "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold)})
+    return out
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error with the sample standard deviation (as the harness reports)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def summarize(per_item: list[dict]) -> dict:
+    acc, acc_se = mean_stderr([p["acc"] for p in per_item])
+    accn, accn_se = mean_stderr([p["acc_norm"] for p in per_item])
+    return {"acc": acc, "acc_norm": accn, "acc_stderr": acc_se, "acc_norm_stderr": accn_se, "n": len(per_item)}
+
+
+def evaluate_tasks(model, tasks: list[str], *, style: str = "harness", limit: int | None = None,
+                   batch_size: int = 16, theta=None, progress: bool = True, tokenizer=None) -> dict:
+    """Per-task metrics, per-item scores, avg7 and the execution statistics of these forwards."""
+    tokenizer = tokenizer or model.tokenizer
+    docs = {t: load_docs(t, limit) for t in tasks}  # fail on missing data before any compute
+    model.reset_stats()
+    results, items_out, seconds = {}, {}, {}
+    for t in tasks:
+        t0 = time.time()
+        items = build_items(t, docs[t], style)
+        reqs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
+        lls = [ll for ll, _ in loglikelihood(model, tokenizer, reqs, batch_size, theta=theta,
+                                              progress=progress, desc=t)]
+        per_item = score_items(items, lls)
+        for k, p in enumerate(per_item):
+            p["idx"] = k
+        results[t] = {**summarize(per_item), "primary": PRIMARY[t]}
+        items_out[t] = per_item
+        seconds[t] = round(time.time() - t0, 2)
+    stats = model.execution_stats()
+    out = {"tasks": results, "style": style, "limit": limit, "items": items_out, "seconds": seconds,
+           "realized_ratio": stats["execution_ratio"], "flops_fraction": stats["flops_fraction"],
+           "layer_ratio": stats["layer_ratio"], "tokens": stats["tokens"]}
+    if all(t in results for t in AVG7):
+        out["avg7"] = sum(results[t][PRIMARY[t]] for t in AVG7) / len(AVG7)
+        out["avg7_metric"] = {t: PRIMARY[t] for t in AVG7}
+    return out
+
+
+# ---- perplexity and KL -----------------------------------------------------------------------
+def text_windows(text: str, tokenizer, window: int = 512) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
+
+
+@torch.no_grad()
+def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: int = 512,
+                      batch_size: int = 4, tokenizer=None) -> dict:
+    """Perplexity of `text` (non-overlapping windows) and the mean per-token KL(P_ref || P_model)
+    of next-token distributions, the reference being `reference` with every layer executed
+    (default: the same model with execute_all=True)."""
+    tokenizer = tokenizer or model.tokenizer
+    wins = text_windows(text, tokenizer, window)
+    if not wins:
+        raise QtaleError("perplexity text is too short (needs at least 2 tokens)")
+    ref_model = reference if reference is not None else model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = kl = 0.0
+    count = 0
+    model.reset_stats()
+    for s in range(0, len(wins), batch_size):
+        chunk = wins[s:s + batch_size]
+        n = max(map(len, chunk))
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for r, w in enumerate(chunk):
+            ids[r, :len(w)] = torch.tensor(w)
+            mask[r, :len(w)] = 1
+        logp = F.log_softmax(model(ids, attention_mask=mask, theta=theta).logits[:, :-1].float(), -1)
+        snap = (model._executed.clone(), model._tokens, model._flops.clone())
+        ref = F.log_softmax(ref_model(ids, attention_mask=mask, execute_all=True).logits[:, :-1].float(), -1)
+        model._executed, model._tokens, model._flops = snap  # the reference pass is not counted
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        tgt = ids[:, 1:]
+        nll -= float(logp.gather(-1, tgt[..., None])[..., 0][valid].sum())
+        kl += float((ref.exp() * (ref - logp)).sum(-1)[valid].sum())
+        count += int(valid.sum())
+    stats = model.execution_stats()
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "kl": kl / count, "ppl_tokens": count,
+            "ppl_realized_ratio": stats["execution_ratio"], "ppl_flops_fraction": stats["flops_fraction"]}
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name")
+    parser.add_argument("--tasks", default=",".join(AVG7),
+                        help="comma-separated: boolq,piqa,siqa,arc_e,arc_c,winogrande,obqa,hellaswag "
+                             "or avg7 (default: the avg7 tasks)")
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--ratio", type=float, default=None, help="target execution ratio (calibrated theta)")
+    g.add_argument("--threshold", type=float, default=None, help="router threshold theta in [0, 1]")
+    parser.add_argument("--limit", type=int, default=None, help="first N items of every task")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--style", choices=list(STYLES), default="harness",
+                        help="harness: lm-evaluation-harness prompts; instruct: the fine-tuning prompt")
+    parser.add_argument("--ppl-file", default=None,
+                        help="held-out text for perplexity/KL (default: the package's held-out paragraphs)")
+    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity and KL")
+    parser.add_argument("--reference", default=None,
+                        help="all-layers reference for KL (e.g. the unquantized checkpoint); default: "
+                             "the evaluated model with every layer executed")
+    parser.add_argument("--items", default=None, help="write per-item scores (JSON) to this file")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return parser
+
+
+def _check_args(args) -> list[str]:
+    tasks = parse_tasks(args.tasks)
+    if args.limit is not None and args.limit <= 0:
+        raise QtaleError(f"--limit must be a positive number of items, got {args.limit}")
+    if args.batch_size is None or args.batch_size <= 0:
+        raise QtaleError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise QtaleError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.ratio is not None and not 0.0 < args.ratio <= 1.0:
+        raise QtaleError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.ppl_file and not Path(args.ppl_file).is_file():
+        raise QtaleError(f"--ppl-file not found: {args.ppl_file}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise QtaleError("evaluation needs the 'datasets' package: pip install datasets") from None
+    from .tasks import data_root
+
+    data_root()
+    return tasks
+
+
+def run_eval(args) -> dict:
+    from .api import load
+
+    tasks = _check_args(args)
+    t0 = time.time()
+    model = load(args.checkpoint)
+    if args.ratio is not None:
+        theta = model.set_ratio(args.ratio)  # QtaleError when the ratio is not calibrated
+    elif args.threshold is not None:
+        model.set_threshold(args.threshold)
+        theta = model.threshold
+    else:
+        theta = model.threshold
+    progress = not args.no_progress
+    res = evaluate_tasks(model, tasks, style=args.style, limit=args.limit, batch_size=args.batch_size,
+                         theta=theta, progress=progress)
+    items = res.pop("items")
+    out = {"checkpoint": str(args.checkpoint), "theta": theta, "ratio": args.ratio,
+           "quantization": (model.quantization_info or {}).get("format"), **res}
+    if not args.no_ppl:
+        from .data import HELDOUT_TEXT
+
+        path = Path(args.ppl_file) if args.ppl_file else HELDOUT_TEXT
+        reference = load(args.reference) if args.reference else None
+        pk = perplexity_and_kl(model, path.read_text(encoding="utf-8"), theta=theta, reference=reference)
+        out.update(pk)
+        out["ppl_file"] = str(path)
+        out["kl_reference"] = str(args.reference) if args.reference else "same model, all layers"
+    out["seconds_total"] = round(time.time() - t0, 2)
+    if args.items:
+        Path(args.items).write_text(json.dumps({"tasks": tasks, "style": args.style, "items": items}))
+        out["items_file"] = str(args.items)
+    if not args.json:
+        print(f"{args.checkpoint}  style={args.style}  theta={theta:.4g}  "
+              f"realized ratio={out['realized_ratio']:.4f}  flops={out['flops_fraction']:.4f}")
+        for t, r in out["tasks"].items():
+            print(f"  {t:<11} acc {r['acc']:.4f} ±{r['acc_stderr']:.4f}  acc_norm {r['acc_norm']:.4f} "
+                  f"±{r['acc_norm_stderr']:.4f}  n={r['n']}")
+        if "avg7" in out:
+            print(f"  avg7        {out['avg7']:.4f}")
+        if "ppl" in out:
+            print(f"  ppl {out['ppl']:.3f}  KL to all layers {out['kl']:.5f}  ({out['ppl_tokens']} tokens)")
+    return out
