@@ -17,7 +17,8 @@ void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept
 void logError(char const* message) noexcept
 {
     nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
-    nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+    // Without a finder (library linked directly or loaded via --staticPlugins) fall back to TensorRT's global logger.
+    nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : getLogger();
     if (logger != nullptr)
     {
         logger->log(nvinfer1::ILogger::Severity::kERROR, message);

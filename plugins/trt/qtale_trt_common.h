@@ -20,7 +20,7 @@ namespace trt {
 constexpr char const* kPluginVersion = "1";
 constexpr char const* kPluginNamespace = "qtale";
 
-//! Route messages to the logger TensorRT hands us through setLoggerFinder (silent before that).
+//! Route messages to the logger TensorRT hands us through setLoggerFinder (TensorRT's global getLogger() before that).
 void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
 void logError(char const* message) noexcept;
 
