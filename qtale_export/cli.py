@@ -40,7 +40,7 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
     Console().print(table)
 
 
@@ -123,6 +123,52 @@ def run_calibrate(args) -> int:
     return 0
 
 
+# ---- export / verify -------------------------------------------------------------------------
+def add_export(p: argparse.ArgumentParser) -> None:
+    from .export.main import add_export_arguments
+
+    add_export_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the manifest's verification as JSON")
+
+
+def _verification_rows(report: dict) -> list[list]:
+    return [[k, v] for k, v in report.items() if isinstance(v, (int, float, str, bool))]
+
+
+def run_export_cmd(args) -> int:
+    from .export.main import run_export
+
+    manifest = run_export(args)
+    report = manifest.get("verification", {})
+    if args.json:
+        print(json.dumps({"out": str(args.out), "verification": report}))
+    else:
+        print_table(f"exported {args.out} ({manifest.get('precision')}, {manifest.get('ops')} ops)",
+                    ["check", "value"], _verification_rows(report))
+    return 0
+
+
+def add_verify(p: argparse.ArgumentParser) -> None:
+    from .export.main import add_verify_arguments
+
+    add_verify_arguments(p)
+    p.add_argument("--json", action="store_true")
+
+
+def run_verify_cmd(args) -> int:
+    from .export.main import run_verify
+
+    report = run_verify(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(f"verification of {args.dir}", ["check", "value"], _verification_rows(report))
+    if not report.get("ok", False):
+        print(f"qtale verify: error: {args.dir} does not match PyTorch within tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---- registry ---------------------------------------------------------------------------------
 # (name, module, add-arguments function, run function, help). Modules are imported lazily and a
 # subcommand is listed only when its module is present.
@@ -132,8 +178,8 @@ COMMANDS = [
     ("quantize", ".quantize", "add_quantize_arguments", "run_quantize",
      "weight-only quantization (int4-awq, int4, int3, int8, fp8)"),
     ("eval", ".evaluate", "add_eval_arguments", "run_eval", "zero-shot commonsense accuracy, perplexity"),
-    ("export", ".export.main", "add_export_arguments", "run_export", "ONNX export (same as qtale-export)"),
-    ("verify", ".export.main", "add_verify_arguments", "run_verify", "check an export against PyTorch"),
+    ("export", None, add_export, run_export_cmd, "ONNX export (same as qtale-export)"),
+    ("verify", None, add_verify, run_verify_cmd, "check an export against PyTorch (ONNX Runtime)"),
     ("build", ".tensorrt", "add_build_arguments", "run_build", "TensorRT engine from an export folder"),
 ]
 
@@ -186,11 +232,9 @@ def dispatch(args, prog: str) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     """`qtale-export`: the export subcommand as its own program."""
-    from .export.main import add_export_arguments
-
     parser = Parser(prog="qtale-export", description="ONNX export of a routed QTALE model")
-    add_export_arguments(parser)
-    parser.set_defaults(_run=(".export.main", "run_export"))
+    add_export(parser)
+    parser.set_defaults(_run=(None, run_export_cmd))
     return dispatch(parser.parse_args(argv), "qtale-export")
 
 

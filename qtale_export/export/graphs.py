@@ -373,6 +373,9 @@ class Lowering:
                              helper.make_tensor_value_info(index, TensorProto.INT64, ["batch", f"{nm}_n"]),
                              helper.make_tensor_value_info(count, TensorProto.INT64, ["batch"]),
                              helper.make_tensor_value_info(n, TensorProto.INT64, [])]
+            # TensorRT makes the size tensor n INT32 (docs/ops.md, TensorRT notes); Range below takes
+            # int64 bounds, so cast explicitly (a no-op in ONNX Runtime)
+            n = b.cast(n, TensorProto.INT64)
         else:
             g = b.cast(gate, TensorProto.INT64)
             count = b.reduce("ReduceSum", g, [1], keepdims=0)
