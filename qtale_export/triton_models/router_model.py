@@ -44,7 +44,8 @@ class TritonPythonModel:
         return min(self.variants, key=lambda v: (round(abs(v["ratio"] - ratio), 9), -v["ratio"]))
 
     def call(self, model, feeds):
-        req = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor(k, v) for k, v in feeds.items()],
+        tensors = [pb_utils.Tensor(k, np.array(v, copy=True, order="C")) for k, v in feeds.items()]
+        req = pb_utils.InferenceRequest(model_name=model, inputs=tensors,
                                         requested_output_names=self.out_names)
         resp = req.exec()
         if resp.has_error():
@@ -60,7 +61,7 @@ class TritonPythonModel:
             raise ValueError("empty prompt")
         if len(ids) >= self.max_length:
             raise ValueError(f"prompt is {len(ids)} tokens; the maximum is {self.max_length - 1}")
-        theta = np.full((1,), variant["theta"], np.float32)
+        theta = np.asarray([variant["theta"]], dtype=np.float32)
         out = self.call(variant["prefill"], {"input_ids": np.asarray([ids], np.int64),
                                              "attention_mask": np.ones((1, len(ids)), np.int64), "theta": theta})
         gen = []

@@ -1,0 +1,211 @@
+"""A real Triton server (the tritonserver binary bundled in nvidia-pytriton, Python backend, CPU)
+serving a tiny export from `qtale triton-repo --backend python`; answers compared with the runtime.
+
+The server needs its own interpreter environment (pytriton wants numpy < 2): a venv under
+~/.cache/qtale/triton-venv (QTALE_TRITON_VENV overrides), created once (about 2 minutes) and
+reused. Skips with the reason when it cannot be installed or started; QTALE_TRITON_TEST=0 skips.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import spread_routers
+
+THETAS = {"1.0": 0.0, "0.8": 0.02, "0.6": 0.31, "0.5": 0.59}
+VENV = Path(os.environ.get("QTALE_TRITON_VENV", Path.home() / ".cache" / "qtale" / "triton-venv"))
+PACKAGES = ["nvidia-pytriton", "numpy<2", "onnxruntime", "tokenizers"]
+PROMPT = "The quick brown fox jumps over the lazy dog. A journey"
+
+pytestmark = pytest.mark.skipif(os.environ.get("QTALE_TRITON_TEST") == "0", reason="QTALE_TRITON_TEST=0")
+
+
+def _venv_python(v: Path) -> Path:
+    return v / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def triton_venv() -> Path:
+    py = _venv_python(VENV)
+    if py.is_file() and subprocess.run([str(py), "-c", "import pytriton, onnxruntime, numpy"],
+                                       capture_output=True).returncode == 0:
+        return VENV
+    tmp = VENV.with_name(VENV.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.time()
+    try:
+        subprocess.run([sys.executable if not hasattr(sys, "_base_executable") else sys._base_executable,
+                        "-m", "venv", str(tmp)], check=True, capture_output=True, timeout=300)
+        p = subprocess.run([str(_venv_python(tmp)), "-m", "pip", "install", "-q", *PACKAGES],
+                           capture_output=True, text=True, timeout=900)
+        if p.returncode != 0:
+            pytest.skip(f"cannot install {' '.join(PACKAGES)}: {p.stderr.strip().splitlines()[-1:]}")
+    except (subprocess.SubprocessError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"cannot create the Triton venv: {exc}")
+    shutil.rmtree(VENV, ignore_errors=True)
+    os.replace(tmp, VENV)  # the venv's python still runs after the move (pip's scripts would not)
+    print(f"created {VENV} in {time.time() - t0:.0f} s")
+    return VENV
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def tiny_export_triton(tiny_dir, tmp_path_factory) -> Path:
+    import qtale_export
+    from qtale_export.export.main import export
+
+    model = qtale_export.load(str(tiny_dir))
+    spread_routers(model)
+    model.theta_table = {k: {"theta": t, "realized": None} for k, t in THETAS.items()}
+    out = tmp_path_factory.mktemp("triton") / "tiny-fp32"
+    export(model.eval(), out, checkpoint=str(tiny_dir), ratio=0.6, precision="fp32", ops="standard",
+           decode_steps=1, verify_thetas=[0.31])
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(triton_venv, tiny_export_triton, tmp_path_factory):
+    from qtale_export.triton import build_repository
+
+    py = _venv_python(triton_venv)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    tdir = Path(site) / "pytriton" / "tritonserver"
+    binary = tdir / "bin" / "tritonserver"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = tdir / "python_backend_stubs" / ver / "triton_python_backend_stub"
+    if not binary.is_file() or not stub.is_file():
+        pytest.skip(f"pytriton has no tritonserver binary / Python {ver} stub in {tdir}")
+    work = tmp_path_factory.mktemp("tritonserver")
+    backends = work / "backends" / "python"
+    backends.mkdir(parents=True)
+    for f in (tdir / "backends" / "python").iterdir():
+        if f.is_file():
+            os.symlink(f, backends / f.name)
+    shutil.copy2(stub, backends / stub.name)
+    repo = work / "repo"
+    build_repository([tiny_export_triton], repo, backend="python", ratios=[0.6, 1.0], max_batch=4,
+                     threads=1, max_new_tokens=8)
+    http, grpc, metrics = _free_ports(3)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    # the stub copy loses its $ORIGIN rpath to the wheel's bundled libraries (libcudart etc.)
+    libs = Path(site) / "nvidia_pytriton.libs"
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{libdir}:{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+               PYTHONPATH=site, OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1", VIRTUAL_ENV=str(triton_venv),
+               PATH=f"{triton_venv / 'bin'}:{os.environ.get('PATH', '')}")
+    # the stub's embedded Python takes its prefix from the first `python3` on PATH: it must be the
+    # Triton venv's (numpy < 2, which the stub is built against), not this test's venv
+    env.pop("PYTHONHOME", None)
+    log = open(work / "server.log", "w")
+    cmd = [str(binary), f"--model-repository={repo}", f"--backend-directory={work / 'backends'}",
+           "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+           f"--metrics-port={metrics}", "--allow-metrics=false", "--allow-gpu-metrics=false",
+           "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
+    deadline = time.time() + 150
+    ready = False
+    fatal = ("error while loading shared libraries", "failed to load", "UNAVAILABLE")
+    while time.time() < deadline and proc.poll() is None:
+        if any(f in (work / "server.log").read_text() for f in fatal):
+            break
+        try:
+            if client.is_server_ready(client_timeout=2):
+                ready = True
+                break
+        except Exception:
+            pass
+        time.sleep(1)
+    if not ready:
+        proc.kill()
+        proc.wait(10)
+        tail = (work / "server.log").read_text()[-1500:]
+        pytest.skip(f"tritonserver did not become ready: {tail}")
+    yield client, repo
+    client.close()
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    log.close()
+
+
+def _infer_router(client, ids=None, text=None, ratio=0.6, new=8):
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    r = grpcclient.InferInput("execution_ratio", [1, 1], "FP32")
+    r.set_data_from_numpy(np.asarray([[ratio]], np.float32))
+    inputs.append(r)
+    if ids is not None:
+        t = grpcclient.InferInput("input_ids", [1, len(ids)], "INT64")
+        t.set_data_from_numpy(np.asarray([ids], np.int64))
+        inputs.append(t)
+    if text is not None:
+        t = grpcclient.InferInput("text", [1, 1], "BYTES")
+        t.set_data_from_numpy(np.asarray([[text.encode()]], dtype=np.object_))
+        inputs.append(t)
+    n = grpcclient.InferInput("max_new_tokens", [1, 1], "INT32")
+    n.set_data_from_numpy(np.asarray([[new]], np.int32))
+    inputs.append(n)
+    return client.infer("qtale_router", inputs, client_timeout=60)
+
+
+def test_router_matches_runtime_and_survives_bad_requests(server, tiny_export_triton):
+    from tritonclient.utils import InferenceServerException
+
+    from qtale_export.runtime import Runtime
+
+    client, repo = server
+    rt = Runtime.open(tiny_export_triton)
+    ids = rt.tokenizer.encode(PROMPT)
+    for ratio in (0.6, 1.0):
+        want = rt.generate(PROMPT, ratio=ratio, max_new_tokens=8)
+        res = _infer_router(client, ids=ids, ratio=ratio)
+        got = [int(t) for t in res.as_numpy("output_ids")[0] if t >= 0]
+        assert got == want.token_ids
+        assert float(res.as_numpy("theta")[0, 0]) == pytest.approx(want.theta)
+        assert float(res.as_numpy("realized_ratio")[0, 0]) == pytest.approx(want.realized_ratio, abs=1e-6)
+        assert res.as_numpy("variant")[0, 0].decode() == f"qtale_fp32_r{'0_6' if ratio == 0.6 else '1_0'}"
+    # bad requests: a ratio outside (0, 1], no prompt, a graph model with a missing input
+    with pytest.raises(InferenceServerException, match=r"\(0, 1\]"):
+        _infer_router(client, ids=ids, ratio=1.5)
+    with pytest.raises(InferenceServerException, match="input_ids or text"):
+        _infer_router(client, ratio=0.6)
+    with pytest.raises(InferenceServerException):
+        import tritonclient.grpc as grpcclient
+
+        t = grpcclient.InferInput("input_ids", [1, 3], "INT64")
+        t.set_data_from_numpy(np.asarray([[1, 2, 3]], np.int64))
+        client.infer("qtale_fp32_r0_6_prefill", [t], client_timeout=30)
+    # still serving: the text path equals the runtime too
+    assert client.is_server_ready()
+    want = rt.generate(PROMPT, ratio=0.6, max_new_tokens=8)
+    res = _infer_router(client, text=PROMPT, ratio=0.6)
+    assert [int(t) for t in res.as_numpy("output_ids")[0] if t >= 0] == want.token_ids
+    assert res.as_numpy("text")[0, 0].decode() == want.text
