@@ -1,0 +1,92 @@
+"""triton-repo generation (configs parsed with tritonclient's ModelConfig) and the bench JSON schema."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from qtale_export.errors import QtaleError
+from qtale_export.triton import add_triton_arguments, run_triton, validate_config
+
+
+def triton(*argv):
+    return run_triton(add_triton_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv]))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "python"])
+def test_triton_repo(tiny_export, tmp_path, backend, capsys):
+    out = tmp_path / "repo"
+    res = triton(tiny_export, "--out", out, "--backend", backend, "--ratios", "0.5,0.7,1.0", "--instances", "2")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(res["models"]) and "qtale_router" in names and len(names) == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    for name in names:
+        cfg = model_config_pb2.ModelConfig()
+        text_format.Parse((out / name / "config.pbtxt").read_text(), cfg)
+        assert cfg.name == name
+        if name == "qtale_router":
+            assert cfg.backend == "python" and cfg.max_batch_size == 8 and cfg.HasField("dynamic_batching")
+            assert (out / name / "1" / "model.py").is_file() and (out / name / "1" / "tokenizer.json").is_file()
+            variants = json.loads(cfg.parameters["variants"].string_value)
+            assert [v["ratio"] for v in variants] == [0.5, 0.7, 1.0]
+            assert variants[1]["selection"] == "interpolated"
+            continue
+        graph = name.rsplit("_", 1)[1]
+        assert cfg.instance_group[0].count == 2 and len(cfg.model_warmup) == 1
+        assert "theta" in [i.name for i in cfg.input] and -1 in list(cfg.input[0].dims)
+        assert float(cfg.parameters["theta"].string_value) >= 0
+        ver = out / name / "1"
+        assert (ver / f"{graph}.onnx").is_file() and (ver / f"{graph}.onnx.data").is_file()
+        if backend == "onnxruntime":
+            assert cfg.platform == "onnxruntime_onnx" and cfg.default_model_filename == f"{graph}.onnx"
+        else:
+            assert cfg.backend == "python" and (ver / "model.py").is_file()
+    with pytest.raises(QtaleError, match="already exists"):
+        triton(tiny_export, "--out", out)
+    triton(tiny_export, "--out", out, "--force", "--ratios", "0.6")
+
+
+def test_triton_repo_errors(tiny_export, tmp_path):
+    with pytest.raises(QtaleError, match="no TensorRT engine"):
+        triton(tiny_export, "--out", tmp_path / "r", "--backend", "tensorrt")
+    with pytest.raises(QtaleError, match=r"\(0, 1\]"):
+        triton(tiny_export, "--out", tmp_path / "r", "--ratios", "0.6,1.5")
+    with pytest.raises(QtaleError, match="below the lowest"):
+        triton(tiny_export, "--out", tmp_path / "r", "--ratios", "0.2")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(QtaleError, match="invalid"):
+        validate_config('name: "x"\nplatform: "onnxruntime_onnx"\nmax_batch_size: "eight"\n')
+
+
+def test_bench_schema(tiny_export, tmp_path, capsys):
+    from qtale_export.bench import add_bench_arguments, run_bench
+
+    args = add_bench_arguments(argparse.ArgumentParser()).parse_args(
+        [str(tiny_export), "--seq", "16,32", "--ratios", "1.0,0.6,0.5", "--repeats", "2", "--decode-tokens", "2",
+         "--out", str(tmp_path / "b"), "--record"])
+    rep = run_bench(args)
+    assert "prefill ms" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert (tmp_path / "b" / "bench.png").is_file()
+    for r in (rep, saved):
+        assert r["repeats"] == 2 and r["peak_rss_mb"] > 0
+        (e,) = r["exports"]
+        assert {"prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data"} <= set(e["files"])
+        assert len(e["prefill"]) == 6 and {p["seq"] for p in e["prefill"]} == {16, 32}
+        for p in e["prefill"]:
+            assert {"ratio", "theta", "ms", "vs_dense", "realized_ratio"} <= set(p) and p["ms"] > 0
+            if p["ratio"] == 1.0:
+                assert p["vs_dense"] == 1.0 and p["realized_ratio"] == 1.0
+        assert [d["ratio"] for d in e["decode"]] == [1.0, 0.6, 0.5]
+        assert all(d["tokens_per_s"] > 0 for d in e["decode"])
+        assert [o["seq"] for o in e["router_overhead"]] == [16, 32] and e["router_overhead"][0]["routers_cut"] == 4
+    # --record wrote the decode latencies for budgets, and the checksums still hold
+    from qtale_export.export.manifest import read_manifest
+    from qtale_export.runtime.select import budget_points
+
+    m = read_manifest(tiny_export, verify=True)
+    assert len([b for b in m["benchmarks"] if b["backend"] == "ort-cpu"]) == 3
+    assert len(budget_points([("tiny", m)])) == 3
