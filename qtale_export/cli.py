@@ -181,6 +181,9 @@ COMMANDS = [
     ("export", None, add_export, run_export_cmd, "ONNX export (same as qtale-export)"),
     ("verify", None, add_verify, run_verify_cmd, "check an export against PyTorch (ONNX Runtime)"),
     ("build", ".tensorrt", "add_build_arguments", "run_build", "TensorRT engine from an export folder"),
+    ("run", ".runtime.command", "add_run_arguments", "run_run", "generate text from an export folder"),
+    ("triton-repo", ".triton", "add_triton_arguments", "run_triton", "Triton model repository from export(s)"),
+    ("bench", ".bench", "add_bench_arguments", "run_bench", "ONNX Runtime CPU benchmark of export(s)"),
 ]
 
 

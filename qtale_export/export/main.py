@@ -144,6 +144,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             "graphs": described,
             "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
                       "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": eos,
+                      "max_position_embeddings": int(getattr(model.hf_config, "max_position_embeddings", 0) or 0)
+                      or None,
                       "routed_layers": s.routed, "keep_initial": s.keep_initial,
                       "activation_dtype": np.dtype(act).name,
                       "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
