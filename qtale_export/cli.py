@@ -184,6 +184,8 @@ COMMANDS = [
     ("run", ".runtime.command", "add_run_arguments", "run_run", "generate text from an export folder"),
     ("triton-repo", ".triton", "add_triton_arguments", "run_triton", "Triton model repository from export(s)"),
     ("bench", ".bench", "add_bench_arguments", "run_bench", "ONNX Runtime CPU benchmark of export(s)"),
+    ("experiment", ".experiment", "add_experiment_arguments", "run_experiment",
+     "QTALE vs D-LLM vs quantization-only, from a recipe"),
 ]
 
 
