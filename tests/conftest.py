@@ -1,41 +1,11 @@
-"""Shared fixtures: a tiny random Llama with a real byte-level BPE tokenizer, saved as an HF folder."""
+"""Shared fixtures; the helpers themselves live in qtale_testing.py."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
-    "step. Water boils at one hundred degrees Celsius at sea level. The capital of France is Paris. "
-    "Plants convert sunlight into chemical energy through photosynthesis. " * 4
-)
-
-
-def make_tiny(folder: Path, layers: int = 6, model_type: str = "llama", seed: int = 0) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=fast.vocab_size if hasattr(fast, "vocab_size") else 300,
-                               hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    cfg.vocab_size = len(fast)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+from qtale_testing import TEXT, make_tiny
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +18,3 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("data") / "text.txt"
     p.write_text(TEXT * 3)
     return p
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # keep the converted default model in one place per test session unless the user set one
-    if "QTALE_CACHE" not in os.environ:
-        monkeypatch.setenv("QTALE_CACHE", str(Path.home() / ".cache" / "qtale"))
-
-
-def spread_routers(model, std: float = 1.0, seed: int = 0) -> None:
-    """Random routers with a wide spread of P(execute), so thresholds have something to cut."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for r in model.routers.values():
-            r.down.weight.copy_(torch.randn(r.down.weight.shape, generator=g) * std)
-            r.out.weight.copy_(torch.randn(r.out.weight.shape, generator=g) * std)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import qtale_export
-from conftest import spread_routers
+from qtale_testing import spread_routers
 from qtale_export.calibrate import calibrate, parse_ratio, realized_ratio
 from qtale_export.data import CALIBRATION_TEXT, HELDOUT_TEXT, text_batches
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qtale_export
-from conftest import make_tiny, spread_routers
+from qtale_testing import make_tiny, spread_routers
 from qtale_export import checkpoint
 from qtale_export.errors import QtaleError
 

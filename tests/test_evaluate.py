@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import spread_routers
+from qtale_testing import spread_routers
 
 import qtale_export
 from qtale_export import evaluate as E

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import spread_routers
+from qtale_testing import spread_routers
 
 import qtale_export
 from qtale_export.errors import QtaleError
@@ -96,7 +96,7 @@ def test_save_restore_identical_logits(tiny_dir, tmp_path, fmt):
 
 
 def test_int3_restore_refuses_other_weights(tiny_dir, tmp_path):
-    from conftest import make_tiny
+    from qtale_testing import make_tiny
 
     out = tmp_path / "q3"
     Q.run_quantize(_args(tiny_dir, "int3", out))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import qtale_export
-from conftest import make_tiny, spread_routers
+from qtale_testing import make_tiny, spread_routers
 from qtale_export.routing import RoutedModel, RouterConfig
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import spread_routers
+from qtale_testing import spread_routers
 
 THETAS = {"1.0": 0.0, "0.8": 0.02, "0.6": 0.31, "0.5": 0.59}
 VENV = Path(os.environ.get("QTALE_TRITON_VENV", Path.home() / ".cache" / "qtale" / "triton-venv"))

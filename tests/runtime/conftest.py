@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import spread_routers
+from qtale_testing import spread_routers
 
 THETAS = {"1.0": 0.0, "0.8": 0.02, "0.6": 0.31, "0.5": 0.59}
 
