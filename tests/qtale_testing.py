@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
     "step. Water boils at one hundred degrees Celsius at sea level. The capital of France is Paris. "

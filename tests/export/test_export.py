@@ -17,7 +17,7 @@ from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
 from qtale_export.export.manifest import read_manifest
 
-from conftest import spread_routers
+from qtale_testing import spread_routers
 
 CASES = [("fp32", "standard", None), ("fp32", "plugin", None), ("fp16", "standard", None), ("fp16", "plugin", None),
          ("int4", "standard", "ort-cpu"), ("int4", "plugin", "ort-cpu"), ("int4", "standard", "tensorrt"),
@@ -226,7 +226,7 @@ def test_uncalibrated_ratio_and_format_version(spread_ckpt, tmp_path):
 
 def _default_model_theta(model, ratio=0.6):
     """Bisection for the theta whose execution ratio on a short text is `ratio` (stands in for calibrate)."""
-    from conftest import TEXT
+    from qtale_testing import TEXT
 
     ids = model.tokenizer(TEXT[:600], return_tensors="pt")["input_ids"]
     lo, hi = 0.0, 1.0
