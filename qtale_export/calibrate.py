@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .routing import RoutedModel, ratio_key
+from .ratios import ratio_key
+from .routing import RoutedModel
 
 
 @torch.no_grad()
@@ -14,17 +15,6 @@ def realized_ratio(model: RoutedModel, batches: list[dict], theta: float) -> flo
     for b in batches:
         model(b["input_ids"], attention_mask=b["attention_mask"], theta=theta)
     return model.execution_stats()["execution_ratio"]
-
-
-def parse_ratio(value: str | float) -> float:
-    """A target execution ratio in (0, 1]; ValueError with a one-line reason otherwise."""
-    try:
-        r = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"invalid ratio '{value}': must be a number in (0, 1]") from None
-    if not 0.0 < r <= 1.0 or r != r:
-        raise ValueError(f"invalid ratio '{value}': must be in (0, 1]")
-    return r
 
 
 @torch.no_grad()

@@ -17,11 +17,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def ratio_arg(value: str) -> float:
-    from .calibrate import parse_ratio
+    from .ratios import check_ratio
 
     try:
-        return parse_ratio(value)
-    except ValueError as exc:
+        return check_ratio(value)
+    except QtaleError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

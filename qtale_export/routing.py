@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ratios import ratio_key
+
 
 @dataclass
 class RouterConfig:
@@ -318,7 +320,3 @@ class RoutedModel(nn.Module):
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
                 for k, v in self.routers.state_dict().items()}
 
-
-def ratio_key(ratio: float) -> str:
-    """Canonical theta-table key of an execution ratio, e.g. 0.6 -> '0.6', 0.55 -> '0.55'."""
-    return f"{float(ratio):.4f}".rstrip("0").rstrip(".") if float(ratio) < 1 else "1.0"

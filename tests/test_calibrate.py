@@ -3,7 +3,8 @@ import torch
 
 import qtale_export
 from qtale_testing import spread_routers
-from qtale_export.calibrate import calibrate, parse_ratio, realized_ratio
+from qtale_export.calibrate import calibrate, realized_ratio
+from qtale_export.ratios import check_ratio
 from qtale_export.data import CALIBRATION_TEXT, HELDOUT_TEXT, text_batches
 
 
@@ -40,6 +41,6 @@ def test_uncalibrated_ratio_is_a_clear_error(model):
 
 
 @pytest.mark.parametrize("bad", ["1.5", "0", "-1", "abc", "nan"])
-def test_parse_ratio_rejects(bad):
-    with pytest.raises(ValueError, match="invalid ratio"):
-        parse_ratio(bad)
+def test_check_ratio_rejects(bad):
+    with pytest.raises(qtale_export.QtaleError, match="invalid ratio"):
+        check_ratio(bad)

@@ -23,29 +23,13 @@ Budget rule (`select_budget`), over measured points {export, ratio, ms_per_token
 """
 from __future__ import annotations
 
-try:  # inside the package
-    from ..errors import QtaleError
-except ImportError:  # copied next to a Triton model.py
-    class QtaleError(Exception):
-        pass
+from ..errors import QtaleError
+from ..ratios import check_ratio, ratio_key
+
+__all__ = ["check_ratio", "ratio_key", "select_theta"]
 
 MODES = ("interpolate", "nearest")
 PRECISION_RANK = {"fp32": 4, "fp16": 3, "bf16": 3, "int8": 2, "fp8": 2, "int4": 1}
-
-
-def ratio_key(ratio: float) -> str:
-    """Same canonical key as qtale_export.routing.ratio_key (0.6 -> '0.6', 1 -> '1.0')."""
-    return f"{float(ratio):.4f}".rstrip("0").rstrip(".") if float(ratio) < 1 else "1.0"
-
-
-def check_ratio(ratio) -> float:
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise QtaleError(f"invalid ratio '{ratio}': must be a number in (0, 1]") from None
-    if not 0.0 < r <= 1.0 or r != r:
-        raise QtaleError(f"invalid ratio '{ratio}': must be in (0, 1]")
-    return r
 
 
 def calibrated_points(theta_table: dict | None) -> list[tuple[float, float]]:
