@@ -55,27 +55,31 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_contract(path: Path, fmt: str, version: int, required: tuple[str, ...], what: str) -> dict:
+    """Read a folder's versioned JSON contract (qtale.json, manifest.json) with one-line errors."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise QtaleError(f"{what} not found: {folder} is not a folder")
+    if not path.is_file():
+        raise QtaleError(f"{folder} is not a QTALE {what} (no {path.name})")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise QtaleError(f"corrupt {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise QtaleError(f"corrupt {path}: not a {fmt} file")
+    if data.get("format_version") != version:
+        raise QtaleError(f"{path} has format version {data.get('format_version')}; "
+                         f"this QTALE reads version {version}")
+    for key in required:
+        if not isinstance(data.get(key), dict):
+            raise QtaleError(f"corrupt {path}: missing '{key}'")
+    return data
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """Read and validate qtale.json of a checkpoint folder."""
-    folder = Path(path)
-    meta_path = folder / META
-    if not folder.is_dir():
-        raise QtaleError(f"checkpoint not found: {folder} is not a folder")
-    if not meta_path.is_file():
-        raise QtaleError(f"{folder} is not a QTALE checkpoint (no {META})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QtaleError(f"corrupt {meta_path}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise QtaleError(f"corrupt {meta_path}: not a {FORMAT} file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise QtaleError(f"{meta_path} has format version {meta.get('format_version')}; "
-                         f"this QTALE reads version {FORMAT_VERSION}")
-    for key in ("base_model", "router"):
-        if not isinstance(meta.get(key), dict):
-            raise QtaleError(f"corrupt {meta_path}: missing '{key}'")
-    return meta
+    return read_contract(Path(path) / META, FORMAT, FORMAT_VERSION, ("base_model", "router"), "checkpoint")
 
 
 def save(model, path: str | os.PathLike, *, training: dict | None = None,

@@ -6,11 +6,10 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..checkpoint import file_sha256, write_json_atomic
+from ..checkpoint import file_sha256, read_contract, write_json_atomic
 from ..errors import QtaleError
 
 FORMAT = "qtale-export"
@@ -34,23 +33,7 @@ def write_manifest(folder: str | os.PathLike, data: dict) -> Path:
 def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
     """Read and validate manifest.json; with verify, check every listed file's sha256."""
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise QtaleError(f"export folder not found: {folder}")
-    if not path.is_file():
-        raise QtaleError(f"{folder} is not a QTALE export (no {MANIFEST})")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QtaleError(f"corrupt {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise QtaleError(f"corrupt {path}: not a {FORMAT} manifest")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise QtaleError(f"{path} has format version {data.get('format_version')}; "
-                         f"this QTALE reads version {FORMAT_VERSION}")
-    for key in ("graphs", "model", "files"):
-        if not isinstance(data.get(key), dict):
-            raise QtaleError(f"corrupt {path}: missing '{key}'")
+    data = read_contract(folder / MANIFEST, FORMAT, FORMAT_VERSION, ("graphs", "model", "files"), "export")
     if verify:
         for name, digest in data["files"].items():
             p = folder / name
