@@ -4,12 +4,15 @@ The graphs reproduce `qtale_export.routing.RoutedModel` at inference (see docs/e
 routers on the fp32 hidden state, gate = P(execute) >= theta (per sequence), the first
 `keep_initial` real tokens forced on, padding forced off; prefill runs every routed layer on its
 executed tokens only (compact -> layer -> scatter), with either standard ONNX ops or the qtale
-TokenCompact/TokenScatter ops; decode runs a layer for a token and keeps its output only where the
-gate is on, appending zero K/V rows with exec=false where it is off.
+TokenCompact/TokenScatter ops; decode wraps every routed layer in an ONNX `If` on "some row of the
+batch executes this layer" (a 0-D bool): the then-branch runs the layer for every row and keeps its
+output only where the gate is on, the else-branch passes the hidden state through; both append zero
+K/V rows with exec=false where the gate is off. At batch 1 a skipped token skips the whole layer.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +148,7 @@ class Builder:
         self._consts: dict = {}
         self.weight_fn = weight_fn  # (builder, x, name, W [out,in] fp32) -> y, the precision policy
         self.custom = False
+        self.local: dict | None = None  # initializers of the If branch being built
 
     def fresh(self, base: str) -> str:
         self._n += 1
@@ -159,20 +163,39 @@ class Builder:
             self.custom = True
         return outs[0] if n_out == 1 else outs
 
-    def init(self, name: str, arr: np.ndarray) -> str:
+    def init(self, name: str, arr: np.ndarray, outer: bool = False) -> str:
+        """An initializer: of the If branch being built (weights) unless `outer` (shared constants)."""
         arr = np.asarray(arr)  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-        self.inits[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
+        dest = self.inits if outer or self.local is None else self.local
+        dest[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
         return name
 
     def const(self, value, dtype=np.int64) -> str:
         arr = np.asarray(value, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.init(f"const_{len(self._consts)}", arr)
+            self._consts[key] = self.init(f"const_{len(self._consts)}", arr, outer=True)
         return self._consts[key]
 
     def actc(self, value) -> str:
         return self.const(value, self.act)
+
+    @contextmanager
+    def subgraph(self):
+        """Collect the nodes and weights made inside the `with` block (an If branch) separately;
+        shared constants stay in the main graph (outer scope). Weights are the branch's own
+        initializers so that ORT's DequantizeLinear -> MatMulNBits fusion finds them."""
+        saved = (self.nodes, self.local)
+        sub = {"nodes": [], "inits": {}}
+        self.nodes, self.local = sub["nodes"], sub["inits"]
+        try:
+            yield sub
+        finally:
+            self.nodes, self.local = saved
+
+    def branch(self, sub, name, outputs, elems):
+        outs = [helper.make_tensor_value_info(o, e, None) for o, e in zip(outputs, elems)]
+        return helper.make_graph(sub["nodes"], name, [], outs, list(sub["inits"].values()))
 
     def add_input(self, name, elem, shape):
         self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
@@ -250,7 +273,7 @@ class Lowering:
         """cos, sin [B, 1, T, hd] (act dtype) for int64 positions [B, T]."""
         b, s = self.b, self.s
         if "rope.inv_freq" not in b.inits:
-            b.init("rope.inv_freq", s.inv_freq.astype(np.float32))
+            b.init("rope.inv_freq", s.inv_freq.astype(np.float32), outer=True)
         freqs = b.op("Mul", [b.unsq(b.cast(pos, TensorProto.FLOAT), [-1]), "rope.inv_freq"])
         emb = b.op("Concat", [freqs, freqs], axis=-1)
         out = []
@@ -479,19 +502,32 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
     past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
     keep = L.keep_mask(valid, pos)
     x = L.embed("input_ids")
+    zkv = None
     execs = []
     for i in range(s.num_layers):
         pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
         gate = L.router_gate(i, x, "theta", valid, keep) if i in s.routed else valid
         k_ok = b.op("Concat", [b.op("And", [pe, past_valid]), gate], axis=1)
-        y, k, v = L.layer(i, x, pos, full_pos, k_ok, past=(f"past.{i}.key", f"past.{i}.value"))
+        past = (f"past.{i}.key", f"past.{i}.value")
         if i in s.routed:
-            x = b.op("Where", [b.unsq(gate, [2]), y, x])
-            g4 = b.unsq(gate, [1, 3])
-            k = b.op("Where", [g4, k, b.actc(0.0)])
-            v = b.op("Where", [g4, v, b.actc(0.0)])
+            if zkv is None:  # zero K/V of the new token [B, kv, 1, hd]
+                shape = b.op("Concat", [b.op("Shape", [x], end=1), b.const([s.kv_heads, 1, s.head_dim])], axis=0)
+                zkv = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
+            # cond: a 0-D bool, true when some row of the batch executes layer i
+            cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1], keepdims=0),
+                          TensorProto.BOOL)
+            with b.subgraph() as run_nodes:
+                y, k, v = L.layer(i, x, pos, full_pos, k_ok, past=past)
+                g4 = b.unsq(gate, [1, 3])
+                run_out = [b.op("Where", [b.unsq(gate, [2]), y, x]), b.op("Where", [g4, k, b.actc(0.0)]),
+                           b.op("Where", [g4, v, b.actc(0.0)])]
+            with b.subgraph() as skip_nodes:
+                skip_out = [b.op("Identity", [t]) for t in (x, zkv, zkv)]
+            x, k, v = b.op("If", [cond], n_out=3, name=f"layers.{i}/If",
+                           then_branch=b.branch(run_nodes, f"layers.{i}.run", run_out, [elem] * 3),
+                           else_branch=b.branch(skip_nodes, f"layers.{i}.skip", skip_out, [elem] * 3))
         else:
-            x = y
+            x, k, v = L.layer(i, x, pos, full_pos, k_ok, past=past)
         b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
         b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
         execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))

@@ -138,6 +138,69 @@ def test_decode_16_steps(exported, spread_model, ops):
     assert skipped > 0  # the decode path did skip layers
 
 
+def _if_nodes(path):
+    m = onnx.load(str(path), load_external_data=False)
+    ifs = {n.name: n for n in m.graph.node if n.op_type == "If"}
+    return m, ifs, {name: {a.name: a.g for a in n.attribute} for name, n in ifs.items()}
+
+
+@pytest.mark.parametrize("precision,ops,target", [("fp32", "standard", None), ("fp32", "plugin", None),
+                                                  ("int4", "standard", "ort-cpu"), ("fp16", "standard", None)])
+def test_decode_skips_layers_with_if(exported, spread_model, precision, ops, target):
+    """Every routed layer of decode.onnx is an If on "some row executes it"; at theta 1.0 only the
+    forced (keep_initial) tokens execute, so decode takes the else-branch and still equals PyTorch."""
+    from qtale_export.export.verify import reference_model
+
+    out = exported(precision, ops, target)
+    manifest = read_manifest(out)
+    m = reference_model(manifest, out, spread_model)
+    model, ifs, branches = _if_nodes(out / "decode.onnx")
+    onnx.checker.check_model(str(out / "decode.onnx"), full_check=True)
+    assert sorted(ifs) == sorted(f"layers.{i}/If" for i in m.layer_ids)
+    routed_names = tuple(f"layers.{i}." for i in m.layer_ids)
+    assert not any(n.op_type in ("MatMul", "MatMulNBits") and n.name.startswith(routed_names) for n in model.graph.node)
+    for name, g in branches.items():
+        run = [n.op_type for n in g["then_branch"].node]
+        assert [n.op_type for n in g["else_branch"].node] == ["Identity"] * 3
+        if precision == "int4":  # ORT's quantizer reached the projections inside the branch
+            assert run.count("MatMulNBits") == 7 and not any(
+                n.op_type == "MatMul" and n.name.endswith("_proj/MatMul") for n in g["then_branch"].node)
+        else:
+            assert run.count("MatMul") == 9
+    cond = next(iter(ifs.values())).input[0]
+    assert any(n.op_type == "Cast" and n.output[0] == cond for n in model.graph.node)
+    pre = ort_ops.session(out / "prefill.onnx", exact=True)
+    dec = ort_ops.session(out / "decode.onnx", exact=True)
+    atol = {"fp16": 5e-3 * 20}.get(precision, 1e-4)
+    L = m.hf_config.num_hidden_layers
+    for theta in (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])):
+        ids, mask = _batch(m, n=2, t=9, seed=2)
+        with torch.no_grad():
+            r = m(ids, mask, theta=theta, use_cache=True)
+        got = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {
+            "input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})))
+        past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(6):
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            feeds = {f"past.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
+            feeds.update(past_exec=got["exec_mask"], input_ids=nxt.numpy(), attention_mask=mask.numpy(),
+                         theta=theta.numpy())
+            got = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feeds)))
+            with torch.no_grad():
+                r = m(nxt, mask, past_key_values=past, use_cache=True, theta=theta)
+            new = got["exec_mask"][m.layer_ids, :, -1]
+            if theta[0] == 1.0:
+                assert not new.any()  # past keep_initial: no row runs a routed layer, every If skips
+            else:
+                assert new[:, 0].all() and not new[:, 1].any()
+            np.testing.assert_array_equal(got["exec_mask"], np.stack([p[2].numpy() for p in r.past_key_values]))
+            np.testing.assert_allclose(got["logits"], r.logits.numpy(), atol=atol * max(1.0, float(r.logits.abs().max())), rtol=0)
+            for i in m.layer_ids:
+                np.testing.assert_allclose(got[f"present.{i}.key"].astype(np.float32), r.past_key_values[i][0].numpy(),
+                                           atol=atol * 10, rtol=0)
+            past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+
+
 def test_manifest_and_files(exported, spread_ckpt):
     out = exported("fp32", "standard")
     data = read_manifest(out)
