@@ -84,6 +84,15 @@ def to_runnable(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _all_nodes(graph):
+    """The nodes of a graph and of every subgraph (If / Loop / Scan bodies) in it."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_nodes(g)
+
+
 def session(path: str | os.PathLike, providers=None, threads: int | None = None, exact: bool = False):
     """An onnxruntime.InferenceSession for an exported graph, with the qtale ops when it uses them.
 
@@ -104,7 +113,7 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None,
     rewrite = uses_qtale_ops(model)
     if exact:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        for n in model.graph.node:
+        for n in _all_nodes(model.graph):  # decode.onnx has its layers inside If branches
             for a in n.attribute:
                 if n.op_type == "MatMulNBits" and a.name == "accuracy_level" and a.i != 0:
                     a.i = 0
