@@ -1,0 +1,927 @@
+"""`qtale experiment RECIPE.yaml`: QTALE vs D-LLM vs quantization-only, end to end, from a recipe.
+
+Stages (each writes its artifacts atomically under the run folder `runs/<recipe name>/` and is skipped
+when its output exists; training itself resumes through train's --resume):
+
+  train        routers for every method (qtale, dllm) with the same data, steps, seed (and LoRA if
+               used); with LoRA also the all-layers reference (LoRA trained with target ratio 1.0,
+               lambda1 = lambda2 = 0). Without LoRA the all-layers reference is the base model itself.
+  calibrate    theta for the recipe's ratios on every trained (unquantized) checkpoint
+  quantize     every trained checkpoint and the all-layers reference, in every format of the recipe
+  recalibrate  theta again on every quantized checkpoint (post-training ratio control; the same for
+               QTALE and D-LLM, so both are compared at the same realized ratio); the drift of the
+               unquantized thetas on the quantized model is recorded
+  eval         every configuration: dense all-layers (fp), quant-only all-layers per format,
+               D-LLM + quant and QTALE + quant at each ratio: per-task accuracy with per-item scores,
+               realized ratio, FLOPs fraction, perplexity and KL to the dense fp model
+  report       docs/results.json, docs/results.md, docs/results.png (see docs/experiment.md)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import tempfile
+import time
+from argparse import Namespace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import QtaleError
+
+STAGES = ("train", "calibrate", "quantize", "recalibrate", "eval", "report")
+SCHEMA = "qtale-results/1"
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("qtale", "dllm")
+CLOSE_POINTS = 0.5  # "gap closed": within 0.5 accuracy points of the quant-only all-layers model
+
+# recipe keys -> defaults (None under REQUIRED means the key must be given)
+TRAIN_KEYS = {  # passed to TrainConfig; model, out, method and seed come from elsewhere
+    "data": None, "steps": None, "loss": "auto", "batch_size": 4, "grad_accum": 1, "lr": 1e-3,
+    "weight_decay": 0.0, "seq_len": 256, "target_ratio": 0.5, "lambda1": 1.0, "lambda1_warmup": 0,
+    "lambda2": 0.1, "tau": 1.0, "lora_rank": 0, "save_every": 50, "max_examples": None,
+    "first_routed_layer": 2, "keep_initial": 2, "router_hidden": 64,
+}
+CALIB_KEYS = {"data": "", "seq_len": 256, "max_tokens": 4096, "tol": 0.01}
+QUANT_KEYS = {"formats": None, "calib_data": "", "calib_samples": 64, "calib_length": 512, "group_size": None}
+EVAL_KEYS = {"tasks": None, "style": "harness", "limit": None, "batch_size": 16, "ppl": True, "ppl_file": "",
+             "fp_routed": False}
+TOP_KEYS = {"name", "model", "seed", "methods", "ratios", "train", "calibration", "quantization", "eval",
+            "description"}
+REQUIRED = ("name", "model", "train", "ratios", "quantization", "eval")
+
+
+# ---- small utilities -------------------------------------------------------------------------
+def _key(r: float) -> str:
+    """Theta-table key of a ratio (same spelling as calibrate's tables)."""
+    return f"{float(r):.4f}".rstrip("0").rstrip(".") if float(r) < 1 else "1.0"
+
+
+def _lookup(table: dict, r: float) -> dict | None:
+    for k, v in (table or {}).items():
+        try:
+            if abs(float(k) - float(r)) < 1e-9:
+                return v
+        except ValueError:
+            continue
+    return None
+
+
+def _write_json(path: Path, data) -> None:
+    from .checkpoint import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise QtaleError(f"corrupt {path}: {str(exc).splitlines()[0]} (delete it to redo that step)") from None
+
+
+def _check_ratio(value) -> float:
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise QtaleError(f"recipe: invalid ratio '{value}': must be a number in (0, 1]") from None
+    if not 0.0 < r <= 1.0 or r != r:
+        raise QtaleError(f"recipe: invalid ratio '{value}': must be in (0, 1]")
+    return r
+
+
+# ---- the recipe ------------------------------------------------------------------------------
+def _section(recipe: dict, name: str, keys: dict) -> dict:
+    given = recipe.get(name) or {}
+    if not isinstance(given, dict):
+        raise QtaleError(f"recipe: '{name}' must be a mapping")
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise QtaleError(f"recipe: unknown key '{name}.{unknown[0]}' (known: {', '.join(keys)})")
+    out = {}
+    for k, default in keys.items():
+        if k in given:
+            out[k] = given[k]
+        elif default is None and k in ("data", "steps", "formats", "tasks"):
+            raise QtaleError(f"recipe: missing required key '{name}.{k}'")
+        else:
+            out[k] = default
+    return out
+
+
+def _resolve_data(value: str, recipe_dir: Path, what: str) -> str:
+    p = Path(os.path.expanduser(str(value)))
+    tried = [p] if p.is_absolute() else [recipe_dir / p, REPO / p, Path.cwd() / p]
+    for cand in tried:
+        if cand.is_file():
+            return str(cand.resolve())
+    raise QtaleError(f"recipe: {what} '{value}' not found (looked in {', '.join(str(t) for t in tried)})")
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read, validate and resolve a recipe (defaults filled in, data paths made absolute)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise QtaleError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise QtaleError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise QtaleError(f"recipe {path} must be a YAML mapping")
+    for k in REQUIRED:
+        if k not in raw or raw[k] in (None, "", []):
+            raise QtaleError(f"recipe: missing required key '{k}'")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise QtaleError(f"recipe: unknown key '{unknown[0]}' (known: {', '.join(sorted(TOP_KEYS))})")
+    name = str(raw["name"])
+    if not name or "/" in name or name.startswith("."):
+        raise QtaleError(f"recipe: invalid name '{name}' (a folder name under runs/)")
+    here = path.resolve().parent
+    train = _section(raw, "train", TRAIN_KEYS)
+    data = train["data"] if isinstance(train["data"], list) else [train["data"]]
+    if not data:
+        raise QtaleError("recipe: 'train.data' lists no files")
+    train["data"] = [_resolve_data(d, here, "training data") for d in data]
+    for k in ("steps", "batch_size", "grad_accum", "seq_len", "lora_rank", "save_every", "lambda1_warmup"):
+        if not isinstance(train[k], int) or isinstance(train[k], bool) or train[k] < 0:
+            raise QtaleError(f"recipe: 'train.{k}' must be a non-negative integer, got {train[k]!r}")
+    for k in ("lr", "lambda1", "lambda2", "tau", "weight_decay", "target_ratio"):
+        try:
+            train[k] = float(train[k])
+        except (TypeError, ValueError):
+            raise QtaleError(f"recipe: 'train.{k}' must be a number, got {train[k]!r}") from None
+    _check_ratio(train["target_ratio"])
+    if train["loss"] not in ("auto", "task", "distill"):
+        raise QtaleError(f"recipe: unknown train.loss '{train['loss']}' (task, distill or auto)")
+    methods = raw.get("methods", list(METHODS))
+    if not isinstance(methods, list) or not methods:
+        raise QtaleError("recipe: 'methods' must be a list (qtale, dllm)")
+    for m in methods:
+        if m not in METHODS:
+            raise QtaleError(f"recipe: unknown method '{m}' (qtale or dllm)")
+    if not isinstance(raw["ratios"], list):
+        raise QtaleError("recipe: 'ratios' must be a list of execution ratios in (0, 1]")
+    ratios = sorted({_check_ratio(r) for r in raw["ratios"]})
+    calib = _section(raw, "calibration", CALIB_KEYS)
+    if calib["data"]:
+        calib["data"] = _resolve_data(calib["data"], here, "calibration data")
+    quant = _section(raw, "quantization", QUANT_KEYS)
+    from .quantize import FORMATS
+
+    fmts = quant["formats"] if isinstance(quant["formats"], list) else [quant["formats"]]
+    if not fmts:
+        raise QtaleError("recipe: 'quantization.formats' lists no format")
+    for f in fmts:
+        if f not in FORMATS:
+            raise QtaleError(f"recipe: unknown quantization format '{f}' (choose from {', '.join(FORMATS)})")
+    quant["formats"] = list(dict.fromkeys(fmts))
+    if quant["calib_data"]:
+        quant["calib_data"] = _resolve_data(quant["calib_data"], here, "quantization calibration data")
+    ev = _section(raw, "eval", EVAL_KEYS)
+    from .tasks import STYLES, parse_tasks
+
+    ev["tasks"] = parse_tasks(ev["tasks"])
+    if ev["style"] not in STYLES:
+        raise QtaleError(f"recipe: unknown eval.style '{ev['style']}' (choose from {', '.join(STYLES)})")
+    if ev["limit"] is not None and (not isinstance(ev["limit"], int) or ev["limit"] <= 0):
+        raise QtaleError(f"recipe: 'eval.limit' must be null or a positive integer, got {ev['limit']!r}")
+    if ev["ppl_file"]:
+        ev["ppl_file"] = _resolve_data(ev["ppl_file"], here, "perplexity text")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise QtaleError(f"recipe: 'seed' must be an integer, got {seed!r}")
+    return {"name": name, "description": raw.get("description", ""), "model": str(raw["model"]),
+            "seed": seed, "methods": list(dict.fromkeys(methods)), "ratios": ratios, "train": train,
+            "calibration": calib, "quantization": quant, "eval": ev, "recipe_file": str(path)}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+class Run:
+    """Paths, recipe and console of one experiment run."""
+
+    def __init__(self, recipe: dict, root: Path, docs: Path, progress: bool, console):
+        self.r = recipe
+        self.root = root
+        self.docs = docs
+        self.progress = progress
+        self.console = console
+        self.lora = recipe["train"]["lora_rank"] > 0
+        self.ref_name = "reference" if self.lora else "base"
+        self.timings_file = root / "timings.json"
+
+    # where things live
+    def train_dir(self, m: str) -> Path:
+        return self.root / "train" / m
+
+    def ref_source(self) -> str:
+        return str(self.train_dir("reference")) if self.lora else self.r["model"]
+
+    def quant_dir(self, src: str, fmt: str) -> Path:
+        return self.root / "quant" / f"{src}-{fmt}"
+
+    def calib_file(self, m: str, fmt: str) -> Path:
+        return self.root / "calib" / f"{m}-{fmt}.json"
+
+    def eval_dir(self) -> Path:
+        ev = self.r["eval"]
+        return self.root / "eval" / f"{ev['style']}-limit{ev['limit'] if ev['limit'] else 'all'}"
+
+    def trained(self) -> list[str]:
+        return list(self.r["methods"]) + (["reference"] if self.lora else [])
+
+    def say(self, msg: str) -> None:
+        self.console.print(msg)
+
+    def timed(self, stage: str, seconds: float) -> None:
+        t = _read_json(self.timings_file) if self.timings_file.is_file() else {}
+        t[stage] = round(t.get(stage, 0.0) + seconds, 2)
+        _write_json(self.timings_file, t)
+
+
+def _train_done(folder: Path, steps: int) -> bool:
+    from .train import STATE
+
+    if not (folder / STATE).is_file():
+        return False
+    try:
+        return json.loads((folder / STATE).read_text()).get("step", -1) >= steps
+    except ValueError:
+        return False
+
+
+def stage_train(run: Run) -> None:
+    from .train import STATE, TrainConfig, train
+
+    t = run.r["train"]
+    for m in run.trained():
+        out = run.train_dir(m)
+        if _train_done(out, t["steps"]):
+            run.say(f"  train {m}: done ({out})")
+            continue
+        kw = dict(t)
+        method = m
+        if m == "reference":  # LoRA fine-tuned the same way, every layer wanted: no ratio/entropy pull
+            method, kw["target_ratio"], kw["lambda1"], kw["lambda2"] = "dllm", 1.0, 0.0, 0.0
+        cfg = TrainConfig(model=run.r["model"], out=str(out), method=method, seed=run.r["seed"], **kw)
+        resume = (out / STATE).is_file()
+        run.say(f"  train {m}: {'resuming' if resume else 'starting'} ({t['steps']} steps) -> {out}")
+        t0 = time.time()
+        train(cfg, resume=resume, force=out.exists() and not resume, progress=run.progress)
+        run.timed(f"train.{m}", time.time() - t0)
+
+
+def _calib_batches(run: Run, tokenizer):
+    from .data import CALIBRATION_TEXT, text_batches
+
+    c = run.r["calibration"]
+    data = Path(c["data"]) if c["data"] else CALIBRATION_TEXT
+    batches = text_batches(data, tokenizer, c["seq_len"], 4, c["max_tokens"])
+    return batches, data, int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+
+def _need(path: Path, stage: str) -> None:
+    if not path.exists():
+        raise QtaleError(f"{path} is missing: run the '{stage}' stage first")
+
+
+def stage_calibrate(run: Run) -> None:
+    from . import checkpoint
+    from .api import load_checkpoint
+    from .calibrate import calibrate
+
+    batches = None
+    for m in run.r["methods"]:
+        marker = run.calib_file(m, "fp")
+        if marker.is_file():
+            run.say(f"  calibrate {m} (fp): done")
+            continue
+        folder = run.train_dir(m)
+        _need(folder / checkpoint.META, "train")
+        t0 = time.time()
+        model = load_checkpoint(folder)
+        if batches is None:
+            batches, data, tokens = _calib_batches(run, model.tokenizer)
+        table = calibrate(model, batches, run.r["ratios"], tol=run.r["calibration"]["tol"],
+                          progress=run.progress)
+        checkpoint.update_meta(folder, theta_table=model.theta_table,
+                               calibration={"data": data.name, "tokens": tokens, "tol": run.r["calibration"]["tol"]})
+        _write_json(marker, {"method": m, "format": "fp", "table": table, "data": str(data), "tokens": tokens,
+                             "seconds": round(time.time() - t0, 2)})
+        run.say(f"  calibrate {m} (fp): " + ", ".join(f"{k}: theta {v['theta']:.4f}" for k, v in table.items()))
+        run.timed("calibrate", time.time() - t0)
+
+
+def _quant_sources(run: Run) -> list[tuple[str, str]]:
+    """(name, source) of everything quantized: the all-layers reference and every trained method."""
+    return [(run.ref_name, run.ref_source())] + [(m, str(run.train_dir(m))) for m in run.r["methods"]]
+
+
+def stage_quantize(run: Run) -> None:
+    from . import checkpoint
+    from .quantize import run_quantize
+
+    q = run.r["quantization"]
+    for name, src in _quant_sources(run):
+        if name != "base":
+            _need(Path(src) / checkpoint.META, "train")
+        for fmt in q["formats"]:
+            out = run.quant_dir(name, fmt)
+            if (out / checkpoint.META).is_file() and (checkpoint.read_meta(out).get("quantization") or {}).get("format") == fmt:
+                run.say(f"  quantize {name} -> {fmt}: done")
+                continue
+            t0 = time.time()
+            run.say(f"  quantize {name} -> {fmt}")
+            args = Namespace(checkpoint=src, format=fmt, out=str(out), group_size=q["group_size"],
+                             calib_data=q["calib_data"] or None, calib_samples=q["calib_samples"],
+                             calib_length=q["calib_length"], no_verify=False, json=True)
+            run_quantize(args)
+            run.timed("quantize", time.time() - t0)
+
+
+def stage_recalibrate(run: Run) -> None:
+    from . import checkpoint
+    from .api import load_checkpoint
+    from .calibrate import calibrate, realized_ratio
+
+    batches = None
+    for m in run.r["methods"]:
+        fp = run.calib_file(m, "fp")
+        _need(fp, "calibrate")
+        fp_table = _read_json(fp)["table"]
+        for fmt in run.r["quantization"]["formats"]:
+            marker = run.calib_file(m, fmt)
+            if marker.is_file():
+                run.say(f"  recalibrate {m} ({fmt}): done")
+                continue
+            folder = run.quant_dir(m, fmt)
+            _need(folder / checkpoint.META, "quantize")
+            t0 = time.time()
+            model = load_checkpoint(folder)
+            if batches is None:
+                batches, data, tokens = _calib_batches(run, model.tokenizer)
+            drift = {}
+            for r in run.r["ratios"]:
+                entry = _lookup(fp_table, r)
+                if r < 1.0 and entry is not None:
+                    drift[_key(r)] = {"theta_fp": entry["theta"], "realized_fp": entry["realized"],
+                                      "realized_at_theta_fp": round(realized_ratio(model, batches, entry["theta"]), 6)}
+            model.theta_table = {}
+            table = calibrate(model, batches, run.r["ratios"], tol=run.r["calibration"]["tol"],
+                              progress=run.progress)
+            checkpoint.update_meta(folder, theta_table=model.theta_table,
+                                   calibration={"data": data.name, "tokens": tokens,
+                                                "tol": run.r["calibration"]["tol"], "after_quantization": True})
+            _write_json(marker, {"method": m, "format": fmt, "table": table, "drift": drift, "data": str(data),
+                                 "tokens": tokens, "seconds": round(time.time() - t0, 2)})
+            run.say(f"  recalibrate {m} ({fmt}): " + ", ".join(
+                f"{k}: theta {v['theta']:.4f}" + (f" (fp theta gave {drift[k]['realized_at_theta_fp']:.3f})"
+                                                  if k in drift else "") for k, v in table.items()))
+            run.timed("recalibrate", time.time() - t0)
+
+
+# ---- configurations --------------------------------------------------------------------------
+def configurations(run: Run) -> list[dict]:
+    """Every evaluated configuration: id, kind, method, format, target ratio, source, theta source."""
+    out = [{"id": "dense/fp", "kind": "dense", "method": None, "format": "fp", "target_ratio": 1.0,
+            "source": run.ref_source(), "theta_from": None}]
+    for fmt in run.r["quantization"]["formats"]:
+        out.append({"id": f"quant-only/{fmt}", "kind": "quant-only", "method": None, "format": fmt,
+                    "target_ratio": 1.0, "source": str(run.quant_dir(run.ref_name, fmt)), "theta_from": None})
+    fmts = (["fp"] if run.r["eval"]["fp_routed"] else []) + run.r["quantization"]["formats"]
+    for m in run.r["methods"]:
+        for fmt in fmts:
+            for r in run.r["ratios"]:
+                c = {"id": f"{m}/{fmt}/{_key(r)}", "kind": "routed", "method": m, "format": fmt, "target_ratio": r,
+                     "source": str(run.train_dir(m) if fmt == "fp" else run.quant_dir(m, fmt)),
+                     "theta_from": str(run.calib_file(m, fmt))}
+                if r >= 1.0 and not run.lora:
+                    # theta 0 runs every layer and without LoRA the weights are the reference's:
+                    # the same model as the all-layers one, evaluated once
+                    c["same_as"] = "dense/fp" if fmt == "fp" else f"quant-only/{fmt}"
+                out.append(c)
+    return out
+
+
+def _theta(run: Run, c: dict) -> float:
+    if c["kind"] != "routed" or c["target_ratio"] >= 1.0:
+        return 0.0
+    path = Path(c["theta_from"])
+    _need(path, "recalibrate" if c["format"] != "fp" else "calibrate")
+    entry = _lookup(_read_json(path)["table"], c["target_ratio"])
+    if entry is None:
+        raise QtaleError(f"{path} has no theta for ratio {c['target_ratio']}: delete it and re-run calibration")
+    return float(entry["theta"])
+
+
+def _eval_file(run: Run, cid: str) -> Path:
+    return run.eval_dir() / (cid.replace("/", "__") + ".json")
+
+
+def _load_model(source: str):
+    from .api import load
+
+    return load(source, fresh=True)
+
+
+def stage_eval(run: Run) -> None:
+    from . import evaluate as E
+    from .data import HELDOUT_TEXT
+
+    ev = run.r["eval"]
+    todo = []
+    for c in configurations(run):
+        if c.get("same_as"):
+            continue
+        f = _eval_file(run, c["id"])
+        if f.is_file() and _read_json(f).get("tasks_requested") == ev["tasks"]:
+            continue
+        todo.append(c)
+    done = len([c for c in configurations(run) if not c.get("same_as")]) - len(todo)
+    if done:
+        run.say(f"  eval: {done} configuration(s) done")
+    if not todo:
+        return
+    for t in ev["tasks"]:  # fail on missing data before any compute
+        E.load_docs(t, 1)
+    ppl_text = None
+    if ev["ppl"]:
+        ppl_text = (Path(ev["ppl_file"]) if ev["ppl_file"] else HELDOUT_TEXT).read_text(encoding="utf-8")
+    reference = None
+    by_source: dict[str, list[dict]] = {}
+    for c in todo:
+        by_source.setdefault(c["source"], []).append(c)
+    for source, cs in by_source.items():
+        if not (Path(source).exists() or source == run.r["model"]):
+            raise QtaleError(f"{source} is missing: run the 'quantize' stage first")
+        model = _load_model(source)
+        for c in cs:
+            theta = _theta(run, c)
+            run.say(f"  eval {c['id']}  theta={theta:.4f}")
+            t0 = time.time()
+            res = E.evaluate_tasks(model, ev["tasks"], style=ev["style"], limit=ev["limit"],
+                                   batch_size=ev["batch_size"], theta=theta, progress=run.progress)
+            out = {**c, "theta": theta, "tasks_requested": ev["tasks"], "style": ev["style"], "limit": ev["limit"],
+                   **res}
+            if ppl_text is not None:
+                if c["id"] == "dense/fp":
+                    pk = E.perplexity_and_kl(model, ppl_text, theta=theta)
+                else:
+                    if reference is None:
+                        reference = _load_model(run.ref_source())
+                    pk = E.perplexity_and_kl(model, ppl_text, theta=theta, reference=reference)
+                out.update(pk)
+                out["kl_reference"] = "dense/fp (all layers, unquantized)"
+            out["seconds_total"] = round(time.time() - t0, 2)
+            _write_json(_eval_file(run, c["id"]), out)
+            run.timed("eval", time.time() - t0)
+        del model
+
+
+# ---- statistics and the report ---------------------------------------------------------------
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if not n:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def paired(items_a: dict, items_b: dict, tasks: list[str]) -> dict:
+    """Paired difference a - b of the primary metric on the same items, per task and averaged."""
+    from .tasks import PRIMARY
+
+    per = {}
+    for t in tasks:
+        metric = PRIMARY[t]
+        a = {it["idx"]: it[metric] for it in items_a.get(t, [])}
+        b = {it["idx"]: it[metric] for it in items_b.get(t, [])}
+        common = sorted(set(a) & set(b))
+        d, se = _mean_se([a[i] - b[i] for i in common])
+        per[t] = {"diff": d, "stderr": se, "n": len(common), "metric": metric}
+    diffs = [per[t]["diff"] for t in tasks]
+    avg = {"diff": sum(diffs) / len(diffs), "stderr": math.sqrt(sum(per[t]["stderr"] ** 2 for t in tasks)) / len(tasks)}
+    return {"tasks": per, "avg": avg}
+
+
+def _summary(res: dict, tasks: list[str]) -> dict:
+    from .tasks import AVG7, PRIMARY
+
+    prim = [res["tasks"][t][PRIMARY[t]] for t in tasks]
+    ses = [res["tasks"][t][PRIMARY[t].replace("acc_norm", "acc_norm") + "_stderr"] for t in tasks]
+    out = {"avg": sum(prim) / len(prim), "avg_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses),
+           "avg_tasks": len(tasks)}
+    if all(t in tasks for t in AVG7):
+        out["avg7"] = sum(res["tasks"][t][PRIMARY[t]] for t in AVG7) / len(AVG7)
+    return out
+
+
+RESULT_FIELDS = ("realized_ratio", "flops_fraction", "tokens", "ppl", "nll", "kl", "ppl_tokens",
+                 "ppl_realized_ratio", "ppl_flops_fraction", "kl_reference", "seconds", "seconds_total")
+
+
+def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
+    """Every configuration's result (without per-item scores) and the per-item scores by id."""
+    tasks = run.r["eval"]["tasks"]
+    results, items = [], {}
+    cfgs = configurations(run)
+    raw = {}
+    for c in cfgs:
+        if c.get("same_as"):
+            continue
+        f = _eval_file(run, c["id"])
+        _need(f, "eval")
+        raw[c["id"]] = _read_json(f)
+    for c in cfgs:
+        src = raw[c.get("same_as") or c["id"]]
+        items[c["id"]] = src["items"]
+        entry = {k: c[k] for k in ("id", "kind", "method", "format", "target_ratio")}
+        entry["theta"] = 0.0 if c.get("same_as") else src["theta"]
+        entry["same_as"] = c.get("same_as")
+        entry["tasks"] = src["tasks"]
+        entry.update(_summary(src, tasks))
+        entry.update({k: src[k] for k in RESULT_FIELDS if k in src})
+        entry["layer_ratio"] = src.get("layer_ratio")
+        results.append(entry)
+    ids = {e["id"]: e for e in results}
+    for e in results:
+        if e["kind"] == "quant-only":
+            e["vs_dense"] = paired(items[e["id"]], items["dense/fp"], tasks)
+        if e["kind"] == "routed":
+            ref = "dense/fp" if e["format"] == "fp" else f"quant-only/{e['format']}"
+            e["vs_quant_only" if e["format"] != "fp" else "vs_dense"] = {"reference": ref,
+                                                                        **paired(items[e["id"]], items[ref], tasks)}
+            other = f"dllm/{e['format']}/{_key(e['target_ratio'])}"
+            if e["method"] == "qtale" and other in ids:
+                e["vs_dllm"] = {"reference": other, **paired(items[e["id"]], items[other], tasks)}
+        if "vs_dense" in e and "reference" not in e["vs_dense"]:
+            e["vs_dense"] = {"reference": "dense/fp", **e["vs_dense"]}
+    return results, items
+
+
+def headline(run: Run, results: list[dict]) -> dict:
+    ids = {e["id"]: e for e in results}
+    fmts = run.r["quantization"]["formats"]
+    out: dict = {"units": "accuracy fractions (x100 = points); gap = paired difference in the task average"}
+    int4 = next((f for f in fmts if f.startswith("int4")), None)
+    if int4 and "qtale" in run.r["methods"]:
+        rows = []
+        for r in run.r["ratios"]:
+            if r > 0.6:
+                continue
+            q = ids.get(f"qtale/{int4}/{_key(r)}")
+            if not q:
+                continue
+            row = {"ratio": r, "realized_ratio": q.get("realized_ratio"), "avg": q["avg"],
+                   "gap_vs_quant_only": q["vs_quant_only"]["avg"]}
+            if "vs_dllm" in q:
+                row["gap_vs_dllm"] = q["vs_dllm"]["avg"]
+            rows.append(row)
+        out[f"qtale_{int4}_at_ratio_le_0.6"] = rows
+    for f in fmts:
+        if not f.startswith("int3"):
+            continue
+        for m in run.r["methods"]:
+            closes = None
+            for r in run.r["ratios"]:
+                e = ids.get(f"{m}/{f}/{_key(r)}")
+                if e and e["vs_quant_only"]["avg"]["diff"] >= -CLOSE_POINTS / 100:
+                    closes = r
+                    break
+            out[f"{m}_{f}_gap_closes_at_ratio"] = closes
+    out["close_threshold_points"] = CLOSE_POINTS
+    return out
+
+
+def _machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _pct(x, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{100 * d['diff']:+.2f} ± {100 * d['stderr']:.2f}"
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def render_markdown(res: dict) -> str:
+    from .tasks import PRIMARY
+
+    tasks = res["tasks"]
+    avg_name = "avg7" if len(tasks) == 7 and res["configs"] and "avg7" in res["configs"][0] else f"avg{len(tasks)}"
+    lines = [f"# QTALE experiment results: {res['recipe']['name']}", "",
+             "Generated by `qtale experiment` from `docs/results.json`; do not edit by hand.", ""]
+    if res.get("smoke"):
+        lines += [f"**Smoke run: every task limited to its first {res['limit']} items; not the final numbers.**", ""]
+    lines += ["Command:", "", "```bash", res["command"], "```", "",
+              f"Model `{res['recipe']['model']}`; methods {', '.join(res['recipe']['methods'])}; "
+              f"ratios {', '.join(str(r) for r in res['recipe']['ratios'])}; formats "
+              f"{', '.join(res['recipe']['quantization']['formats'])}; prompt style `{res['style']}`; "
+              f"tasks {', '.join(tasks)} (primary metric: " + ", ".join(f"{t} {PRIMARY[t]}" for t in tasks) + ").",
+              "", f"All-layers reference: {res['reference']}", "",
+              "Accuracies in points (%). Δ = paired difference on the same items vs the all-layers model of the "
+              "same format (quant-only; dense fp for fp rows), ± its standard error. theta re-calibrated after "
+              "quantization for both routed methods.", "",
+              f"| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
+              + f" | {avg_name} | Δ vs all-layers | Δ vs D-LLM | ppl | KL |",
+              "|" + "---|" * (len(tasks) + 10)]
+    for e in res["configs"]:
+        delta = e.get("vs_quant_only") or e.get("vs_dense")
+        cells = [e["id"] + (f" (= {e['same_as']})" if e.get("same_as") else ""), f"{e['target_ratio']:g}",
+                 _fmt(e.get("realized_ratio")), _fmt(e.get("flops_fraction"))]
+        cells += [_pct(e["tasks"][t][PRIMARY[t]], 1) for t in tasks]
+        cells += [_pct(e.get("avg7", e["avg"])), _diff(delta["avg"] if delta else None),
+                  _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None),
+                  _fmt(e.get("ppl"), ".3f"), _fmt(e.get("kl"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    h = res["headline"]
+    lines += ["", "## Headline", ""]
+    for k, v in h.items():
+        if isinstance(v, list):
+            for row in v:
+                s = (f"- QTALE+{k.split('_')[1]} at ratio {row['ratio']:g} (realized {_fmt(row['realized_ratio'], '.3f')}): "
+                     f"{_pct(row['avg'])} points; gap vs quant-only all-layers {_diff(row['gap_vs_quant_only'])}")
+                if "gap_vs_dllm" in row:
+                    s += f"; vs D-LLM at the same ratio {_diff(row['gap_vs_dllm'])}"
+                lines.append(s)
+        elif k.endswith("_gap_closes_at_ratio"):
+            m, f = k.split("_")[:2]
+            lines.append(f"- {m.upper() if m == 'qtale' else 'D-LLM'}+{f}: gap to quant-only all-layers within "
+                         f"{h['close_threshold_points']} points from ratio "
+                         + (f"{v:g}" if v is not None else "— never (at the ratios evaluated)"))
+    lines += ["", "## Calibration after quantization", "",
+              "| method | format | ratio | theta (fp) | realized (fp) | realized on the quantized model at theta (fp) "
+              "| theta (re-calibrated) | realized |", "|---|---|---|---|---|---|---|---|"]
+    for m, per in res["calibration"].items():
+        for fmt, c in per.items():
+            if fmt == "fp":
+                continue
+            for k, v in c["table"].items():
+                d = c.get("drift", {}).get(k, {})
+                lines.append(f"| {m} | {fmt} | {k} | {_fmt(d.get('theta_fp'))} | {_fmt(d.get('realized_fp'))} | "
+                             f"{_fmt(d.get('realized_at_theta_fp'))} | {v['theta']:.4f} | {v['realized']:.4f} |")
+    lines += ["", "## Training", "", "| run | steps | seconds | final losses |", "|---|---|---|---|"]
+    for m, t in res["training"].items():
+        lines.append(f"| {m} | {t.get('steps_done')} | {_fmt(t.get('seconds'), '.0f')} | "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in (t.get("final_losses") or {}).items()) + " |")
+    lines += ["", "## Recipe", "", "```json", json.dumps(res["recipe"], indent=2), "```", "",
+              "## Timings (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in res["timings"].items()]
+    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in res["machine"].items()]
+    lines += ["", f"Created {res['created']}. Plot: `results.png`. Every number: `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def render_plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfgs = res["configs"]
+    fmts = res["recipe"]["quantization"]["formats"]
+    colors = {f: c for f, c in zip(["fp"] + fmts, ["black", "tab:blue", "tab:red", "tab:green", "tab:purple",
+                                                   "tab:orange"])}
+    n = len(res["tasks"])
+    label = "avg7" if n == 7 else f"average of {n} tasks"
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for e in cfgs:
+        if e["kind"] == "dense":
+            ax.axhline(100 * e["avg"], color="black", lw=1.2, label="dense all-layers (fp)")
+        elif e["kind"] == "quant-only":
+            c = colors.get(e["format"], "gray")
+            ax.axhline(100 * e["avg"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
+            ax.plot([e.get("realized_ratio") or 1.0], [100 * e["avg"]], marker="*", color=c, ms=10, ls="none")
+    for m, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--")):
+        for fmt in ["fp"] + fmts:
+            pts = sorted((e.get("realized_ratio") or e["target_ratio"], e["avg"], e.get("avg_stderr", 0.0))
+                         for e in cfgs if e["kind"] == "routed" and e["method"] == m and e["format"] == fmt)
+            if not pts:
+                continue
+            name = "QTALE" if m == "qtale" else "D-LLM"
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                        marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4,
+                        label=f"{name} + {fmt}")
+    ax.set_xlabel("execution ratio (realized on the evaluation tokens)")
+    ax.set_ylabel(f"{label} accuracy (%)")
+    title = f"{res['recipe']['model']}: {label} vs execution ratio"
+    if res.get("smoke"):
+        title += f" (smoke: {res['limit']} items/task)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _training_info(run: Run) -> dict:
+    from . import checkpoint
+    from .train import STATE
+
+    out = {}
+    for m in run.trained():
+        folder = run.train_dir(m)
+        if not (folder / checkpoint.META).is_file():
+            continue
+        meta = checkpoint.read_meta(folder)
+        tr = meta.get("training") or {}
+        state = _read_json(folder / STATE) if (folder / STATE).is_file() else {}
+        out[m] = {"steps_done": tr.get("steps_done"), "final_losses": tr.get("final_losses"),
+                  "seconds": state.get("elapsed_s"), "method": (tr.get("config") or {}).get("method"),
+                  "checkpoint": str(folder)}
+    return out
+
+
+def stage_report(run: Run, command: str) -> dict:
+    results, _ = collect(run)
+    calib = {}
+    for m in run.r["methods"]:
+        calib[m] = {}
+        for fmt in ["fp"] + run.r["quantization"]["formats"]:
+            f = run.calib_file(m, fmt)
+            if f.is_file():
+                calib[m][fmt] = {k: v for k, v in _read_json(f).items() if k in ("table", "drift", "tokens", "data")}
+    quant = {}
+    from . import checkpoint
+
+    for name, _ in _quant_sources(run):
+        for fmt in run.r["quantization"]["formats"]:
+            d = run.quant_dir(name, fmt)
+            if (d / checkpoint.META).is_file():
+                info = checkpoint.read_meta(d).get("quantization") or {}
+                quant[f"{name}-{fmt}"] = {k: info.get(k) for k in ("format", "quantizer", "algorithm", "bits",
+                                                                  "group_size", "weight_bytes", "seconds")}
+    ev = run.r["eval"]
+    from .tasks import PRIMARY
+
+    reference = ("the base model with every layer executed (routers are the only trained parameters, so the "
+                 "base is what the same fine-tuning with every layer executed gives)" if not run.lora else
+                 "the base + LoRA fine-tuned the same way with target ratio 1.0, lambda1 = lambda2 = 0, "
+                 "evaluated with theta 0 (every layer)")
+    recipe = {k: v for k, v in run.r.items()}
+    res = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "command": command, "run_dir": str(run.root), "recipe": recipe, "limit": ev["limit"],
+           "smoke": ev["limit"] is not None, "style": ev["style"], "tasks": ev["tasks"],
+           "primary_metric": {t: PRIMARY[t] for t in ev["tasks"]}, "reference": reference,
+           "machine": _machine(), "timings": _read_json(run.timings_file) if run.timings_file.is_file() else {},
+           "training": _training_info(run), "calibration": calib, "quantization": quant,
+           "configs": results}
+    res["headline"] = headline(run, results)
+    run.docs.mkdir(parents=True, exist_ok=True)
+    _write_json(run.docs / "results.json", res)
+    _write_text(run.docs / "results.md", render_markdown(res))
+    render_plot(res, run.docs / "results.png")
+    return res
+
+
+def print_report(run: Run, res: dict) -> None:
+    from rich.table import Table
+
+    from .tasks import PRIMARY
+
+    tasks = res["tasks"]
+    table = Table(title=f"{res['recipe']['name']}: {'avg7' if len(tasks) == 7 else f'avg of {len(tasks)} tasks'}"
+                  + (f" (smoke, {res['limit']} items/task)" if res["smoke"] else ""))
+    for c in ["configuration", "ratio", "realized", "FLOPs", *tasks, "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
+        table.add_column(c)
+    for e in res["configs"]:
+        delta = e.get("vs_quant_only") or e.get("vs_dense")
+        table.add_row(e["id"], f"{e['target_ratio']:g}", _fmt(e.get("realized_ratio"), ".3f"),
+                      _fmt(e.get("flops_fraction"), ".3f"), *[_pct(e["tasks"][t][PRIMARY[t]], 1) for t in tasks],
+                      _pct(e["avg"]), _diff(delta["avg"] if delta else None),
+                      _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None), _fmt(e.get("ppl"), ".2f"),
+                      _fmt(e.get("kl"), ".4f"))
+    run.console.print(table)
+    for line in render_markdown(res).split("## Headline", 1)[1].split("##", 1)[0].strip().splitlines():
+        run.console.print(line, markup=False)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("recipe", help="experiment recipe (YAML), e.g. recipes/smollm2-135m.yaml")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    parser.add_argument("--docs", default="docs", help="where results.json/.md/.png go (default: docs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an existing run folder: finished stages are skipped")
+    parser.add_argument("--only", choices=STAGES, default=None,
+                        help="run one stage (its inputs must exist): " + ", ".join(STAGES))
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N items of every task (smoke runs; overrides the recipe)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    return parser
+
+
+def _command(args) -> str:
+    parts = ["qtale", "experiment", str(args.recipe)]
+    for flag in ("out", "docs", "only", "limit"):
+        v = getattr(args, flag, None)
+        if v is not None and not (flag == "docs" and v == "docs"):
+            parts += [f"--{flag}", str(v)]
+    if getattr(args, "resume", False):
+        parts.append("--resume")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+FROZEN = ("model", "seed", "methods", "ratios", "train", "calibration", "quantization")
+
+
+def _check_run_dir(recipe: dict, root: Path, resume: bool, only: str | None) -> None:
+    stored = root / "recipe.json"
+    frozen = {k: recipe[k] for k in FROZEN}
+    if stored.is_file():
+        if not resume and only is None:
+            raise QtaleError(f"run folder {root} exists: pass --resume to continue it (or --out another folder)")
+        old = _read_json(stored)
+        for k in FROZEN:
+            if old.get(k) != frozen[k]:
+                raise QtaleError(f"recipe key '{k}' differs from the one run folder {root} was started with; "
+                                 "use another --out")
+    else:
+        _write_json(stored, frozen)
+
+
+def run_experiment(args) -> dict:
+    from rich.console import Console
+
+    recipe = load_recipe(args.recipe)
+    if args.limit is not None:
+        if args.limit <= 0:
+            raise QtaleError(f"--limit must be a positive number of items, got {args.limit}")
+        recipe["eval"]["limit"] = args.limit
+    root = Path(args.out) if args.out else Path("runs") / recipe["name"]
+    docs = Path(args.docs if args.docs is not None else "docs")
+    quiet = getattr(args, "json", False)
+    console = Console(quiet=quiet, highlight=False)
+    run = Run(recipe, root, docs, progress=not getattr(args, "no_progress", False), console=console)
+    _check_run_dir(recipe, root, args.resume, args.only)
+    command = _command(args)
+    stages = [args.only] if args.only else list(STAGES)
+    t_all = time.time()
+    res = None
+    for k, stage in enumerate(stages, 1):
+        console.rule(f"[{k}/{len(stages)}] {stage}")
+        if stage == "report":
+            res = stage_report(run, command)
+        else:
+            globals()[f"stage_{stage}"](run)
+    summary = {"run_dir": str(root), "stages": stages, "seconds": round(time.time() - t_all, 2)}
+    if res is not None:
+        print_report(run, res)
+        summary.update({"results": str(docs / "results.json"), "markdown": str(docs / "results.md"),
+                        "plot": str(docs / "results.png"), "headline": res["headline"]})
+    return summary

@@ -1,0 +1,269 @@
+"""`qtale experiment`: the whole pipeline on a tiny model and a tiny recipe, resume, the results
+schema, and bad recipes (one-line QtaleError)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+import yaml
+
+from qtale_export import evaluate as E
+from qtale_export import experiment as X
+from qtale_export.errors import QtaleError
+
+pytest.importorskip("modelopt")  # quantize.py imports it for the modelopt formats; int3 is our own
+
+DOCS = {
+    "arc_e": [{"question": q, "choices": {"text": list(ch), "label": ["A", "B", "C"][:len(ch)]}, "answerKey": k}
+              for q, ch, k in [("What boils water?", ("heat", "ice"), "A"),
+                               ("Which is a planet?", ("Mars", "Moon", "Sun"), "A"),
+                               ("Plants need", ("light", "rocks"), "A"),
+                               ("The capital of France is", ("Rome", "Paris"), "B")]],
+    "boolq": [{"question": q, "passage": p, "answer": a}
+              for q, p, a in [("is the sky blue", "The sky is blue.", True),
+                              ("does water boil at ten degrees", "Water boils at one hundred degrees.", False),
+                              ("is paris in france", "The capital of France is Paris.", True),
+                              ("do foxes fly", "The quick brown fox jumps over the lazy dog.", False)]],
+}
+RECORDS = [
+    {"instruction": "Please answer the following question with true or false, question: is the sky blue?\n\n"
+                    "Answer format: true/false", "input": "", "output": "the correct answer is true"},
+    {"instruction": "Please choose the correct answer to the question: What boils water?\n\nAnswer1: heat "
+                    "Answer2: ice\n\nAnswer format: answer1/answer2", "input": "",
+     "output": "the correct answer is answer1"},
+] * 4
+
+
+def tiny_recipe(tiny_dir, folder, **over) -> dict:
+    data = folder / "train.json"
+    data.write_text(json.dumps(RECORDS))
+    recipe = {
+        "name": "tiny",
+        "model": str(tiny_dir),
+        "seed": 0,
+        "methods": ["qtale", "dllm"],
+        "train": {"data": ["train.json"], "steps": 2, "batch_size": 2, "seq_len": 256, "lr": 1e-2,
+                  "target_ratio": 0.6, "lambda1": 1.0, "lambda2": 0.1, "loss": "distill", "router_hidden": 16,
+                  "save_every": 1},
+        "ratios": [0.6, 1.0],
+        "calibration": {"seq_len": 64, "max_tokens": 256, "tol": 0.1},
+        "quantization": {"formats": ["int3"]},
+        "eval": {"tasks": ["arc_e", "boolq"], "style": "harness", "limit": None, "batch_size": 4},
+    }
+    for k, v in over.items():
+        recipe[k] = v
+    return recipe
+
+
+def write_recipe(folder, recipe) -> str:
+    p = folder / "recipe.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    return str(p)
+
+
+def args_for(recipe_path, tmp_path, *extra):
+    p = argparse.ArgumentParser()
+    X.add_experiment_arguments(p)
+    return p.parse_args([recipe_path, "--out", str(tmp_path / "run"), "--docs", str(tmp_path / "docs"),
+                         "--no-progress", *extra])
+
+
+@pytest.fixture
+def fake_docs(monkeypatch):
+    monkeypatch.setattr(E, "load_docs", lambda task, limit=None: DOCS[task][:limit] if limit else DOCS[task])
+
+
+def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypatch):
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
+    t0 = time.time()
+    summary = X.run_experiment(args_for(recipe, tmp_path, "--limit", "3"))
+    first = time.time() - t0
+    docs = tmp_path / "docs"
+    assert summary["results"] == str(docs / "results.json")
+    res = json.loads((docs / "results.json").read_text())
+
+    # --- schema
+    assert res["schema"] == X.SCHEMA and res["smoke"] is True and res["limit"] == 3
+    assert res["tasks"] == ["arc_e", "boolq"] and res["primary_metric"] == {"arc_e": "acc_norm", "boolq": "acc"}
+    assert {"command", "recipe", "machine", "timings", "training", "calibration", "quantization", "configs",
+            "headline", "reference", "created", "run_dir", "style"} <= set(res)
+    assert "qtale experiment" in res["command"] and "--limit 3" in res["command"]
+    assert set(res["training"]) == {"qtale", "dllm"} and res["training"]["qtale"]["steps_done"] == 2
+    assert {"train.qtale", "train.dllm", "calibrate", "quantize", "recalibrate", "eval"} <= set(res["timings"])
+    ids = [c["id"] for c in res["configs"]]
+    assert ids == ["dense/fp", "quant-only/int3", "qtale/int3/0.6", "qtale/int3/1.0", "dllm/int3/0.6",
+                   "dllm/int3/1.0"]
+    by = {c["id"]: c for c in res["configs"]}
+    for c in res["configs"]:
+        assert set(c["tasks"]) == {"arc_e", "boolq"}
+        for t in c["tasks"].values():
+            assert {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr", "n"} <= set(t) and t["n"] == 3
+        assert 0.0 <= c["avg"] <= 1.0 and c["avg_tasks"] == 2 and "avg7" not in c
+        assert {"realized_ratio", "flops_fraction", "ppl", "kl", "theta"} <= set(c)
+    assert by["dense/fp"]["realized_ratio"] == 1.0 and by["dense/fp"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert by["quant-only/int3"]["kl"] > 0.0  # vs the unquantized dense model
+    assert by["quant-only/int3"]["vs_dense"]["reference"] == "dense/fp"
+    q = by["qtale/int3/0.6"]
+    assert q["realized_ratio"] < 1.0 and q["flops_fraction"] < 1.0 and q["theta"] > 0.0
+    vs = q["vs_quant_only"]
+    assert vs["reference"] == "quant-only/int3"
+    assert set(vs["tasks"]) == {"arc_e", "boolq"} and vs["tasks"]["arc_e"]["n"] == 3
+    assert {"diff", "stderr"} <= set(vs["avg"])
+    # the paired mean difference equals the difference of the means (same items)
+    for t, metric in res["primary_metric"].items():
+        want = q["tasks"][t][metric] - by["quant-only/int3"]["tasks"][t][metric]
+        assert vs["tasks"][t]["diff"] == pytest.approx(want)
+    assert q["vs_dllm"]["reference"] == "dllm/int3/0.6"
+    # ratio 1.0 is theta 0: every layer, the quant-only model itself (no LoRA)
+    assert by["qtale/int3/1.0"]["same_as"] == "quant-only/int3"
+    assert by["qtale/int3/1.0"]["vs_quant_only"]["avg"]["diff"] == 0.0
+    cal = res["calibration"]["qtale"]
+    assert set(cal) == {"fp", "int3"} and "0.6" in cal["int3"]["drift"]
+    assert {"theta_fp", "realized_at_theta_fp"} <= set(cal["int3"]["drift"]["0.6"])
+    assert "qtale_int3_gap_closes_at_ratio" in res["headline"]
+    assert res["headline"]["qtale_int3_gap_closes_at_ratio"] in (0.6, 1.0)
+    md = (docs / "results.md").read_text()
+    assert "| qtale/int3/0.6 |" in md and res["command"] in md and "## Machine" in md and "Smoke run" in md
+    assert (docs / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = tmp_path / "run"
+    assert (run / "train" / "qtale" / "qtale.json").is_file() and (run / "quant" / "base-int3" / "qtale.json").is_file()
+    theta_q = json.loads((run / "quant" / "qtale-int3" / "qtale.json").read_text())["theta_table"]["0.6"]["theta"]
+    assert theta_q == q["theta"]  # re-calibrated table stored in the quantized checkpoint
+
+    # --- an existing run folder needs --resume
+    with pytest.raises(QtaleError, match="--resume"):
+        X.run_experiment(args_for(recipe, tmp_path, "--limit", "3"))
+
+    # --- resume: nothing is recomputed
+    def boom(*a, **k):
+        raise AssertionError("a finished stage ran again")
+
+    import qtale_export.train as train_mod
+    import qtale_export.calibrate as calib_mod
+    import qtale_export.quantize as quant_mod
+
+    monkeypatch.setattr(train_mod, "train", boom)
+    monkeypatch.setattr(calib_mod, "calibrate", boom)
+    monkeypatch.setattr(quant_mod, "run_quantize", boom)
+    monkeypatch.setattr(E, "evaluate_tasks", boom)
+    (docs / "results.json").unlink()
+    t0 = time.time()
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "3", "--resume"))
+    again = time.time() - t0
+    assert json.loads((docs / "results.json").read_text())["configs"] == res["configs"]
+    assert again < first
+    # a different recipe (training changed) is refused on that run folder
+    changed = tiny_recipe(tiny_dir, tmp_path)
+    changed["train"]["steps"] = 3
+    with pytest.raises(QtaleError, match="'train' differs"):
+        X.run_experiment(args_for(write_recipe(tmp_path, changed), tmp_path, "--resume"))
+
+
+def test_only_stage_needs_its_inputs(tiny_dir, tmp_path, fake_docs):
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
+    with pytest.raises(QtaleError, match="run the 'train' stage first"):
+        X.run_experiment(args_for(recipe, tmp_path, "--only", "calibrate"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_interrupted_training_resumes(tiny_dir, tmp_path, fake_docs, monkeypatch):
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path, methods=["qtale"]))
+    import qtale_export.train as train_mod
+
+    real = train_mod.batch_for
+    calls, killed = [], []
+
+    def dying(examples, step, *a, **k):
+        calls.append(step)
+        if step == 1 and not killed:
+            killed.append(step)
+            raise Killed  # killed after the step-1 checkpoint
+        return real(examples, step, *a, **k)
+
+    monkeypatch.setattr(train_mod, "batch_for", dying)
+    with pytest.raises(Killed):
+        X.run_experiment(args_for(recipe, tmp_path, "--only", "train"))
+    state = json.loads((tmp_path / "run" / "train" / "qtale" / "train_state.json").read_text())
+    assert state["step"] == 1
+    calls.clear()
+    X.run_experiment(args_for(recipe, tmp_path, "--only", "train", "--resume"))
+    assert calls == [1]  # only the missing step ran
+    state = json.loads((tmp_path / "run" / "train" / "qtale" / "train_state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_paired_difference_by_hand():
+    a = {"arc_e": [{"idx": i, "acc_norm": v} for i, v in enumerate([1, 1, 0, 1])]}
+    b = {"arc_e": [{"idx": i, "acc_norm": v} for i, v in enumerate([1, 0, 0, 0])]}
+    p = X.paired(a, b, ["arc_e"])
+    d = p["tasks"]["arc_e"]
+    assert d["diff"] == 0.5 and d["n"] == 4
+    assert d["stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)  # diffs 0,1,0,1: sample sd sqrt(1/3)
+    assert p["avg"] == {"diff": 0.5, "stderr": pytest.approx(d["stderr"])}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda r: r.pop("ratios"), "missing required key 'ratios'"),
+    (lambda r: r.pop("model"), "missing required key 'model'"),
+    (lambda r: r["train"].pop("steps"), "missing required key 'train.steps'"),
+    (lambda r: r["quantization"].update(formats=["int2"]), "unknown quantization format 'int2'"),
+    (lambda r: r.update(ratios=[0.5, 1.5]), "invalid ratio '1.5'"),
+    (lambda r: r.update(ratios=[0.0]), "invalid ratio"),
+    (lambda r: r.update(ratios=["half"]), "invalid ratio 'half'"),
+    (lambda r: r.update(methods=["moe"]), "unknown method 'moe'"),
+    (lambda r: r["eval"].update(tasks=["boolq", "nope"]), "unknown task 'nope'"),
+    (lambda r: r["eval"].update(style="chat"), "unknown eval.style"),
+    (lambda r: r["eval"].update(limit=0), "eval.limit"),
+    (lambda r: r["train"].update(data=["missing.json"]), "training data 'missing.json' not found"),
+    (lambda r: r["train"].update(stepz=3), "unknown key 'train.stepz'"),
+    (lambda r: r.update(colour="red"), "unknown key 'colour'"),
+])
+def test_bad_recipes(tiny_dir, tmp_path, edit, match):
+    recipe = tiny_recipe(tiny_dir, tmp_path)
+    edit(recipe)
+    path = write_recipe(tmp_path, recipe)
+    with pytest.raises(QtaleError, match=match) as exc:
+        X.run_experiment(args_for(path, tmp_path))
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_bad_recipe_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(QtaleError, match="not valid YAML"):
+        X.load_recipe(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(QtaleError, match="mapping"):
+        X.load_recipe(bad)
+    with pytest.raises(QtaleError, match="recipe not found"):
+        X.load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_one_line_error(tmp_path, capsys):
+    from qtale_export.cli import main
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "model": "m"}))
+    assert main(["experiment", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing required key" in err[0]
+
+
+def test_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml"
+    try:
+        r = X.load_recipe(path)
+    except QtaleError as exc:
+        if "training data" in str(exc):
+            pytest.skip(f"commonsense train splits not here: {exc}")
+        raise
+    assert r["ratios"] == [0.5, 0.6, 0.7, 0.8, 1.0] and r["quantization"]["formats"] == ["int4-awq", "int3"]
+    assert r["eval"]["limit"] is None and len(r["eval"]["tasks"]) == 7 and r["methods"] == ["qtale", "dllm"]
