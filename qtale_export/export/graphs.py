@@ -149,6 +149,7 @@ class Builder:
         self.weight_fn = weight_fn  # (builder, x, name, W [out,in] fp32) -> y, the precision policy
         self.custom = False
         self.local: dict | None = None  # initializers of the If branch being built
+        self._local_q: set = set()
 
     def fresh(self, base: str) -> str:
         self._n += 1
@@ -163,10 +164,17 @@ class Builder:
             self.custom = True
         return outs[0] if n_out == 1 else outs
 
-    def init(self, name: str, arr: np.ndarray, outer: bool = False) -> str:
-        """An initializer: of the If branch being built (weights) unless `outer` (shared constants)."""
+    def init(self, name: str, arr: np.ndarray) -> str:
+        """An initializer of the main graph; inside an If branch only DequantizeLinear weights and
+        their scales are the branch's own (see `subgraph`)."""
         arr = np.asarray(arr)  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-        dest = self.inits if outer or self.local is None else self.local
+        dest = self.inits
+        if self.local is not None:
+            if name.endswith(".weight_q"):
+                self._local_q.add(name[:-len("weight_q")])
+                dest = self.local
+            elif name.endswith(".weight_scale") and name[:-len("weight_scale")] in self._local_q:
+                dest = self.local
         dest[name] = numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(), name)
         return name
 
@@ -174,7 +182,7 @@ class Builder:
         arr = np.asarray(value, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._consts:
-            self._consts[key] = self.init(f"const_{len(self._consts)}", arr, outer=True)
+            self._consts[key] = self.init(f"const_{len(self._consts)}", arr)
         return self._consts[key]
 
     def actc(self, value) -> str:
@@ -182,9 +190,12 @@ class Builder:
 
     @contextmanager
     def subgraph(self):
-        """Collect the nodes and weights made inside the `with` block (an If branch) separately;
-        shared constants stay in the main graph (outer scope). Weights are the branch's own
-        initializers so that ORT's DequantizeLinear -> MatMulNBits fusion finds them."""
+        """Collect the nodes made inside the `with` block (an If branch) separately. Weights and
+        constants stay initializers of the main graph (outer scope): ONNX Runtime runs the ONNX
+        checker on branch initializers, which refuses external data files with several hard links
+        (`qtale triton-repo` hard-links the export). Exception: DequantizeLinear weights and scales
+        (int4/int8/fp8) are the branch's own, because ORT's DequantizeLinear -> MatMulNBits fusion
+        does not look up outer-scope initializers (ORT 1.32: "Missing required weight")."""
         saved = (self.nodes, self.local)
         sub = {"nodes": [], "inits": {}}
         self.nodes, self.local = sub["nodes"], sub["inits"]
@@ -273,7 +284,7 @@ class Lowering:
         """cos, sin [B, 1, T, hd] (act dtype) for int64 positions [B, T]."""
         b, s = self.b, self.s
         if "rope.inv_freq" not in b.inits:
-            b.init("rope.inv_freq", s.inv_freq.astype(np.float32), outer=True)
+            b.init("rope.inv_freq", s.inv_freq.astype(np.float32))
         freqs = b.op("Mul", [b.unsq(b.cast(pos, TensorProto.FLOAT), [-1]), "rope.inv_freq"])
         emb = b.op("Concat", [freqs, freqs], axis=-1)
         out = []
