@@ -7,7 +7,8 @@ the tokens of tokenize(context); an empty context is replaced by the EOS token; 
 inputs longer than the model window keep their last tokens. Requests are deduplicated, sorted by
 length (longest first), right-padded; by default each distinct context runs once and its
 continuations run on its KV cache (the routed model's cache keeps the per-token execution masks,
-so routing is the same as in one full forward).
+so routing is the same as in one full forward). An export folder is scored through ONNX Runtime by
+the same code (`ExportModel`: the runtime presented as the model; docs/eval.md).
 """
 from __future__ import annotations
 
@@ -41,6 +42,139 @@ def max_length(model) -> int:
     return int(getattr(model.hf_config, "max_position_embeddings", 2048) or 2048)
 
 
+# ---- an export folder as a model ---------------------------------------------------------------
+def is_export_dir(path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+class ExportModel:
+    """An export folder's ONNX Runtime (qtale_export.runtime) presented as the routed model the
+    scoring code calls: `model(ids, attention_mask=, theta=, execute_all=).logits` through
+    prefill.onnx (no KV cache, so `loglikelihood` scores each request as one forward), the
+    tokenizer, and reset_stats()/execution_stats() counted from the graph's exec_mask exactly as
+    RoutedModel._account counts its gates (FLOPs from the manifest's dims; the MLP width is read
+    from the graph)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, runtime):
+        from types import SimpleNamespace
+
+        self.rt = runtime
+        self.manifest = runtime.manifest
+        m = self.manifest["model"]
+        self.tokenizer = runtime.tokenizer.hf
+        if self.tokenizer is None:
+            raise QtaleError("evaluating an export needs the transformers tokenizer (pip install transformers)")
+        self.hf_config = SimpleNamespace(max_position_embeddings=runtime.max_length)
+        self.layer_ids = [int(i) for i in m.get("routed_layers") or []]
+        self.threshold = float(self.manifest.get("theta", 0.0))
+        self.precision = self.manifest.get("precision")
+        self._terms = self._flop_terms()
+        self.reset_stats()
+
+    @classmethod
+    def open(cls, folder, **kwargs) -> "ExportModel":
+        from .runtime import Runtime
+
+        return cls(Runtime.open(folder, **kwargs))  # QtaleError on a checksum mismatch
+
+    def theta_for(self, ratio=None, threshold=None) -> float:
+        """theta of a ratio calibrated in the manifest's theta table (1.0 = theta 0), or --threshold."""
+        from .runtime.select import ratio_key, select_theta
+
+        if threshold is not None:
+            return float(threshold)
+        if ratio is None:
+            return self.threshold
+        table = self.manifest.get("theta_table") or {}
+        try:
+            sel = select_theta(table, ratio, "nearest")
+        except QtaleError:
+            sel = {"mode": "refused"}
+        if sel["mode"] != "exact":
+            have = ", ".join(sorted(table)) or "none"
+            raise QtaleError(f"ratio {ratio_key(ratio)} is not calibrated in the export's theta table "
+                             f"(calibrated: {have}); re-export after qtale calibrate, or pass --threshold")
+        return float(sel["theta"])
+
+    # -- what the scoring code calls ---------------------------------------------------------------
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids, attention_mask=None, theta=None, execute_all: bool = False, **_):
+        import numpy as np
+        from types import SimpleNamespace
+
+        ids = input_ids.cpu().numpy().astype(np.int64)
+        mask = (np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()).astype(np.int64)
+        th = 0.0 if execute_all else (self.threshold if theta is None else float(theta))
+        out = self.rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask,
+                                              "theta": np.full((ids.shape[0],), th, np.float32)})
+        self._account(mask.astype(bool), out["exec_mask"])
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(out["logits"])))
+
+    # -- statistics ----------------------------------------------------------------------------------
+    def _flop_terms(self):
+        """(proj, per_key, router, head) as RoutedModel._flop_terms, or None when a dim is unknown."""
+        m = self.manifest["model"]
+        inter = _mlp_width(self.rt.folder / self.manifest["graphs"]["prefill"]["file"])
+        hidden_r = (self.manifest.get("router") or {}).get("router_hidden")
+        if inter is None or hidden_r is None:
+            return None
+        h, nq, nkv = int(m["hidden"]), int(m["heads"]) * int(m["head_dim"]), int(m["kv_heads"]) * int(m["head_dim"])
+        proj = 2 * h * (2 * nq + 2 * nkv) + 3 * 2 * h * inter
+        return proj, 2 * 2 * nq, 2 * (h * int(hidden_r) + int(hidden_r) * 2), 2 * h * int(m["vocab"])
+
+    def reset_stats(self) -> None:
+        self._executed = torch.zeros(len(self.layer_ids), dtype=torch.float64)
+        self._tokens = 0
+        self._flops = torch.zeros(2, dtype=torch.float64)  # routed, dense
+
+    def _account(self, valid, exec_mask) -> None:
+        import numpy as np
+
+        v = valid.astype(np.float64)
+        n_tok = v.sum()
+        gates = [exec_mask[i].astype(np.float64) * v for i in self.layer_ids]
+        for j, g in enumerate(gates):
+            self._executed[j] += float(g.sum())
+        self._tokens += int(n_tok)
+        if self._terms is None:
+            return
+        proj, per_key, router, head = self._terms
+        dense_keys = (v.cumsum(1) * v).sum()
+        n_layers = int(self.manifest["model"]["num_layers"])
+        dense = n_layers * (proj * n_tok + per_key * dense_keys) + head * n_tok
+        routed = (n_layers - len(gates)) * (proj * n_tok + per_key * dense_keys) + head * n_tok
+        for g in gates:
+            routed += proj * g.sum() + per_key * (g.cumsum(1) * g).sum() + router * n_tok
+        self._flops += torch.tensor([float(routed), float(dense)], dtype=torch.float64)
+
+    def execution_stats(self) -> dict:
+        tokens = max(self._tokens, 1)
+        per_layer = (self._executed / tokens).tolist()
+        return {"tokens": self._tokens,
+                "layer_ratio": {str(i): round(r, 6) for i, r in zip(self.layer_ids, per_layer)},
+                "execution_ratio": float(self._executed.sum() / (tokens * max(len(self.layer_ids), 1))),
+                "flops_fraction": (float(self._flops[0] / self._flops[1]) if self._terms is not None
+                                   and self._flops[1] > 0 else None)}
+
+
+def _mlp_width(path) -> int | None:
+    """Output width of layers.0.gate_proj in an exported graph (float, DequantizeLinear or MatMulNBits)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    for t in g.initializer:
+        if t.name in ("layers.0.gate_proj.weight_t", "layers.0.gate_proj.weight_q") and len(t.dims) == 2:
+            return int(t.dims[1])
+    for n in g.node:
+        if n.op_type == "MatMulNBits" and n.name.startswith("layers.0.gate_proj/"):
+            return next((int(a.i) for a in n.attribute if a.name == "N"), None)
+    return None
+
+
 @torch.no_grad()
 def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
                   theta=None, execute_all: bool = False, progress: bool = True,
@@ -67,7 +201,11 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
         order.append(enc[key])
     uniq = list(enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    if isinstance(model, ExportModel):
+        share_context = False  # prefill.onnx has no cache input: one forward per request
+        device = torch.device("cpu")
+    else:
+        device = next(model.parameters()).device
     results: list[tuple[float, bool] | None] = [None] * len(uniq)
     model.eval()
 
@@ -229,7 +367,8 @@ def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: i
 
 # ---- CLI -------------------------------------------------------------------------------------
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name")
+    parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name, or an export folder "
+                                           "(with manifest.json: scored through ONNX Runtime)")
     parser.add_argument("--tasks", default=",".join(AVG7),
                         help="comma-separated: boolq,piqa,siqa,arc_e,arc_c,winogrande,obqa,hellaswag "
                              "or avg7 (default: the avg7 tasks)")
@@ -279,20 +418,30 @@ def run_eval(args) -> dict:
 
     tasks = _check_args(args)
     t0 = time.time()
-    model = load(args.checkpoint)
-    if args.ratio is not None:
-        theta = model.set_ratio(args.ratio)  # QtaleError when the ratio is not calibrated
-    elif args.threshold is not None:
-        model.set_threshold(args.threshold)
-        theta = model.threshold
+    export = is_export_dir(args.checkpoint)
+    if export:  # an export folder: the same scoring through ONNX Runtime
+        model = ExportModel.open(args.checkpoint)  # QtaleError on a tampered file
+        theta = model.theta_for(args.ratio, args.threshold)  # QtaleError when not calibrated
+        info = {"backend": ExportModel.backend, "precision": model.precision,
+                "quantization": model.precision if model.precision in ("int4", "int8", "fp8") else None}
     else:
-        theta = model.threshold
+        model = load(args.checkpoint)
+        if args.ratio is not None:
+            theta = model.set_ratio(args.ratio)  # QtaleError when the ratio is not calibrated
+        elif args.threshold is not None:
+            model.set_threshold(args.threshold)
+            theta = model.threshold
+        else:
+            theta = model.threshold
+        info = {"backend": "pytorch", "quantization": (model.quantization_info or {}).get("format")}
     progress = not args.no_progress
     res = evaluate_tasks(model, tasks, style=args.style, limit=args.limit, batch_size=args.batch_size,
                          theta=theta, progress=progress)
     items = res.pop("items")
-    out = {"checkpoint": str(args.checkpoint), "theta": theta, "ratio": args.ratio,
-           "quantization": (model.quantization_info or {}).get("format"), **res}
+    out = {"checkpoint": str(args.checkpoint), "theta": theta, "ratio": args.ratio, **info, **res}
+    if out.get("flops_fraction") is None:
+        out.pop("flops_fraction", None)
+        out["flops_fraction_note"] = "not computed: the export's graph does not show the MLP width"
     if not args.no_ppl:
         from .data import HELDOUT_TEXT
 
@@ -307,8 +456,9 @@ def run_eval(args) -> dict:
         Path(args.items).write_text(json.dumps({"tasks": tasks, "style": args.style, "items": items}))
         out["items_file"] = str(args.items)
     if not args.json:
-        print(f"{args.checkpoint}  style={args.style}  theta={theta:.4g}  "
-              f"realized ratio={out['realized_ratio']:.4f}  flops={out['flops_fraction']:.4f}")
+        flops = f"{out['flops_fraction']:.4f}" if "flops_fraction" in out else "n/a"
+        print(f"{args.checkpoint}  [{out['backend']}]  style={args.style}  theta={theta:.4g}  "
+              f"realized ratio={out['realized_ratio']:.4f}  flops={flops}")
         for t, r in out["tasks"].items():
             print(f"  {t:<11} acc {r['acc']:.4f} ±{r['acc_stderr']:.4f}  acc_norm {r['acc_norm']:.4f} "
                   f"±{r['acc_norm_stderr']:.4f}  n={r['n']}")

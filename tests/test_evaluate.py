@@ -183,3 +183,70 @@ def test_default_model_scores_arc_easy():
     model = qtale_export.load("smollm2-135m", fresh=True)
     res = E.evaluate_tasks(model, ["arc_e"], limit=8, theta=0.0, progress=False)
     assert res["tasks"]["arc_e"]["n"] == 8 and res["realized_ratio"] == 1.0
+
+
+# ---- an export folder through ONNX Runtime (qtale eval EXPORT_DIR) ----------------------------------
+@pytest.fixture(scope="module")
+def export_dir(model, tiny_dir, tmp_path_factory):
+    from qtale_export.export.main import export
+
+    model.theta_table = {"0.5": {"theta": 0.5, "realized": None}}
+    out = tmp_path_factory.mktemp("eval-export") / "tiny-fp32"
+    export(model, out, checkpoint=str(tiny_dir), ratio=0.5, precision="fp32", ops="standard",
+           decode_steps=1, verify_thetas=[0.0, 0.5])
+    return out
+
+
+def test_export_eval_matches_pytorch(model, export_dir, monkeypatch):
+    monkeypatch.setattr(E, "load_docs", lambda task, limit=None: [DOCS[task]] * 2)
+    tasks = ["boolq", "piqa", "arc_c", "winogrande", "hellaswag"]
+    onnx_model = E.ExportModel.open(export_dir)
+    for theta in (0.0, 0.5):
+        want = E.evaluate_tasks(model, tasks, batch_size=3, theta=theta, progress=False)
+        got = E.evaluate_tasks(onnx_model, tasks, batch_size=3, theta=theta, progress=False)
+        for t in tasks:
+            for a, b in zip(got["items"][t], want["items"][t]):
+                assert a["lls"] == pytest.approx(b["lls"], abs=1e-4)
+                assert (a["pred"], a["pred_norm"], a["acc"], a["acc_norm"]) == (b["pred"], b["pred_norm"], b["acc"], b["acc_norm"])
+            assert got["tasks"][t] == want["tasks"][t]
+        if theta == 0.0:
+            assert got["realized_ratio"] == 1.0
+    # the exec-mask statistics are RoutedModel's for the same forwards (one per request, no shared context)
+    reqs = [(c, x) for t in tasks for it in [T.harness_item(t, DOCS[t])] for c, x in zip(it.contexts, it.continuations)]
+    for m in (model, onnx_model):
+        m.reset_stats()
+        E.loglikelihood(m, model.tokenizer, reqs, batch_size=3, theta=0.5, progress=False, share_context=False)
+    a, b = onnx_model.execution_stats(), model.execution_stats()
+    assert a["tokens"] == b["tokens"] and a["layer_ratio"] == b["layer_ratio"]
+    assert a["execution_ratio"] == pytest.approx(b["execution_ratio"]) and 0.0 < a["execution_ratio"] < 1.0
+    assert a["flops_fraction"] == pytest.approx(b["flops_fraction"], rel=1e-9)
+
+
+def test_run_eval_on_export_dir(export_dir, monkeypatch):
+    monkeypatch.setattr(E, "load_docs", lambda task, limit=None: [DOCS[task]] * 2)
+    res = E.run_eval(_eval_args(export_dir, "--tasks", "piqa,obqa", "--ratio", "0.5", "--json", "--no-progress"))
+    res = json.loads(json.dumps(res))
+    assert res["backend"] == "onnxruntime" and res["precision"] == "fp32" and res["theta"] == 0.5
+    assert res["tasks"]["piqa"]["n"] == 2 and 0.0 < res["realized_ratio"] < 1.0 and 0.0 < res["flops_fraction"] < 1.0
+    assert res["ppl"] > 1.0 and res["kl"] > 0.0
+    res = E.run_eval(_eval_args(export_dir, "--tasks", "piqa", "--ratio", "1.0", "--json", "--no-progress"))
+    assert res["theta"] == 0.0 and res["realized_ratio"] == 1.0 and res["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_run_eval_export_bad_input(export_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(E, "load_docs", lambda task, limit=None: [DOCS[task]])
+    with pytest.raises(QtaleError, match="ratio 0.7 is not calibrated in the export") as e:
+        E.run_eval(_eval_args(export_dir, "--tasks", "piqa", "--ratio", "0.7", "--json", "--no-progress"))
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "bad"
+    shutil.copytree(export_dir, bad)
+    with open(bad / "prefill.onnx.data", "r+b") as f:
+        f.seek(64)
+        byte = f.read(1)
+        f.seek(64)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(QtaleError, match="prefill.onnx.data") as e:
+        E.run_eval(_eval_args(bad, "--tasks", "piqa", "--ratio", "0.5", "--json", "--no-progress"))
+    assert "\n" not in str(e.value)
