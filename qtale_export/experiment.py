@@ -671,7 +671,7 @@ def render_markdown(res: dict) -> str:
               "quantization for both routed methods.", "",
               f"| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
               + f" | {avg_name} | Δ vs all-layers | Δ vs D-LLM | ppl | KL |",
-              "|" + "---|" * (len(tasks) + 10)]
+              "|" + "---|" * (len(tasks) + 9)]
     for e in res["configs"]:
         delta = e.get("vs_quant_only") or e.get("vs_dense")
         cells = [e["id"] + (f" (= {e['same_as']})" if e.get("same_as") else ""), f"{e['target_ratio']:g}",
@@ -703,7 +703,7 @@ def render_markdown(res: dict) -> str:
         for fmt, c in per.items():
             if fmt == "fp":
                 continue
-            for k, v in c["table"].items():
+            for k, v in sorted(c["table"].items(), key=lambda kv: float(kv[0])):
                 d = c.get("drift", {}).get(k, {})
                 lines.append(f"| {m} | {fmt} | {k} | {_fmt(d.get('theta_fp'))} | {_fmt(d.get('realized_fp'))} | "
                              f"{_fmt(d.get('realized_at_theta_fp'))} | {v['theta']:.4f} | {v['realized']:.4f} |")
@@ -747,11 +747,11 @@ def render_plot(res: dict, path: Path) -> None:
                 continue
             name = "QTALE" if m == "qtale" else "D-LLM"
             ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
-                        marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4,
+                        marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4, elinewidth=0.7,
                         label=f"{name} + {fmt}")
     ax.set_xlabel("execution ratio (realized on the evaluation tokens)")
     ax.set_ylabel(f"{label} accuracy (%)")
-    title = f"{res['recipe']['model']}: {label} vs execution ratio"
+    title = f"{res['recipe']['name']} ({Path(res['recipe']['model']).name}): {label} vs execution ratio"
     if res.get("smoke"):
         title += f" (smoke: {res['limit']} items/task)"
     ax.set_title(title, fontsize=10)
@@ -831,18 +831,15 @@ def stage_report(run: Run, command: str) -> dict:
 def print_report(run: Run, res: dict) -> None:
     from rich.table import Table
 
-    from .tasks import PRIMARY
-
     tasks = res["tasks"]
     table = Table(title=f"{res['recipe']['name']}: {'avg7' if len(tasks) == 7 else f'avg of {len(tasks)} tasks'}"
-                  + (f" (smoke, {res['limit']} items/task)" if res["smoke"] else ""))
-    for c in ["configuration", "ratio", "realized", "FLOPs", *tasks, "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
-        table.add_column(c)
+                  + (f" (smoke, {res['limit']} items/task)" if res["smoke"] else "") + ", points; per task: results.md")
+    for c in ["configuration", "ratio", "realized", "FLOPs", "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
+        table.add_column(c, no_wrap=c == "configuration")
     for e in res["configs"]:
         delta = e.get("vs_quant_only") or e.get("vs_dense")
         table.add_row(e["id"], f"{e['target_ratio']:g}", _fmt(e.get("realized_ratio"), ".3f"),
-                      _fmt(e.get("flops_fraction"), ".3f"), *[_pct(e["tasks"][t][PRIMARY[t]], 1) for t in tasks],
-                      _pct(e["avg"]), _diff(delta["avg"] if delta else None),
+                      _fmt(e.get("flops_fraction"), ".3f"), _pct(e["avg"]), _diff(delta["avg"] if delta else None),
                       _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None), _fmt(e.get("ppl"), ".2f"),
                       _fmt(e.get("kl"), ".4f"))
     run.console.print(table)
@@ -906,7 +903,9 @@ def run_experiment(args) -> dict:
     root = Path(args.out) if args.out else Path("runs") / recipe["name"]
     docs = Path(args.docs if args.docs is not None else "docs")
     quiet = getattr(args, "json", False)
-    console = Console(quiet=quiet, highlight=False)
+    import sys
+
+    console = Console(quiet=quiet, highlight=False, width=None if sys.stdout.isatty() else 140)
     run = Run(recipe, root, docs, progress=not getattr(args, "no_progress", False), console=console)
     _check_run_dir(recipe, root, args.resume, args.only)
     command = _command(args)

@@ -267,3 +267,20 @@ def test_shipped_recipe_is_valid():
         raise
     assert r["ratios"] == [0.5, 0.6, 0.7, 0.8, 1.0] and r["quantization"]["formats"] == ["int4-awq", "int3"]
     assert r["eval"]["limit"] is None and len(r["eval"]["tasks"]) == 7 and r["methods"] == ["qtale", "dllm"]
+
+
+def test_lora_recipe_trains_an_all_layers_reference(tiny_dir, tmp_path, fake_docs):
+    pytest.importorskip("peft")
+    r = tiny_recipe(tiny_dir, tmp_path, methods=["qtale"])
+    r["train"]["lora_rank"] = 2
+    recipe = write_recipe(tmp_path, r)
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2"))
+    res = json.loads((tmp_path / "docs" / "results.json").read_text())
+    ref = json.loads((tmp_path / "run" / "train" / "reference" / "qtale.json").read_text())
+    cfg = ref["training"]["config"]
+    assert cfg["target_ratio"] == 1.0 and cfg["lambda1"] == 0.0 and cfg["lambda2"] == 0.0 and cfg["lora_rank"] == 2
+    assert (tmp_path / "run" / "quant" / "reference-int3" / "adapter").is_dir()
+    by = {c["id"]: c for c in res["configs"]}
+    assert by["qtale/int3/1.0"]["same_as"] is None  # LoRA differs per run: evaluated on its own
+    assert by["qtale/int3/1.0"]["realized_ratio"] == 1.0
+    assert "LoRA" in res["reference"] and set(res["training"]) == {"qtale", "reference"}
