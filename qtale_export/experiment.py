@@ -163,8 +163,9 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise QtaleError("recipe: 'train.data' lists no files")
     train["data"] = [_resolve_data(d, here, "training data") for d in data]
     for k in ("steps", "batch_size", "grad_accum", "seq_len", "lora_rank", "save_every", "lambda1_warmup"):
-        if not isinstance(train[k], int) or isinstance(train[k], bool) or train[k] < 0:
-            raise QtaleError(f"recipe: 'train.{k}' must be a non-negative integer, got {train[k]!r}")
+        low = 0 if k in ("lora_rank", "lambda1_warmup") else 1
+        if not isinstance(train[k], int) or isinstance(train[k], bool) or train[k] < low:
+            raise QtaleError(f"recipe: 'train.{k}' must be an integer >= {low}, got {train[k]!r}")
     for k in ("lr", "lambda1", "lambda2", "tau", "weight_decay", "target_ratio"):
         try:
             train[k] = float(train[k])

@@ -221,6 +221,7 @@ def test_paired_difference_by_hand():
     (lambda r: r["eval"].update(limit=0), "eval.limit"),
     (lambda r: r["train"].update(data=["missing.json"]), "training data 'missing.json' not found"),
     (lambda r: r["train"].update(stepz=3), "unknown key 'train.stepz'"),
+    (lambda r: r["train"].update(save_every=0), "train.save_every' must be an integer >= 1"),
     (lambda r: r.update(colour="red"), "unknown key 'colour'"),
 ])
 def test_bad_recipes(tiny_dir, tmp_path, edit, match):
