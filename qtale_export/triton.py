@@ -10,13 +10,13 @@ The graph models have max_batch_size 0 (explicit -1 dims): exec_mask [layers, ba
 past_exec do not have the batch first, which Triton's batcher requires; batching happens in the
 router. Every config.pbtxt is parsed with tritonclient's ModelConfig protobuf before the
 repository is renamed into place (written in a temporary folder next to --out). Graph files are
-hard-linked from the export when the file system allows it, else copied. No PyTorch.
+copied, not hard-linked: ONNX Runtime refuses some hard-linked external-data files (decode graphs
+whose DequantizeLinear weights live inside If branches). No PyTorch.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -134,10 +134,7 @@ def validate_config(text: str, where: str = "config.pbtxt"):
 # ---- repository ----------------------------------------------------------------------------------
 def _place(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    shutil.copy2(src, dst)
 
 
 def _graph_files(folder: Path, manifest: dict, graph: str) -> list[str]:
@@ -196,7 +193,6 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
                                          f"run `qtale build {folder} --graph {g}` first")
             table = m.get("theta_table") or {}
             wanted = ratios if ratios else sorted({float(k) for k in table} | {1.0}, reverse=True)
-            placed: dict[str, Path] = {}
             for r in wanted:
                 r = check_ratio(r)
                 sel = select_theta(table, r)
@@ -212,10 +208,8 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
                         files = [engines[g]["file"]]
                     else:
                         files = _graph_files(folder, m, g)
-                    for f in files:  # the first variant links the export's file, the others link that one
-                        src = placed.get(f, folder / f)
-                        _place(src, ver / Path(f).name)
-                        placed.setdefault(f, ver / Path(f).name)
+                    for f in files:
+                        _place(folder / f, ver / Path(f).name)
                     params = {"theta": v["theta"], "execution_ratio": r, "precision": prec, "graph": g,
                               "routed_layers": json.dumps(m["model"].get("routed_layers") or [])}
                     if backend == "python":

@@ -43,4 +43,5 @@ def spread_routers(model, std: float = 1.0, seed: int = 0) -> None:
     with torch.no_grad():
         for r in model.routers.values():
             r.down.weight.copy_(torch.randn(r.down.weight.shape, generator=g) * std)
+            r.down.bias.copy_(torch.randn(r.down.bias.shape, generator=g) * std)
             r.out.weight.copy_(torch.randn(r.out.weight.shape, generator=g) * std)
