@@ -96,16 +96,21 @@ def text_examples(text: str, tokenizer, seq_len: int) -> list[Example]:
     return [Example(c, list(c)) for c in chunks if len(c) >= 8]
 
 
+def pad(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [len(seqs), longest] token tensor (padding `fill`, default pad_id) + attention mask."""
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), pad_id if fill is None else fill, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels."""
-    n = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    labels = torch.full((len(examples), n), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.ids)] = torch.tensor(e.ids)
-        mask[i, :len(e.ids)] = 1
-        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+    ids, mask = pad([e.ids for e in examples], pad_id)
+    labels, _ = pad([e.labels for e in examples], pad_id, fill=-100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .data import pad as pad_tokens
 from .errors import QtaleError
 from .tasks import AVG7, PRIMARY, STYLES, Item, build_items, load_docs, parse_tasks
 
@@ -210,12 +211,7 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
     model.eval()
 
     def padded(seqs):
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for r, x in enumerate(seqs):
-            ids[r, :len(x)] = torch.tensor(x)
-            mask[r, :len(x)] = 1
+        ids, mask = pad_tokens(seqs, pad)
         return ids.to(device), mask.to(device)
 
     def record(i, rows: torch.Tensor):
@@ -344,13 +340,7 @@ def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: i
     count = 0
     model.reset_stats()
     for s in range(0, len(wins), batch_size):
-        chunk = wins[s:s + batch_size]
-        n = max(map(len, chunk))
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, w in enumerate(chunk):
-            ids[r, :len(w)] = torch.tensor(w)
-            mask[r, :len(w)] = 1
+        ids, mask = pad_tokens(wins[s:s + batch_size], pad)
         logp = F.log_softmax(model(ids, attention_mask=mask, theta=theta).logits[:, :-1].float(), -1)
         snap = (model._executed.clone(), model._tokens, model._flops.clone())
         ref = F.log_softmax(ref_model(ids, attention_mask=mask, execute_all=True).logits[:, :-1].float(), -1)

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import QtaleError
+from .ratios import check_ratio
 
 STAGES = ("train", "calibrate", "quantize", "recalibrate", "eval", "report")
 SCHEMA = "qtale-results/1"
@@ -98,12 +99,9 @@ def _read_json(path: Path):
 
 def _check_ratio(value) -> float:
     try:
-        r = float(value)
-    except (TypeError, ValueError):
-        raise QtaleError(f"recipe: invalid ratio '{value}': must be a number in (0, 1]") from None
-    if not 0.0 < r <= 1.0 or r != r:
-        raise QtaleError(f"recipe: invalid ratio '{value}': must be in (0, 1]")
-    return r
+        return check_ratio(value)
+    except QtaleError as exc:
+        raise QtaleError(f"recipe: {exc}") from None
 
 
 # ---- the recipe ------------------------------------------------------------------------------
@@ -670,7 +668,7 @@ def render_markdown(res: dict) -> str:
               "Accuracies in points (%). Δ = paired difference on the same items vs the all-layers model of the "
               "same format (quant-only; dense fp for fp rows), ± its standard error. theta re-calibrated after "
               "quantization for both routed methods.", "",
-              f"| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
+              "| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
               + f" | {avg_name} | Δ vs all-layers | Δ vs D-LLM | ppl | KL |",
               "|" + "---|" * (len(tasks) + 9)]
     for e in res["configs"]:

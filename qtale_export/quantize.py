@@ -27,7 +27,6 @@ torch.dtype objects and tuples (not JSON), and torch.save would need pickle.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import re
 import time
@@ -216,16 +215,9 @@ def calibration_batches(texts: list[str], tokenizer, max_length: int = 512, batc
     if not enc:
         raise QtaleError("calibration data is empty after tokenization")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for s in range(0, len(enc), batch_size):
-        chunk = enc[s:s + batch_size]
-        n = max(map(len, chunk))
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, e in enumerate(chunk):
-            ids[r, :len(e)] = torch.tensor(e)
-            mask[r, :len(e)] = 1
-        batches.append((ids, mask))
+    from .data import pad as pad_tokens
+
+    batches = [pad_tokens(enc[s:s + batch_size], pad) for s in range(0, len(enc), batch_size)]
     return batches, sum(map(len, enc))
 
 

@@ -6,7 +6,6 @@ run_verify returns the report with "ok" false when out of tolerance (the CLI exi
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -195,18 +194,7 @@ def run_verify(args) -> dict:
     return verify_export(args.dir, thetas=args.theta, decode_steps=args.decode_steps)
 
 
-def main(argv=None) -> int:
-    """Console script `qtale-export`: export, print the manifest's verification as JSON."""
-    parser = add_export_arguments(argparse.ArgumentParser(prog="qtale-export", description=__doc__))
-    args = parser.parse_args(argv)
-    try:
-        data = run_export(args)
-    except QtaleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(args.out), "verification": data["verification"]}, indent=2))
-    return 0
+if __name__ == "__main__":  # python -m qtale_export.export.main: the same program as qtale-export
+    from ..cli import export_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export_main())

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import QtaleError
 from . import ort_ops
 from .graphs import quantizable
 from .manifest import read_manifest
