@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import QtaleError
 
 QTALE_DOMAIN = "qtale"
+MS_DOMAIN = "com.microsoft"  # MatMulNBits (quantized checkpoints, --target ort-cpu)
 PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": "qtale"}
 NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
            np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
@@ -57,7 +58,9 @@ class Weights:
     """numpy copies of every tensor the graphs need (fp32); linear weights in torch layout [out, in]."""
     spec: Spec
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
-    quantized: dict[str, dict] = field(default_factory=dict)  # param -> {"amax": ...} from modelopt
+    # projection -> quantizer state: {"amax"} of a modelopt weight quantizer; for a `qtale quantize`
+    # checkpoint also "format", AWQ's "pre_quant_scale" and INT3's "rtn_scale" (precision.checkpoint_grid)
+    quantized: dict[str, dict] = field(default_factory=dict)
 
 
 def _np(t) -> np.ndarray:
@@ -89,6 +92,8 @@ def extract(model) -> Weights:
         tied=lm.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr())
     w = Weights(spec)
     t = w.tensors
+    info = getattr(model, "quantization_info", None) or {}
+    fmt = info.get("format")
 
     def linear(name, mod):
         t[f"{name}.weight"] = _np(mod.weight)
@@ -98,6 +103,12 @@ def extract(model) -> Weights:
         amax = getattr(wq, "amax", None) if wq is not None else None
         if amax is not None and getattr(wq, "is_enabled", True):
             w.quantized[name] = {"amax": _np(amax)}
+            if fmt:
+                w.quantized[name]["format"] = fmt
+                iq = getattr(mod, "input_quantizer", None)
+                pqs = getattr(iq, "pre_quant_scale", None) if iq is not None else None
+                if pqs is not None:
+                    w.quantized[name]["pre_quant_scale"] = _np(pqs).reshape(-1)
 
     t["embed"] = _np(dec.embed_tokens.weight)
     t["norm.weight"] = _np(dec.norm.weight)
@@ -117,6 +128,19 @@ def extract(model) -> Weights:
             t[f"{p}.k_norm.weight"] = _np(a.k_norm.weight)
         for n in ("gate_proj", "up_proj", "down_proj"):
             linear(f"{p}.{n}", getattr(layer.mlp, n))
+    if fmt == "int3":  # qtale-rtn: the stored per-group scales (the weights are codes * scale)
+        import re
+
+        from ..quantize import INT3_PREFIX
+
+        for key, sc in (getattr(model, "quantizer_tensors", None) or {}).items():
+            m = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)(?:\.base_layer)?\.scale$", key)
+            if key.startswith(INT3_PREFIX) and m:
+                w.quantized[f"layers.{m.group(1)}.{m.group(2)}"] = {"format": fmt, "rtn_scale": _np(sc)}
+    if fmt and fmt != "int3":
+        missing = [n for n in w.quantized if "format" not in w.quantized[n]]
+        if missing:
+            raise QtaleError(f"quantized checkpoint: no quantizer state for {missing[0]}")
     for i in spec.routed:
         r = model.routers[str(i)]
         p = f"router.{i}"
@@ -148,6 +172,7 @@ class Builder:
         self._consts: dict = {}
         self.weight_fn = weight_fn  # (builder, x, name, W [out,in] fp32) -> y, the precision policy
         self.custom = False
+        self.ms = False
         self.local: dict | None = None  # initializers of the If branch being built
         self._local_q: set = set()
 
@@ -162,6 +187,8 @@ class Builder:
                                            **attrs))
         if domain == QTALE_DOMAIN:
             self.custom = True
+        if domain == MS_DOMAIN:
+            self.ms = True
         return outs[0] if n_out == 1 else outs
 
     def init(self, name: str, arr: np.ndarray) -> str:
@@ -236,6 +263,8 @@ class Builder:
         opsets = [helper.make_opsetid("", self.opset)]
         if self.custom:
             opsets.append(helper.make_opsetid(QTALE_DOMAIN, 1))
+        if self.ms:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         m = helper.make_model(graph, opset_imports=opsets, producer_name="qtale-export")
         m.ir_version = min(m.ir_version, 10)
         return m

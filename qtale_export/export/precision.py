@@ -5,6 +5,13 @@ and lm_head stay in the activation dtype. The DequantizeLinear forms are what Te
 INT4 blocked along the input dim (block 128 where it divides, else 64, else 32; opset 21),
 INT8 and FP8 (E4M3FN) per output channel, all symmetric (no zero point). For ONNX Runtime on CPU
 INT4 becomes onnxruntime's MatMulNBits, made by onnxruntime's own MatMulNBitsQuantizer.
+
+Quantized checkpoints (`qtale quantize`) are not re-quantized: `checkpoint_grid` recomputes the
+checkpoint's own integer codes and scales exactly as the PyTorch model applies them (modelopt:
+codes = clamp(round(w * qmax/amax), +-qmax) per block/channel, FP8: e4m3(w * 448/amax); INT3
+"qtale-rtn": the stored scales), and those codes are lowered as they are: INT4/INT3 into blocked
+DequantizeLinear (tensorrt) or MatMulNBits packed here (ort-cpu, block = the checkpoint's group
+size), INT8/FP8 into per-channel DequantizeLinear. AWQ's pre_quant_scale becomes a Mul on the input.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..errors import QtaleError
-from .graphs import Builder, quantizable
+from .graphs import MS_DOMAIN, Builder, quantizable
 
 PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 TARGETS = ("ort-cpu", "tensorrt")
@@ -80,13 +87,129 @@ def quantize_weight(wt: np.ndarray, precision: str, amax: np.ndarray | None = No
     raise QtaleError(f"unknown weight quantization '{precision}'")
 
 
+# ---- quantized checkpoints: the checkpoint's own grid -----------------------------------------
+# checkpoint format -> export precision family
+FORMAT_PRECISION = {"int4": "int4", "int4-awq": "int4", "int3": "int4", "int8": "int8", "fp8": "fp8"}
+_EPS = 1.0 / (1 << 24)  # modelopt: amax at or below this quantizes to 0
+
+
+def checkpoint_precision(info: dict | None) -> str | None:
+    """The export precision of a quantized checkpoint's format (None: not quantized)."""
+    if not info:
+        return None
+    fmt = str(info.get("format", "")).lower()
+    if fmt not in FORMAT_PRECISION:
+        raise QtaleError(f"checkpoint quantization format '{info.get('format')}' has no ONNX lowering")
+    return FORMAT_PRECISION[fmt]
+
+
+def checkpoint_grid(w: np.ndarray, entry: dict) -> dict:
+    """The codes and scales the PyTorch quantized model applies to W [N, K] (fp32), recomputed with
+    the same fp32 arithmetic: {"codes": [N, K] int8 (or float8_e4m3fn), "scale": [N, n_blocks] fp32,
+    "block": K / n_blocks, "bits": 3/4/8, "fp8": bool}; codes * scale reproduces the fake-quantized
+    weight (modelopt divides by qmax/amax instead of multiplying by amax/qmax: <= 1 ulp apart)."""
+    import torch
+
+    wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    n, k = wt.shape
+    fmt = entry["format"]
+    if fmt == "int3":  # qtale-rtn: the weight is codes * stored scale already
+        bits = 3
+        scale = torch.from_numpy(np.asarray(entry["rtn_scale"], np.float32)).reshape(n, -1)
+        nb = scale.shape[1]
+        qmax = 2 ** (bits - 1) - 1
+        codes = torch.clamp(torch.round(wt.reshape(n, nb, k // nb) / scale[..., None]), -qmax, qmax)
+        return {"codes": codes.reshape(n, k).to(torch.int8).numpy(), "scale": scale.numpy(),
+                "block": k // nb, "bits": bits, "fp8": False}
+    amax = torch.from_numpy(np.asarray(entry["amax"], np.float32)).reshape(-1)
+    if amax.numel() % n or k % (amax.numel() // n):
+        raise QtaleError(f"quantizer amax of shape {tuple(entry['amax'].shape)} does not fit a [{n}, {k}] weight")
+    nb = amax.numel() // n
+    amax = amax.reshape(n, nb, 1)
+    wb = wt.reshape(n, nb, k // nb)
+    zero = amax <= _EPS
+    if fmt == "fp8":  # modelopt _fp8_eager
+        mult = 448.0 / torch.where(zero, torch.ones_like(amax), amax)
+        inv = 1 / mult
+        codes = (wb * mult).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return {"codes": codes.reshape(n, k).float().numpy().astype(ml_dtypes.float8_e4m3fn),
+                "scale": inv[..., 0].numpy(), "block": k // nb, "bits": 8, "fp8": True}
+    bits = 4 if fmt in ("int4", "int4-awq") else 8
+    qmax = float(2 ** (bits - 1) - 1)
+    mult = qmax / amax  # modelopt _tensor_quant: scale = max_bound / amax, narrow range
+    mult = torch.where(zero, torch.zeros_like(mult), mult)
+    codes = torch.clamp(torch.round(wb * mult), -qmax, qmax)
+    scale = torch.where(zero, torch.ones_like(mult), 1 / torch.where(zero, torch.ones_like(mult), mult))
+    return {"codes": codes.reshape(n, k).to(torch.int8).numpy(), "scale": scale[..., 0].numpy(),
+            "block": k // nb, "bits": bits, "fp8": False}
+
+
+def grid_dequant(grid: dict) -> np.ndarray:
+    """codes * scale [N, K] fp32 (what the exported graphs compute)."""
+    c = grid["codes"].astype(np.float32)
+    n, k = c.shape
+    return (c.reshape(n, -1, grid["block"]) * grid["scale"][..., None]).reshape(n, k)
+
+
+def pack_matmul_nbits(codes: np.ndarray, block: int) -> np.ndarray:
+    """Signed 4-bit codes [N, K] (-8..7) -> MatMulNBits B uint8 [N, K/block, block/2]: unsigned
+    code + 8 (the default zero point of a symmetric 4-bit MatMulNBits), element 2j in the low and
+    2j+1 in the high nibble."""
+    n, k = codes.shape
+    u = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(n, k // block, block)
+    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
+
+
+def _lower_grid(b: Builder, x: str, name: str, grid: dict, target: str) -> str:
+    n, k = grid["codes"].shape
+    bs = grid["block"]
+    if grid["bits"] <= 4 and target == "ort-cpu":
+        if bs < 16 or bs & (bs - 1):
+            raise QtaleError(f"{name}: group size {bs} is not a MatMulNBits block size (power of two >= 16)")
+        bn = b.init(f"{name}.weight_nbits", pack_matmul_nbits(grid["codes"], bs))
+        sn = b.init(f"{name}.weight_nbits_scales", grid["scale"].reshape(-1).astype(b.act))
+        return b.op("MatMulNBits", [x, bn, sn], name=f"{name}/MatMulNBits", domain=MS_DOMAIN,
+                    K=k, N=n, bits=4, block_size=bs, accuracy_level=4)
+    codes_t = np.ascontiguousarray(grid["codes"].T)  # [K, N]
+    if grid["fp8"]:
+        q = codes_t
+    else:
+        q = codes_t.astype(ml_dtypes.int4 if grid["bits"] <= 4 else np.int8)
+    if grid["scale"].shape[1] == 1:  # per output channel
+        scale, attrs = np.ascontiguousarray(grid["scale"][:, 0]), {"axis": 1}
+    else:
+        scale, attrs = np.ascontiguousarray(grid["scale"].T), {"axis": 0, "block_size": bs}
+    qn = b.init(f"{name}.weight_q", q)
+    sn = b.init(f"{name}.weight_scale", scale.astype(np.float32))
+    deq = b.op("DequantizeLinear", [qn, sn], name=f"{name}/DequantizeLinear", **attrs)
+    return b.op("MatMul", [x, deq], name=f"{name}/MatMul")
+
+
 def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
-    """The Builder callback that lowers `x @ W.T` for one projection under `precision`."""
+    """The Builder callback that lowers `x @ W.T` for one projection under `precision`.
+
+    `quantized` (graphs.Weights.quantized): per projection, the checkpoint's quantizer state; when
+    it comes from `qtale quantize` (entries with "format") the checkpoint's grid is lowered as is."""
     quantized = quantized or {}
     act = np.dtype(activation_dtype(precision))
     dq_form = precision in ("int8", "fp8") or (precision == "int4" and target == "tensorrt")
+    fmts = {e["format"] for e in quantized.values() if "format" in e}
+    if fmts:
+        fams = {FORMAT_PRECISION.get(f) for f in fmts}
+        if fams != {precision}:
+            raise QtaleError(f"the checkpoint is quantized to {'/'.join(sorted(fmts))}; export it with "
+                             f"--precision {'/'.join(sorted(str(f) for f in fams))}, not {precision}")
 
     def fn(b: Builder, x: str, name: str, w: np.ndarray) -> str:
+        if fmts and quantizable(name):
+            entry = quantized.get(name)
+            if entry is None:
+                raise QtaleError(f"the quantized checkpoint has no quantizer state for {name}")
+            pqs = entry.get("pre_quant_scale")
+            if pqs is not None:  # AWQ: the input quantizer scales x (the weight holds 1/pqs)
+                x = b.op("Mul", [x, b.init(f"{name}.pre_quant_scale", np.asarray(pqs, act).reshape(-1))],
+                         name=f"{name}/PreQuantScale")
+            return _lower_grid(b, x, name, checkpoint_grid(w, entry), target)
         wt = np.ascontiguousarray(w.T)
         node = f"{name}/MatMul"
         if dq_form and quantizable(name):
@@ -111,6 +234,8 @@ def to_matmul_nbits(model: onnx.ModelProto, ks: list[int]) -> onnx.ModelProto:
     nodes = [n.name for n in model.graph.node
              if n.op_type == "MatMul" and quantizable(n.name.rsplit("/", 1)[0])]
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
+    if not nodes and any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        return model  # a quantized checkpoint's grid, lowered by make_weight_fn already
     block = matmul_nbits_block(ks)
     level = logging.getLogger().level
     try:

@@ -1,7 +1,9 @@
 """Check an export folder against the PyTorch routed model: prefill and decode, several thetas.
 
-Reference: the checkpoint's RoutedModel in fp32. For INT4/INT8/FP8 exports its decoder projections
-get the export's own dequantized weights (read back from prefill.onnx by running each weight's
+Reference: the checkpoint's RoutedModel in fp32. A quantized checkpoint (`qtale quantize`) is its
+own reference, quantizers enabled: the export must reproduce the checkpoint's grid, so lowering it
+to other codes or scales (or quantizing twice) fails here. For INT4/INT8/FP8 exports of a float
+checkpoint the decoder projections get the export's own dequantized weights (read back from prefill.onnx by running each weight's
 DequantizeLinear / MatMulNBits on an identity matrix), so the comparison isolates the graph from
 the quantization error; fp16 exports are compared with the fp32 model under a relative tolerance.
 Exec masks must be identical except where the reference P(execute) lies within `tie` of theta
@@ -86,6 +88,8 @@ def reference_model(manifest: dict, folder: Path, model=None):
         model = qtale_export.load(manifest["checkpoint"])
     if manifest["precision"] not in ("int4", "int8", "fp8"):
         return model
+    if getattr(model, "quantization_info", None):  # the quantized checkpoint itself (fake quant)
+        return model.eval()
     weights = dequantized_weights(folder / manifest["graphs"]["prefill"]["file"])
     ref = copy.deepcopy(model)
     layers = ref.causal_lm.model.layers
@@ -118,6 +122,7 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
     manifest = read_manifest(folder, verify=check_files)
     precision = manifest["precision"]
     ref = reference_model(manifest, folder, model)
+    quantized_ckpt = bool(getattr(ref, "quantization_info", None))
     tok = ref.tokenizer
     if tok is None:
         from transformers import AutoTokenizer
@@ -187,7 +192,9 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
     report = {
         "ok": all(c["ok"] for c in cases),
         "precision": precision, "ops": manifest["ops"],
-        "reference": ("pytorch fp32 with the export's dequantized weights" if precision in ("int4", "int8", "fp8")
+        "reference": (f"pytorch quantized checkpoint ({ref.quantization_info.get('format')}, quantizers enabled)"
+                      if quantized_ckpt else
+                      "pytorch fp32 with the export's dequantized weights" if precision in ("int4", "int8", "fp8")
                       else "pytorch fp32"),
         "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": MIN_TOP1[precision]},
         "prompts": int(ids.shape[0]), "tokens": int(mask.sum()), "decode_steps": decode_steps,

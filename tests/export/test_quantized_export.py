@@ -1,0 +1,103 @@
+"""Quantized checkpoints (`qtale quantize`) export on the checkpoint's own grid: ONNX Runtime
+reproduces the PyTorch quantized model (fake quant), and verification compares against it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qtale_export
+from qtale_export import checkpoint
+from qtale_export.errors import QtaleError
+from qtale_export.export import main as export_main
+from qtale_export.export import ort_ops
+from qtale_export.export.graphs import extract
+from qtale_export.export.precision import checkpoint_grid, checkpoint_precision, grid_dequant
+from qtale_export.export.verify import verify_export
+from qtale_export.quantize import quantize, quantizer_tensors
+
+from qtale_testing import spread_routers
+
+ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def quantized_ckpt(tiny_dir, tmp_path_factory):
+    cache = {}
+
+    def get(fmt):
+        if fmt not in cache:
+            model = qtale_export.load(tiny_dir)
+            spread_routers(model)
+            model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+            info = quantize(model, fmt, [], model.tokenizer)
+            cache[fmt] = checkpoint.save(model, tmp_path_factory.mktemp("qckpt") / fmt, quantization=info,
+                                         extra_tensors=quantizer_tensors(model))
+        return cache[fmt]
+    return get
+
+
+@pytest.fixture
+def int3_lowering(monkeypatch):
+    # main._quant_precision has no INT3 entry; precision.checkpoint_precision maps int3 -> int4
+    monkeypatch.setattr(export_main, "_quant_precision", checkpoint_precision)
+
+
+def _batch(model, n=3, t=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.hf_config.vocab_size, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # one left-padded row
+    return ids, mask
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int8"])
+def test_grid_reproduces_fake_quant(quantized_ckpt, fmt):
+    model = qtale_export.load(quantized_ckpt(fmt))
+    w = extract(model)
+    layer = model.causal_lm.model.layers[1]
+    for proj, mod in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj)):
+        grid = checkpoint_grid(w.tensors[f"layers.1.{proj}.weight"], w.quantized[f"layers.1.{proj}"])
+        qmax = 2 ** (grid["bits"] - 1) - 1
+        assert np.abs(grid["codes"]).max() <= qmax
+        with torch.no_grad():
+            fq = mod.weight_quantizer(mod.weight) if hasattr(mod, "weight_quantizer") else mod.weight
+        np.testing.assert_allclose(grid_dequant(grid), fq.detach().float().numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt,target", [("int4", "ort-cpu"), ("int4", "tensorrt"), ("int3", "ort-cpu")])
+def test_quantized_export_matches_pytorch(quantized_ckpt, tmp_path, fmt, target, int3_lowering):
+    ckpt = quantized_ckpt(fmt)
+    model = qtale_export.load(ckpt)
+    out = tmp_path / f"{fmt}-{target}"
+    manifest = export_main.export(model, out, checkpoint=str(ckpt), ratio=0.6, precision="int4", target=target)
+    assert manifest["verification"]["ok"]
+    assert "quantized checkpoint" in manifest["verification"]["reference"]
+    import onnx
+
+    types = {n.op_type for n in onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph.node}
+    assert ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear") in types
+    sess = ort_ops.session(out / "prefill.onnx", exact=True)
+    ids, mask = _batch(model)
+    diffs = []
+    for th in (0.0, 0.5):
+        theta = torch.full((ids.shape[0],), th)
+        with torch.no_grad():
+            ref = model(ids, mask, theta=theta).logits.numpy()
+        got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                    "theta": theta.numpy()})[0]
+        valid = mask.bool().numpy()
+        diffs.append(float(np.abs(got - ref)[valid].max()))
+    print(f"{fmt} {target}: max |ORT - PyTorch quantized| at theta 0 / 0.5: {diffs}")
+    assert max(diffs) <= ATOL, diffs
+    # the export folder verifies on its own (reference: the checkpoint, reloaded from disk)
+    report = verify_export(out, thetas=[0.0, 0.5], decode_steps=2)
+    assert report["ok"], report
+
+
+def test_precision_mismatch_refused(quantized_ckpt, tmp_path):
+    ckpt = quantized_ckpt("int4")
+    model = qtale_export.load(ckpt)
+    with pytest.raises(QtaleError, match="int4"):
+        export_main.export(model, tmp_path / "x", checkpoint=str(ckpt), precision="int8")
+    assert not (tmp_path / "x").exists()
