@@ -47,13 +47,9 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def _quant_precision(info: dict | None) -> str | None:
-    if not info:
-        return None
-    fmt = str(info.get("format", "")).lower()
-    for p in ("int4", "int8", "fp8"):
-        if p in fmt:
-            return p
-    raise QtaleError(f"checkpoint quantization format '{info.get('format')}' has no ONNX lowering")
+    from .precision import checkpoint_precision
+
+    return checkpoint_precision(info)
 
 
 def check_options(ratio, precision, ops, target, opset, out, force, theta=None) -> tuple[str, str]:
@@ -150,7 +146,9 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
                                   "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
                       "int4_block": (matmul_nbits_block([s.hidden, s.heads * s.head_dim]) if precision == "int4"
-                                     else None)},
+                                     else None),
+                      # a quantized checkpoint keeps its own groups per layer type (qtale quantize)
+                      "group_sizes": (model.quantization_info or {}).get("group_size")},
             "files": checksums(tmp),
             "engines": [],
             "tools": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -12,7 +12,7 @@ from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
 from qtale_export.export.graphs import extract
-from qtale_export.export.precision import checkpoint_grid, checkpoint_precision, grid_dequant
+from qtale_export.export.precision import checkpoint_grid, grid_dequant
 from qtale_export.export.verify import verify_export
 from qtale_export.quantize import quantize, quantizer_tensors
 
@@ -35,12 +35,6 @@ def quantized_ckpt(tiny_dir, tmp_path_factory):
                                          extra_tensors=quantizer_tensors(model))
         return cache[fmt]
     return get
-
-
-@pytest.fixture
-def int3_lowering(monkeypatch):
-    # main._quant_precision has no INT3 entry; precision.checkpoint_precision maps int3 -> int4
-    monkeypatch.setattr(export_main, "_quant_precision", checkpoint_precision)
 
 
 def _batch(model, n=3, t=14, seed=0):
@@ -66,7 +60,7 @@ def test_grid_reproduces_fake_quant(quantized_ckpt, fmt):
 
 
 @pytest.mark.parametrize("fmt,target", [("int4", "ort-cpu"), ("int4", "tensorrt"), ("int3", "ort-cpu")])
-def test_quantized_export_matches_pytorch(quantized_ckpt, tmp_path, fmt, target, int3_lowering):
+def test_quantized_export_matches_pytorch(quantized_ckpt, tmp_path, fmt, target):
     ckpt = quantized_ckpt(fmt)
     model = qtale_export.load(ckpt)
     out = tmp_path / f"{fmt}-{target}"
