@@ -12,9 +12,10 @@ from .routing import RoutedModel, RouterConfig
 PRETRAINED = Path(__file__).parent / "pretrained"
 
 
-def new_routed(base: str | os.PathLike = DEFAULT_MODEL, config: RouterConfig | None = None) -> RoutedModel:
-    """The base model with fresh (untrained) routers."""
-    hf, tokenizer, folder = load_base(base)
+def new_routed(base: str | os.PathLike = DEFAULT_MODEL, config: RouterConfig | None = None,
+               dtype=None) -> RoutedModel:
+    """The base model (float32 unless `dtype`) with fresh (untrained) routers (always float32)."""
+    hf, tokenizer, folder = load_base(base, dtype)
     model = RoutedModel(hf, config)
     model.tokenizer = tokenizer
     base_id = str(base) if str(base) in EMBEDDED else str(Path(folder).resolve())

@@ -62,6 +62,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-ratio", type=ratio_arg, default=d.target_ratio, help="Omega")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model (FSDP2)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="base weights (bfloat16 for large models on GPUs; routers stay float32)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.add_argument("--json", action="store_true")

@@ -92,15 +92,27 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def base_sha256(folder: Path, model) -> str:
-    """sha256 of the base weights, cached for the embedded default (its copy never changes)."""
+    """Identity of the base weights, independent of the dtype they are loaded in: the recorded hash
+    of the embedded default's converted copy, else a sha256 over the folder's weight files."""
     info = folder / "qtale_base.json"
     if info.is_file():
         try:
             return json.loads(info.read_text())["sha256"]
         except (ValueError, KeyError):
             pass
-    return weights_sha256(model)
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        return weights_sha256(model)
+    from .checkpoint import file_sha256
+
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}|{file_sha256(p)}|".encode())
+    return h.hexdigest()
 
 
 def load_base(name_or_path: str | os.PathLike, dtype=None):

@@ -54,6 +54,7 @@ class TrainConfig:
     keep_initial: int = 2
     router_hidden: int = 64
     fsdp: bool = False  # shard the base model across processes (torchrun) instead of replicating it
+    dtype: str = "float32"  # base weights: float32 | bfloat16 (large models on GPUs); routers stay fp32
 
     def validate(self) -> None:
         if self.method not in ("qtale", "dllm"):
@@ -66,6 +67,8 @@ class TrainConfig:
             raise QtaleError("steps must be >= 0, batch size and grad accumulation >= 1, seq_len >= 16")
         if not self.data:
             raise QtaleError("no training data given (--data FILE ...)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise QtaleError(f"unknown dtype '{self.dtype}' (float32 or bfloat16)")
         if self.fsdp and self.lora_rank:
             raise QtaleError("--fsdp with --lora-rank is not supported yet: train LoRA with DDP")
 
@@ -105,10 +108,19 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def device() -> torch.device:
+    """This process's accelerator under torchrun (LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def init_distributed() -> tuple[int, int]:
     rank, world = dist_info()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device())
         torch.distributed.init_process_group(backend)
     return rank, world
 
@@ -119,7 +131,9 @@ def build_model(cfg: TrainConfig) -> RoutedModel:
 
     model = new_routed(cfg.model, RouterConfig(first_routed_layer=cfg.first_routed_layer,
                                                keep_initial=cfg.keep_initial,
-                                               router_hidden=cfg.router_hidden, tau=cfg.tau))
+                                               router_hidden=cfg.router_hidden, tau=cfg.tau),
+                       dtype=getattr(torch, cfg.dtype))
+    model.to(device())
     for p in model.base.parameters():
         p.requires_grad_(False)
     if cfg.lora_rank:
@@ -243,7 +257,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume:
-        load_optimizer_state(model, optimizer, torch.load(out / OPTIMIZER, weights_only=True), sharded)
+        load_optimizer_state(model, optimizer, torch.load(out / OPTIMIZER, weights_only=True, map_location="cpu"),
+                             sharded)
     model.train()
     started = time.time()
     losses: dict = {}
@@ -255,7 +270,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         lambda1 = cfg.lambda1 * warm
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            b = batch_for(examples, step, micro, cfg, rank, world, tokenizer.pad_token_id)
+            b = {k: v.to(device()) for k, v in
+                 batch_for(examples, step, micro, cfg, rank, world, tokenizer.pad_token_id).items()}
             valid = b["attention_mask"].bool()
             vf = valid.float()
             o = runner(b["input_ids"], attention_mask=b["attention_mask"],
