@@ -106,6 +106,27 @@ def test_export_matches_pytorch(exported, spread_model, precision, ops, target):
                                        r.past_key_values[i][0].numpy(), atol=atol * 10, rtol=0)
 
 
+def _decode_pairs(m, pre, dec, ids, mask, theta, steps):
+    """Prefill then `steps` greedy decode steps in ONNX Runtime and PyTorch side by side; yields
+    (ORT outputs by name, PyTorch RoutedOutput) for every decode step."""
+    with torch.no_grad():
+        r = m(ids, mask, theta=theta, use_cache=True)
+    got = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {
+        "input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})))
+    L = m.hf_config.num_hidden_layers
+    past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        feeds = {f"past.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
+        feeds.update(past_exec=got["exec_mask"], input_ids=nxt.numpy(), attention_mask=mask.numpy(),
+                     theta=theta.numpy())
+        got = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feeds)))
+        with torch.no_grad():
+            r = m(nxt, mask, past_key_values=past, use_cache=True, theta=theta)
+        yield got, r
+        past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+
+
 @pytest.mark.parametrize("ops", ["standard", "plugin"])
 def test_decode_16_steps(exported, spread_model, ops):
     out = exported("fp32", ops)
@@ -114,27 +135,14 @@ def test_decode_16_steps(exported, spread_model, ops):
     m = spread_model
     ids, mask = _batch(m, n=2, t=9, seed=1)
     theta = torch.tensor([0.4, 0.6])
-    with torch.no_grad():
-        r = m(ids, mask, theta=theta, use_cache=True)
-    names = [o.name for o in pre.get_outputs()]
-    got = dict(zip(names, pre.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})))
     L = m.hf_config.num_hidden_layers
-    past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
     skipped = 0
-    for _ in range(16):
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        feeds = {f"past.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
-        feeds.update(past_exec=got["exec_mask"], input_ids=nxt.numpy(), attention_mask=mask.numpy(),
-                     theta=theta.numpy())
-        got = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feeds)))
-        with torch.no_grad():
-            r = m(nxt, mask, past_key_values=past, use_cache=True, theta=theta)
+    for got, r in _decode_pairs(m, pre, dec, ids, mask, theta, 16):
         np.testing.assert_array_equal(got["exec_mask"], np.stack([p[2].numpy() for p in r.past_key_values]))
         np.testing.assert_allclose(got["logits"], r.logits.numpy(), atol=1e-4, rtol=0)
         for i in (2, L - 1):
             np.testing.assert_allclose(got[f"present.{i}.key"], r.past_key_values[i][0].numpy(), atol=1e-4, rtol=0)
         skipped += int((~got["exec_mask"][2:, :, -1]).sum())
-        past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
     assert skipped > 0  # the decode path did skip layers
 
 
@@ -172,22 +180,9 @@ def test_decode_skips_layers_with_if(exported, spread_model, precision, ops, tar
     pre = ort_ops.session(out / "prefill.onnx", exact=True)
     dec = ort_ops.session(out / "decode.onnx", exact=True)
     atol = {"fp16": 5e-3 * 20}.get(precision, 1e-4)
-    L = m.hf_config.num_hidden_layers
     for theta in (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])):
         ids, mask = _batch(m, n=2, t=9, seed=2)
-        with torch.no_grad():
-            r = m(ids, mask, theta=theta, use_cache=True)
-        got = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {
-            "input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})))
-        past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(6):
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            feeds = {f"past.{i}.{kv}": got[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
-            feeds.update(past_exec=got["exec_mask"], input_ids=nxt.numpy(), attention_mask=mask.numpy(),
-                         theta=theta.numpy())
-            got = dict(zip([o.name for o in dec.get_outputs()], dec.run(None, feeds)))
-            with torch.no_grad():
-                r = m(nxt, mask, past_key_values=past, use_cache=True, theta=theta)
+        for got, r in _decode_pairs(m, pre, dec, ids, mask, theta, 6):
             new = got["exec_mask"][m.layer_ids, :, -1]
             if theta[0] == 1.0:
                 assert not new.any()  # past keep_initial: no row runs a routed layer, every If skips
@@ -198,7 +193,6 @@ def test_decode_skips_layers_with_if(exported, spread_model, precision, ops, tar
             for i in m.layer_ids:
                 np.testing.assert_allclose(got[f"present.{i}.key"].astype(np.float32), r.past_key_values[i][0].numpy(),
                                            atol=atol * 10, rtol=0)
-            past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
 
 
 def test_manifest_and_files(exported, spread_ckpt):
