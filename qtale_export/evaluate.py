@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .data import pad as pad_tokens
 from .errors import QtaleError
+from .stats import ExecutionStats, flop_terms
 from .tasks import AVG7, PRIMARY, STYLES, Item, build_items, load_docs, parse_tasks
 
 
@@ -52,8 +53,8 @@ class ExportModel:
     """An export folder's ONNX Runtime (qtale_export.runtime) presented as the routed model the
     scoring code calls: `model(ids, attention_mask=, theta=, execute_all=).logits` through
     prefill.onnx (no KV cache, so `loglikelihood` scores each request as one forward), the
-    tokenizer, and reset_stats()/execution_stats() counted from the graph's exec_mask exactly as
-    RoutedModel._account counts its gates (FLOPs from the manifest's dims; the MLP width is read
+    tokenizer, and reset_stats()/execution_stats() counted from the graph's exec_mask by the same
+    stats.ExecutionStats RoutedModel uses (FLOPs from the manifest's dims; the MLP width is read
     from the graph)."""
 
     backend = "onnxruntime"
@@ -112,54 +113,25 @@ class ExportModel:
         th = 0.0 if execute_all else (self.threshold if theta is None else float(theta))
         out = self.rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask,
                                               "theta": np.full((ids.shape[0],), th, np.float32)})
-        self._account(mask.astype(bool), out["exec_mask"])
+        self.stats.add(mask.astype(bool), [out["exec_mask"][i] for i in self.layer_ids])
         return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(out["logits"])))
 
     # -- statistics ----------------------------------------------------------------------------------
     def _flop_terms(self):
-        """(proj, per_key, router, head) as RoutedModel._flop_terms, or None when a dim is unknown."""
+        """FLOP terms of stats.flop_terms from the manifest's dims, or None when a dim is unknown."""
         m = self.manifest["model"]
         inter = _mlp_width(self.rt.folder / self.manifest["graphs"]["prefill"]["file"])
         hidden_r = (self.manifest.get("router") or {}).get("router_hidden")
         if inter is None or hidden_r is None:
             return None
-        h, nq, nkv = int(m["hidden"]), int(m["heads"]) * int(m["head_dim"]), int(m["kv_heads"]) * int(m["head_dim"])
-        proj = 2 * h * (2 * nq + 2 * nkv) + 3 * 2 * h * inter
-        return proj, 2 * 2 * nq, 2 * (h * int(hidden_r) + int(hidden_r) * 2), 2 * h * int(m["vocab"])
+        return flop_terms(int(m["hidden"]), int(m["heads"]), int(m["kv_heads"]), int(m["head_dim"]), inter,
+                          int(m["vocab"]), int(hidden_r))
 
     def reset_stats(self) -> None:
-        self._executed = torch.zeros(len(self.layer_ids), dtype=torch.float64)
-        self._tokens = 0
-        self._flops = torch.zeros(2, dtype=torch.float64)  # routed, dense
-
-    def _account(self, valid, exec_mask) -> None:
-        import numpy as np
-
-        v = valid.astype(np.float64)
-        n_tok = v.sum()
-        gates = [exec_mask[i].astype(np.float64) * v for i in self.layer_ids]
-        for j, g in enumerate(gates):
-            self._executed[j] += float(g.sum())
-        self._tokens += int(n_tok)
-        if self._terms is None:
-            return
-        proj, per_key, router, head = self._terms
-        dense_keys = (v.cumsum(1) * v).sum()
-        n_layers = int(self.manifest["model"]["num_layers"])
-        dense = n_layers * (proj * n_tok + per_key * dense_keys) + head * n_tok
-        routed = (n_layers - len(gates)) * (proj * n_tok + per_key * dense_keys) + head * n_tok
-        for g in gates:
-            routed += proj * g.sum() + per_key * (g.cumsum(1) * g).sum() + router * n_tok
-        self._flops += torch.tensor([float(routed), float(dense)], dtype=torch.float64)
+        self.stats = ExecutionStats(self.layer_ids, int(self.manifest["model"]["num_layers"]), self._terms)
 
     def execution_stats(self) -> dict:
-        tokens = max(self._tokens, 1)
-        per_layer = (self._executed / tokens).tolist()
-        return {"tokens": self._tokens,
-                "layer_ratio": {str(i): round(r, 6) for i, r in zip(self.layer_ids, per_layer)},
-                "execution_ratio": float(self._executed.sum() / (tokens * max(len(self.layer_ids), 1))),
-                "flops_fraction": (float(self._flops[0] / self._flops[1]) if self._terms is not None
-                                   and self._flops[1] > 0 else None)}
+        return self.stats.summary()
 
 
 def _mlp_width(path) -> int | None:
@@ -342,9 +314,8 @@ def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: i
     for s in range(0, len(wins), batch_size):
         ids, mask = pad_tokens(wins[s:s + batch_size], pad)
         logp = F.log_softmax(model(ids, attention_mask=mask, theta=theta).logits[:, :-1].float(), -1)
-        snap = (model._executed.clone(), model._tokens, model._flops.clone())
-        ref = F.log_softmax(ref_model(ids, attention_mask=mask, execute_all=True).logits[:, :-1].float(), -1)
-        model._executed, model._tokens, model._flops = snap  # the reference pass is not counted
+        with model.stats.paused():  # the reference pass is not counted
+            ref = F.log_softmax(ref_model(ids, attention_mask=mask, execute_all=True).logits[:, :-1].float(), -1)
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
         tgt = ids[:, 1:]
         nll -= float(logp.gather(-1, tgt[..., None])[..., 0][valid].sum())

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ratios import ratio_key
+from .stats import ExecutionStats, flop_terms
 
 
 @dataclass
@@ -132,54 +133,16 @@ class RoutedModel(nn.Module):
 
     # ---- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
-        n = len(self.layer_ids)
-        self._executed = torch.zeros(n, dtype=torch.float64)
-        self._tokens = 0
-        self._flops = torch.zeros(2, dtype=torch.float64)  # routed, dense
+        c = self.hf_config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        terms = flop_terms(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, hd,
+                           c.intermediate_size, c.vocab_size, self.router_config.router_hidden)
+        self.stats = ExecutionStats(self.layer_ids, c.num_hidden_layers, terms)
 
     def execution_stats(self) -> dict:
         """Accumulated since the last reset_stats(): per-layer executed fraction, overall ratio,
         and routed FLOPs / dense FLOPs (decoder layers with their attention spans, routers, lm_head)."""
-        tokens = max(self._tokens, 1)
-        per_layer = (self._executed / tokens).tolist()
-        return {
-            "tokens": self._tokens,
-            "layer_ratio": {str(i): round(r, 6) for i, r in zip(self.layer_ids, per_layer)},
-            "execution_ratio": float(self._executed.sum() / (tokens * max(len(self.layer_ids), 1))),
-            "flops_fraction": float(self._flops[0] / self._flops[1]) if self._flops[1] > 0 else 1.0,
-        }
-
-    def _flop_terms(self):
-        c = self.hf_config
-        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        h, nq, nkv = c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd
-        proj = 2 * h * (2 * nq + 2 * nkv) + 3 * 2 * h * c.intermediate_size
-        per_key = 2 * 2 * nq  # QK^T and AV per attended key
-        router = 2 * (h * self.router_config.router_hidden + self.router_config.router_hidden * 2)
-        head = 2 * h * c.vocab_size
-        return proj, per_key, router, head
-
-    @torch.no_grad()
-    def _account(self, valid, gates_hard, past_valid=None, past_exec=None) -> None:
-        """Count tokens, executions and FLOPs of one forward; `gates_hard` per routed layer [B, T].
-        past_valid [B]: real tokens in the cache; past_exec: per routed layer, executed cached keys."""
-        proj, per_key, router, head = self._flop_terms()
-        v = valid.double()
-        n_tok = v.sum()
-        zero = torch.zeros(valid.shape[0], dtype=torch.float64, device=valid.device)
-        past_valid = zero if past_valid is None else past_valid.double()
-        dense_keys = ((v.cumsum(1) + past_valid[:, None]) * v).sum()
-        n_layers = self.hf_config.num_hidden_layers
-        dense = n_layers * (proj * n_tok + per_key * dense_keys) + head * n_tok
-        routed = (n_layers - len(self.layer_ids)) * (proj * n_tok + per_key * dense_keys) + head * n_tok
-        for j, g in enumerate(gates_hard):
-            g = g.double() * v
-            pe = zero if past_exec is None else past_exec[j].double()
-            keys = ((g.cumsum(1) + pe[:, None]) * g).sum()
-            routed = routed + proj * g.sum() + per_key * keys + router * n_tok
-            self._executed[j] += float(g.sum())
-        self._tokens += int(n_tok)
-        self._flops += torch.tensor([float(routed), float(dense)], dtype=torch.float64)
+        return self.stats.summary()
 
     # ---- the decoder layer ------------------------------------------------------------------
     def _layer(self, layer, x, pos, k_pos, k_ok, past=None):
@@ -306,7 +269,10 @@ class RoutedModel(nn.Module):
                 exec_mask = gate if past is None else torch.cat([past[2], gate], 1)
                 presents.append((kv[0], kv[1], exec_mask))
         logits = self.causal_lm.lm_head(self.decoder.norm(x))
-        self._account(valid, gates_hard, past_valid, past_exec)
+        cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        self.stats.add(cpu(valid), [cpu(g) for g in gates_hard],
+                       None if past_valid is None else cpu(past_valid),
+                       None if past_exec is None else [cpu(p) for p in past_exec])
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
