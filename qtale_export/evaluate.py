@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .data import pad as pad_tokens
 from .errors import QtaleError
 from .stats import ExecutionStats, flop_terms
-from .tasks import AVG7, PRIMARY, STYLES, Item, build_items, load_docs, parse_tasks
+from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
 
 
 # ---- log-likelihood requests -----------------------------------------------------------------
@@ -291,19 +291,19 @@ def evaluate_tasks(model, tasks: list[str], *, style: str = "harness", limit: in
 
 
 # ---- perplexity and KL -----------------------------------------------------------------------
-def text_windows(text: str, tokenizer, window: int = 512) -> list[list[int]]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+def text_windows(text: str, tokenizer, window: int = 512, max_tokens: int | None = None) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
 
 
 @torch.no_grad()
 def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: int = 512,
-                      batch_size: int = 4, tokenizer=None) -> dict:
-    """Perplexity of `text` (non-overlapping windows) and the mean per-token KL(P_ref || P_model)
-    of next-token distributions, the reference being `reference` with every layer executed
-    (default: the same model with execute_all=True)."""
+                      batch_size: int = 4, tokenizer=None, max_tokens: int | None = None) -> dict:
+    """Perplexity of `text` (its first `max_tokens` tokens, non-overlapping windows) and the mean
+    per-token KL(P_ref || P_model) of next-token distributions, the reference being `reference`
+    with every layer executed (default: the same model with execute_all=True)."""
     tokenizer = tokenizer or model.tokenizer
-    wins = text_windows(text, tokenizer, window)
+    wins = text_windows(text, tokenizer, window, max_tokens)
     if not wins:
         raise QtaleError("perplexity text is too short (needs at least 2 tokens)")
     ref_model = reference if reference is not None else model
@@ -341,7 +341,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--style", choices=list(STYLES), default="harness",
                         help="harness: lm-evaluation-harness prompts; instruct: the fine-tuning prompt")
     parser.add_argument("--ppl-file", default=None,
-                        help="held-out text for perplexity/KL (default: the package's held-out paragraphs)")
+                        help="held-out text for perplexity/KL: a text file, or 'sciq' (the SciQ validation "
+                             "support paragraphs); default: the package's short held-out paragraphs")
+    parser.add_argument("--ppl-tokens", type=int, default=None,
+                        help="use only the first N tokens of the perplexity text")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity and KL")
     parser.add_argument("--reference", default=None,
                         help="all-layers reference for KL (e.g. the unquantized checkpoint); default: "
@@ -362,8 +365,10 @@ def _check_args(args) -> list[str]:
         raise QtaleError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.ratio is not None and not 0.0 < args.ratio <= 1.0:
         raise QtaleError(f"--ratio must be in (0, 1], got {args.ratio}")
-    if args.ppl_file and not Path(args.ppl_file).is_file():
+    if args.ppl_file and args.ppl_file != SCIQ and not Path(args.ppl_file).is_file():
         raise QtaleError(f"--ppl-file not found: {args.ppl_file}")
+    if args.ppl_tokens is not None and args.ppl_tokens < 2:
+        raise QtaleError(f"--ppl-tokens must be at least 2, got {args.ppl_tokens}")
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -404,13 +409,11 @@ def run_eval(args) -> dict:
         out.pop("flops_fraction", None)
         out["flops_fraction_note"] = "not computed: the export's graph does not show the MLP width"
     if not args.no_ppl:
-        from .data import HELDOUT_TEXT
-
-        path = Path(args.ppl_file) if args.ppl_file else HELDOUT_TEXT
+        text, source = heldout_text(args.ppl_file)
         reference = load(args.reference) if args.reference else None
-        pk = perplexity_and_kl(model, path.read_text(encoding="utf-8"), theta=theta, reference=reference)
+        pk = perplexity_and_kl(model, text, theta=theta, reference=reference, max_tokens=args.ppl_tokens)
         out.update(pk)
-        out["ppl_file"] = str(path)
+        out["ppl_file"] = source
         out["kl_reference"] = str(args.reference) if args.reference else "same model, all layers"
     out["seconds_total"] = round(time.time() - t0, 2)
     if args.items:

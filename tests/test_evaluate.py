@@ -156,8 +156,33 @@ def test_run_eval_json_schema(tiny_dir, tmp_path):
     assert len(per["piqa"]) == 2 and {"gold", "lls", "acc", "acc_norm"} <= set(per["piqa"][0])
 
 
+def test_heldout_text_sources(tmp_path):
+    text, source = T.heldout_text(None)
+    assert source.endswith("heldout.txt") and len(text) > 500
+    f = tmp_path / "mine.txt"
+    f.write_text("some held-out prose")
+    assert T.heldout_text(str(f)) == ("some held-out prose", str(f))
+    with pytest.raises(QtaleError, match="perplexity text not found"):
+        T.heldout_text(str(tmp_path / "missing.txt"))
+    if (T.data_root() / "sciq" / "none" / "validation").is_dir():
+        sciq, source = T.heldout_text(T.SCIQ)
+        assert source.startswith("sciq") and len(sciq) > 100_000 and "\n\n" in sciq
+
+
+def test_ppl_tokens_caps_the_text(tiny_dir, model):
+    text, _ = T.heldout_text(None)
+    full = E.perplexity_and_kl(model, text, theta=0.0)
+    capped = E.perplexity_and_kl(model, text, theta=0.0, max_tokens=40, window=16)
+    assert capped["ppl_tokens"] == 40 - 3 and full["ppl_tokens"] > capped["ppl_tokens"]  # 3 windows of 16, 16, 8
+    res = E.run_eval(_eval_args(tiny_dir, "--tasks", "piqa", "--limit", "1", "--threshold", "0", "--json",
+                                "--no-progress", "--ppl-tokens", "50"))
+    assert res["ppl_tokens"] == 50 - 1
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--tasks", "boolq,bogus"], "unknown task"),
+    (["--ppl-tokens", "1"], "--ppl-tokens must be at least 2"),
+    (["--ppl-file", "/nonexistent/x.txt"], "--ppl-file not found"),
     (["--limit", "0"], "--limit must be a positive"),
     (["--limit", "-3"], "--limit must be a positive"),
     (["--batch-size", "0"], "--batch-size"),

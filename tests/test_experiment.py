@@ -11,6 +11,7 @@ import yaml
 
 from qtale_export import evaluate as E
 from qtale_export import experiment as X
+from qtale_export import tasks as T
 from qtale_export.errors import QtaleError
 
 pytest.importorskip("modelopt")  # quantize.py imports it for the modelopt formats; int3 is our own
@@ -73,6 +74,7 @@ def args_for(recipe_path, tmp_path, *extra):
 @pytest.fixture
 def fake_docs(monkeypatch):
     monkeypatch.setattr(E, "load_docs", lambda task, limit=None: DOCS[task][:limit] if limit else DOCS[task])
+    monkeypatch.setattr(T, "validation_size", lambda task: len(DOCS[task]))
 
 
 def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypatch):
@@ -85,7 +87,8 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
     res = json.loads((docs / "results.json").read_text())
 
     # --- schema
-    assert res["schema"] == X.SCHEMA and res["smoke"] is True and res["limit"] == 3
+    assert res["schema"] == X.SCHEMA and res["subset"] is True and res["limit"] == 3
+    assert res["validation_sizes"] == {"arc_e": 4, "boolq": 4}
     assert res["tasks"] == ["arc_e", "boolq"] and res["primary_metric"] == {"arc_e": "acc_norm", "boolq": "acc"}
     assert {"command", "recipe", "machine", "timings", "training", "calibration", "quantization", "configs",
             "headline", "reference", "created", "run_dir", "style"} <= set(res)
@@ -125,7 +128,7 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
     assert "qtale_int3_gap_closes_at_ratio" in res["headline"]
     assert res["headline"]["qtale_int3_gap_closes_at_ratio"] in (0.6, 1.0)
     md = (docs / "results.md").read_text()
-    assert "| qtale/int3/0.6 |" in md and res["command"] in md and "## Machine" in md and "Smoke run" in md
+    assert "| qtale/int3/0.6 |" in md and res["command"] in md and "## Machine" in md and "Subset run" in md and "boolq 4" in md
     assert (docs / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = tmp_path / "run"
     assert (run / "train" / "qtale" / "qtale.json").is_file() and (run / "quant" / "base-int3" / "qtale.json").is_file()
