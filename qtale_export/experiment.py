@@ -854,6 +854,81 @@ def print_report(run: Run, res: dict) -> None:
         run.console.print(line, markup=False)
 
 
+# ---- shipping the trained routers -----------------------------------------------------------
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
+    """Copy the QTALE routers and their fp theta table (no optimizer state, no base weights) to
+    `dest` (default: the package's pretrained/<model>/, what load(<model>) picks up), with a
+    provenance.json tying them to the recipe, the training run and docs/results.json."""
+    import shutil
+
+    from . import checkpoint
+    from .api import PRETRAINED
+    from .models import EMBEDDED
+
+    if "qtale" not in run.r["methods"]:
+        raise QtaleError("ship: the recipe trains no 'qtale' method")
+    if dest is None:
+        if run.r["model"] not in EMBEDDED:
+            raise QtaleError(f"ship: {run.r['model']} is not an embedded model; pass --ship-dir")
+        dest = PRETRAINED / run.r["model"]
+    src = run.train_dir("qtale")
+    if not _train_done(src, run.r["train"]["steps"]):
+        raise QtaleError(f"ship: {src} has not finished training: run the 'train' stage first")
+    meta = checkpoint.read_meta(src)
+    checkpoint.verify_files(src, meta)
+    if not meta.get("theta_table"):
+        raise QtaleError(f"ship: {src} is not calibrated: run the 'calibrate' stage first")
+    results = run.docs / "results.json"
+    _need(results, "report")
+    res = _read_json(results)
+    calib = {fmt: _read_json(run.calib_file("qtale", fmt))["table"]
+             for fmt in run.r["quantization"]["formats"] if run.calib_file("qtale", fmt).is_file()}
+    recipe_file = Path(run.r["recipe_file"])
+    provenance = {
+        "what": "QTALE routers (router weights + theta table) for the embedded base model; no base weights",
+        "method": "qtale", "base_model": meta["base_model"], "router": meta["router"],
+        "recipe": {"file": str(recipe_file.relative_to(REPO)) if recipe_file.is_relative_to(REPO) else str(recipe_file),
+                   "sha256": checkpoint.file_sha256(recipe_file), "name": run.r["name"]},
+        "train": {**run.r["train"], "seed": run.r["seed"],
+                  "data_sha256": {Path(d).name if not Path(d).is_relative_to(REPO.parent) else
+                                  str(Path(d).relative_to(REPO.parent)): checkpoint.file_sha256(Path(d))
+                                  for d in run.r["train"]["data"]},
+                  "steps_done": (meta.get("training") or {}).get("steps_done"),
+                  "final_losses": (meta.get("training") or {}).get("final_losses")},
+        "theta_table_fp": meta["theta_table"],
+        "theta_tables_after_quantization": calib,
+        "results": {"file": "docs/results.json", "sha256": checkpoint.file_sha256(results),
+                    "created": res.get("created"), "subset": res.get("subset"), "limit": res.get("limit"),
+                    "headline": res.get("headline")},
+        "command": command, "git_commit": _git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        shutil.copy2(src / checkpoint.ROUTERS, tmp / checkpoint.ROUTERS)
+        shipped = {k: v for k, v in meta.items() if k != "files"}
+        shipped["files"] = {checkpoint.ROUTERS: meta["files"][checkpoint.ROUTERS]}
+        checkpoint.write_json_atomic(tmp / checkpoint.META, shipped)
+        checkpoint.write_json_atomic(tmp / "provenance.json", provenance)
+        checkpoint.replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    run.say(f"  shipped {src} -> {dest}")
+    return dest
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("recipe", help="experiment recipe (YAML), e.g. recipes/smollm2-135m.yaml")
@@ -861,8 +936,11 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--docs", default="docs", help="where results.json/.md/.png go (default: docs)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an existing run folder: finished stages are skipped")
-    parser.add_argument("--only", choices=STAGES, default=None,
-                        help="run one stage (its inputs must exist): " + ", ".join(STAGES))
+    parser.add_argument("--only", choices=STAGES + ("ship",), default=None,
+                        help="run one stage (its inputs must exist): " + ", ".join(STAGES) + "; or 'ship': "
+                             "copy the trained QTALE routers into the package (qtale_export/pretrained/<model>/)")
+    parser.add_argument("--ship-dir", default=None,
+                        help="with --only ship: where the routers go (default: the package's pretrained/<model>/)")
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N items of every task (overrides the recipe's "
                              "eval.limit; results are marked as a subset run)")
@@ -904,6 +982,8 @@ def run_experiment(args) -> dict:
     from rich.console import Console
 
     recipe = load_recipe(args.recipe)
+    if getattr(args, "ship_dir", None) and args.only != "ship":
+        raise QtaleError("--ship-dir goes with --only ship")
     if args.limit is not None:
         if args.limit <= 0:
             raise QtaleError(f"--limit must be a positive number of items, got {args.limit}")
@@ -924,9 +1004,14 @@ def run_experiment(args) -> dict:
         console.rule(f"[{k}/{len(stages)}] {stage}")
         if stage == "report":
             res = stage_report(run, command)
+        elif stage == "ship":
+            ship_dir = getattr(args, "ship_dir", None)
+            summary_ship = stage_ship(run, Path(ship_dir) if ship_dir else None, command)
         else:
             globals()[f"stage_{stage}"](run)
     summary = {"run_dir": str(root), "stages": stages, "seconds": round(time.time() - t_all, 2)}
+    if args.only == "ship":
+        summary["shipped"] = str(summary_ship)
     if res is not None:
         print_report(run, res)
         summary.update({"results": str(docs / "results.json"), "markdown": str(docs / "results.md"),

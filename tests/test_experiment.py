@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from qtale_export import checkpoint
 from qtale_export import evaluate as E
 from qtale_export import experiment as X
 from qtale_export import tasks as T
@@ -134,6 +135,25 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
     assert (run / "train" / "qtale" / "qtale.json").is_file() and (run / "quant" / "base-int3" / "qtale.json").is_file()
     theta_q = json.loads((run / "quant" / "qtale-int3" / "qtale.json").read_text())["theta_table"]["0.6"]["theta"]
     assert theta_q == q["theta"]  # re-calibrated table stored in the quantized checkpoint
+
+    # --- ship: the QTALE routers + fp theta table, with provenance tied to results.json
+    shipped = tmp_path / "shipped"
+    out = X.run_experiment(args_for(recipe, tmp_path, "--only", "ship", "--ship-dir", str(shipped)))
+    assert out["shipped"] == str(shipped)
+    assert sorted(p.name for p in shipped.iterdir()) == ["provenance.json", "qtale.json", "routers.safetensors"]
+    assert (shipped / "routers.safetensors").read_bytes() == (run / "train" / "qtale" / "routers.safetensors").read_bytes()
+    prov = json.loads((shipped / "provenance.json").read_text())
+    assert prov["results"]["sha256"] == checkpoint.file_sha256(docs / "results.json")
+    assert prov["results"]["subset"] is True and prov["theta_table_fp"]["0.6"]["theta"] > 0.0
+    assert set(prov["theta_tables_after_quantization"]) == {"int3"} and prov["train"]["steps_done"] == 2
+    import qtale_export
+
+    m = qtale_export.load(shipped)
+    assert m.theta_table == prov["theta_table_fp"] and m.training_info["steps_done"] == 2
+    with pytest.raises(QtaleError, match="--ship-dir goes with --only ship"):
+        X.run_experiment(args_for(recipe, tmp_path, "--resume", "--ship-dir", str(shipped)))
+    with pytest.raises(QtaleError, match="not an embedded model"):
+        X.run_experiment(args_for(recipe, tmp_path, "--only", "ship"))
 
     # --- an existing run folder needs --resume
     with pytest.raises(QtaleError, match="--resume"):
