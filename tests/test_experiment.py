@@ -150,6 +150,14 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
 
     m = qtale_export.load(shipped)
     assert m.theta_table == prov["theta_table_fp"] and m.training_info["steps_done"] == 2
+    block = X.render_readme_block(res, prov["results"]["sha256"])
+    assert block.startswith(X.README_BEGIN) and block.endswith(X.README_END)
+    assert "| qtale/int3/0.6 |" in block and "qtale/int3/1.0" not in block  # same_as rows are not repeated
+    assert f"{100 * by['qtale/int3/0.6']['avg']:.2f}" in block and "first 3 validation items" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{X.README_BEGIN}\nold\n{X.README_END}\noutro\n")
+    assert X.update_readme(readme, block) and readme.read_text() == f"intro\n{block}\noutro\n"
+    assert not X.update_readme(tmp_path / "docs" / "results.md", block)  # no markers: left alone
     with pytest.raises(QtaleError, match="--ship-dir goes with --only ship"):
         X.run_experiment(args_for(recipe, tmp_path, "--resume", "--ship-dir", str(shipped)))
     with pytest.raises(QtaleError, match="not an embedded model"):
