@@ -16,7 +16,7 @@ from qtale_export.export.precision import checkpoint_grid, grid_dequant
 from qtale_export.export.verify import verify_export
 from qtale_export.quantize import quantize, quantizer_tensors
 
-from qtale_testing import spread_routers
+from qtale_testing import TEXT, spread_routers
 
 ATOL = 1e-3
 
@@ -30,7 +30,8 @@ def quantized_ckpt(tiny_dir, tmp_path_factory):
             model = qtale_export.load(tiny_dir)
             spread_routers(model)
             model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
-            info = quantize(model, fmt, [], model.tokenizer)
+            calib = [TEXT] * 4 if fmt == "int4-awq" else []  # AWQ searches its scales on activations
+            info = quantize(model, fmt, calib, model.tokenizer, max_length=64)
             cache[fmt] = checkpoint.save(model, tmp_path_factory.mktemp("qckpt") / fmt, quantization=info,
                                          extra_tensors=quantizer_tensors(model))
         return cache[fmt]
@@ -59,18 +60,21 @@ def test_grid_reproduces_fake_quant(quantized_ckpt, fmt):
         np.testing.assert_allclose(grid_dequant(grid), fq.detach().float().numpy(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fmt,target", [("int4", "ort-cpu"), ("int4", "tensorrt"), ("int3", "ort-cpu")])
+@pytest.mark.parametrize("fmt,target", [("int4", "ort-cpu"), ("int4", "tensorrt"), ("int3", "ort-cpu"),
+                                        ("int4-awq", "ort-cpu"), ("int4-awq", "tensorrt"), ("int8", "ort-cpu"),
+                                        ("fp8", "tensorrt")])
 def test_quantized_export_matches_pytorch(quantized_ckpt, tmp_path, fmt, target):
     ckpt = quantized_ckpt(fmt)
     model = qtale_export.load(ckpt)
     out = tmp_path / f"{fmt}-{target}"
-    manifest = export_main.export(model, out, checkpoint=str(ckpt), ratio=0.6, precision="int4", target=target)
-    assert manifest["verification"]["ok"]
+    manifest = export_main.export(model, out, checkpoint=str(ckpt), ratio=0.6, target=target)
+    precision = {"int4": "int4", "int3": "int4", "int4-awq": "int4", "int8": "int8", "fp8": "fp8"}[fmt]
+    assert manifest["precision"] == precision and manifest["verification"]["ok"]
     assert "quantized checkpoint" in manifest["verification"]["reference"]
     import onnx
 
     types = {n.op_type for n in onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph.node}
-    assert ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear") in types
+    assert ("MatMulNBits" if precision == "int4" and target == "ort-cpu" else "DequantizeLinear") in types
     sess = ort_ops.session(out / "prefill.onnx", exact=True)
     ids, mask = _batch(model)
     diffs = []
