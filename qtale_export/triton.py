@@ -139,7 +139,11 @@ def _place(src: Path, dst: Path) -> None:
 
 def _graph_files(folder: Path, manifest: dict, graph: str) -> list[str]:
     """The ONNX file of a graph and its external data files (relative names)."""
-    main = manifest["graphs"][graph]["file"]
+    g = manifest["graphs"][graph]
+    main = g["file"]
+    if "external_data" in g:
+        return [main] + list(g["external_data"])
+    # exports written before the shared weights file: <graph>.onnx.data next to each graph
     return [main] + sorted(f for f in manifest["files"] if f.startswith(main + ".") and f != main)
 
 

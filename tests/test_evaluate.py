@@ -267,11 +267,11 @@ def test_run_eval_export_bad_input(export_dir, tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     bad = tmp_path / "bad"
     shutil.copytree(export_dir, bad)
-    with open(bad / "prefill.onnx.data", "r+b") as f:
+    with open(bad / "weights.onnx.data", "r+b") as f:
         f.seek(64)
         byte = f.read(1)
         f.seek(64)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(QtaleError, match="prefill.onnx.data") as e:
+    with pytest.raises(QtaleError, match="weights.onnx.data") as e:
         E.run_eval(_eval_args(bad, "--tasks", "piqa", "--ratio", "0.5", "--json", "--no-progress"))
     assert "\n" not in str(e.value)

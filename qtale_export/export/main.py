@@ -96,6 +96,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     from .manifest import FORMAT, FORMAT_VERSION, checksums, write_manifest
     from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
     from .verify import verify_export
+    from .weights import SharedWeights
 
     qprec = _quant_precision(getattr(model, "quantization_info", None))
     if qprec and precision and precision != qprec:
@@ -114,17 +115,17 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         described = {}
-        for kind, build in (("prefill", graphs.build_prefill), ("decode", graphs.build_decode)):
-            m = build(w, ops, int(opset), act, weight_fn)
-            if precision == "int4" and target == "ort-cpu":
-                ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
-                m = to_matmul_nbits(m, ks)
-            onnx.checker.check_model(m)
-            name = f"{kind}.onnx"
-            described[kind] = {"file": name, **graphs.io_description(m)}
-            onnx.save_model(m, str(tmp / name), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{name}.data", size_threshold=1024)
-            del m
+        with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
+            for kind, build in (("prefill", graphs.build_prefill), ("decode", graphs.build_decode)):
+                m = build(w, ops, int(opset), act, weight_fn)
+                if precision == "int4" and target == "ort-cpu":
+                    ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
+                    m = to_matmul_nbits(m, ks)
+                onnx.checker.check_model(m)
+                name = f"{kind}.onnx"
+                described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
+                store.save(m, tmp / name)
+                del m
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         t_build = time.time() - t0

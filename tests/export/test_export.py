@@ -200,13 +200,38 @@ def test_manifest_and_files(exported, spread_ckpt):
     data = read_manifest(out)
     assert data["format"] == "qtale-export" and data["format_version"] == 1
     assert data["theta"] == 0.5 and data["ratio"] == 0.6 and data["checkpoint"] == str(spread_ckpt.resolve())
-    for f in ("prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data", "tokenizer.json"):
+    for f in ("prefill.onnx", "decode.onnx", "weights.onnx.data", "tokenizer.json"):
         assert f in data["files"], f
+    assert not any(f.endswith(".onnx.data") and f != "weights.onnx.data" for f in data["files"])
     g = data["graphs"]["prefill"]
     assert g["inputs"]["theta"] == {"dtype": "float32", "shape": ["batch"]}
     assert g["outputs"]["exec_mask"]["shape"] == [6, "batch", "seq"]
     assert data["graphs"]["decode"]["inputs"]["past_exec"]["shape"] == [6, "batch", "past"]
     assert data["model"]["kv_heads"] == 2 and data["model"]["head_dim"] == 16
+
+
+@pytest.mark.parametrize("precision,target", [("fp32", None), ("int4", "ort-cpu"), ("int8", None)])
+def test_graphs_share_one_weights_file(exported, precision, target):
+    import onnx
+
+    from qtale_export.export.weights import external_files, graph_tensors
+
+    out = exported(precision, "standard", target)
+    data = read_manifest(out)
+    referenced = 0
+    for g in ("prefill", "decode"):
+        assert external_files(out / data["graphs"][g]["file"]) == ["weights.onnx.data"]
+        assert data["graphs"][g]["external_data"] == ["weights.onnx.data"]
+        m = onnx.load(str(out / f"{g}.onnx"), load_external_data=False)
+        referenced += sum(int(e.value) for t in graph_tensors(m.graph) for e in t.external_data if e.key == "length")
+    size = (out / "weights.onnx.data").stat().st_size
+    assert size < 0.6 * referenced, (size, referenced)  # the decode graph adds (almost) nothing
+    # onnx reads the tensors back at their offsets, equal for both graphs
+    p = onnx.load(str(out / "prefill.onnx"))
+    d = onnx.load(str(out / "decode.onnx"))
+    pi = {t.name: t for t in p.graph.initializer}
+    shared = [t for t in d.graph.initializer if t.name in pi and len(t.raw_data) >= 1024]
+    assert shared and all(t.raw_data == pi[t.name].raw_data for t in shared)
 
 
 def test_checksum_detects_modified_file(exported, tmp_path):
@@ -216,12 +241,12 @@ def test_checksum_detects_modified_file(exported, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(src, out)
     read_manifest(out)
-    with open(out / "decode.onnx.data", "r+b") as f:
+    with open(out / "weights.onnx.data", "r+b") as f:
         f.seek(100)
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(QtaleError, match="decode.onnx.data"):
+    with pytest.raises(QtaleError, match="weights.onnx.data"):
         read_manifest(out)
     args = export_main.add_verify_arguments(argparse.ArgumentParser()).parse_args([str(out)])
     with pytest.raises(QtaleError, match="sha256"):
@@ -315,4 +340,8 @@ def test_default_model_export(tmp_path):
         print(precision, round(timings[precision], 1), "s", json.dumps({k: data["verification"][k] for k in (
             "max_abs_diff", "top1_agreement", "exec_mask_agreement", "seconds")}))
     size = lambda p: sum(f.stat().st_size for f in p.iterdir())  # noqa: E731
-    assert size(tmp_path / "int4") < size(tmp_path / "fp32") / 3
+    # one copy of the weights per export; int4 keeps the tied embedding/lm_head table in fp32
+    # (49152 x 576 x 4 bytes = 113 MB), the projections take ~4.25 bits per weight
+    embed = model.hf_config.vocab_size * model.hf_config.hidden_size * 4
+    assert size(tmp_path / "fp32") < 1.1 * sum(p.numel() * 4 for p in model.causal_lm.parameters())
+    assert size(tmp_path / "int4") - embed < 0.2 * (size(tmp_path / "fp32") - embed)

@@ -125,7 +125,7 @@ def test_prompt_too_long(tiny_export):
 def test_tampered_export(tiny_export, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_export, bad)
-    data = bad / "decode.onnx.data"
+    data = bad / "weights.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))

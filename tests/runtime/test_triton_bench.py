@@ -39,7 +39,7 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
         assert "theta" in [i.name for i in cfg.input] and -1 in list(cfg.input[0].dims)
         assert float(cfg.parameters["theta"].string_value) >= 0
         ver = out / name / "1"
-        assert (ver / f"{graph}.onnx").is_file() and (ver / f"{graph}.onnx.data").is_file()
+        assert (ver / f"{graph}.onnx").is_file() and (ver / "weights.onnx.data").is_file()
         if backend == "onnxruntime":
             assert cfg.platform == "onnxruntime_onnx" and cfg.default_model_filename == f"{graph}.onnx"
         else:
@@ -74,7 +74,7 @@ def test_bench_schema(tiny_export, tmp_path, capsys):
     for r in (rep, saved):
         assert r["repeats"] == 2 and r["peak_rss_mb"] > 0
         (e,) = r["exports"]
-        assert {"prefill.onnx", "prefill.onnx.data", "decode.onnx", "decode.onnx.data"} <= set(e["files"])
+        assert {"prefill.onnx", "decode.onnx", "weights.onnx.data"} <= set(e["files"])
         assert len(e["prefill"]) == 6 and {p["seq"] for p in e["prefill"]} == {16, 32}
         for p in e["prefill"]:
             assert {"ratio", "theta", "ms", "vs_dense", "realized_ratio"} <= set(p) and p["ms"] > 0
