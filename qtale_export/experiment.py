@@ -941,11 +941,10 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
     provenance = {
         "what": "QTALE routers (router weights + theta table) for the embedded base model; no base weights",
         "method": "qtale", "base_model": meta["base_model"], "router": meta["router"],
-        "recipe": {"file": str(recipe_file.relative_to(REPO)) if recipe_file.is_relative_to(REPO) else str(recipe_file),
-                   "sha256": checkpoint.file_sha256(recipe_file), "name": run.r["name"]},
+        "recipe": {"file": os.path.relpath(recipe_file, REPO), "sha256": checkpoint.file_sha256(recipe_file),
+                   "name": run.r["name"]},
         "train": {**run.r["train"], "seed": run.r["seed"],
-                  "data_sha256": {Path(d).name if not Path(d).is_relative_to(REPO.parent) else
-                                  str(Path(d).relative_to(REPO.parent)): checkpoint.file_sha256(Path(d))
+                  "data_sha256": {os.path.relpath(d, REPO): checkpoint.file_sha256(Path(d))
                                   for d in run.r["train"]["data"]},
                   "steps_done": (meta.get("training") or {}).get("steps_done"),
                   "final_losses": (meta.get("training") or {}).get("final_losses")},
@@ -1045,19 +1044,19 @@ def run_experiment(args) -> dict:
     command = _command(args)
     stages = [args.only] if args.only else list(STAGES)
     t_all = time.time()
-    res = None
+    res = shipped = None
     for k, stage in enumerate(stages, 1):
         console.rule(f"[{k}/{len(stages)}] {stage}")
         if stage == "report":
             res = stage_report(run, command)
         elif stage == "ship":
             ship_dir = getattr(args, "ship_dir", None)
-            summary_ship = stage_ship(run, Path(ship_dir) if ship_dir else None, command)
+            shipped = stage_ship(run, Path(ship_dir) if ship_dir else None, command)
         else:
             globals()[f"stage_{stage}"](run)
     summary = {"run_dir": str(root), "stages": stages, "seconds": round(time.time() - t_all, 2)}
-    if args.only == "ship":
-        summary["shipped"] = str(summary_ship)
+    if shipped is not None:
+        summary["shipped"] = str(shipped)
     if res is not None:
         print_report(run, res)
         summary.update({"results": str(docs / "results.json"), "markdown": str(docs / "results.md"),
