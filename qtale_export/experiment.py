@@ -737,7 +737,10 @@ def render_plot(res: dict, path: Path) -> None:
                                                    "tab:orange"])}
     n = len(res["tasks"])
     label = "avg7" if n == 7 else f"average of {n} tasks"
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    # accuracy (left) and KL to the dense model (right): at a few hundred items per task accuracy
+    # differences are noisy, KL on the same held-out tokens is the sensitive measure
+    fig, (ax, kx) = plt.subplots(1, 2, figsize=(13, 5))
+    has_kl = any(e.get("kl") is not None for e in cfgs)
     for e in cfgs:
         if e["kind"] == "dense":
             ax.axhline(100 * e["avg"], color="black", lw=1.2, label="dense all-layers (fp)")
@@ -745,24 +748,38 @@ def render_plot(res: dict, path: Path) -> None:
             c = colors.get(e["format"], "gray")
             ax.axhline(100 * e["avg"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
             ax.plot([e.get("realized_ratio") or 1.0], [100 * e["avg"]], marker="*", color=c, ms=10, ls="none")
+            if e.get("kl") is not None:
+                kx.axhline(e["kl"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
     for m, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--")):
         for fmt in ["fp"] + fmts:
-            pts = sorted((e.get("realized_ratio") or e["target_ratio"], e["avg"], e.get("avg_stderr", 0.0))
-                         for e in cfgs if e["kind"] == "routed" and e["method"] == m and e["format"] == fmt)
-            if not pts:
+            rows = sorted((e.get("realized_ratio") or e["target_ratio"], e) for e in cfgs
+                          if e["kind"] == "routed" and e["method"] == m and e["format"] == fmt)
+            if not rows:
                 continue
-            name = "QTALE" if m == "qtale" else "D-LLM"
-            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+            name = f"{'QTALE' if m == 'qtale' else 'D-LLM'} + {fmt}"
+            xs = [x for x, _ in rows]
+            ax.errorbar(xs, [100 * e["avg"] for _, e in rows], yerr=[100 * e.get("avg_stderr", 0.0) for _, e in rows],
                         marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4, elinewidth=0.7,
-                        label=f"{name} + {fmt}")
+                        label=name)
+            kl = [(x, e["kl"]) for x, e in rows if e.get("kl") is not None and e["kl"] > 0]
+            if kl:
+                kx.plot([x for x, _ in kl], [k for _, k in kl], marker=marker, ls=ls, color=colors.get(fmt, "gray"),
+                        lw=1.4, label=name)
     ax.set_xlabel("execution ratio (realized on the evaluation tokens)")
     ax.set_ylabel(f"{label} accuracy (%)")
-    title = f"{res['recipe']['name']} ({Path(res['recipe']['model']).name}): {label} vs execution ratio"
+    title = f"{res['recipe']['name']}: {label} vs execution ratio"
     if res.get("subset"):
         title += f" (first {res['limit']} items/task)"
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    kx.set_xlabel("execution ratio (realized on the evaluation tokens)")
+    kx.set_ylabel("KL(dense || model) per token, nats")
+    kx.set_title("KL to the dense all-layers model on the held-out text", fontsize=10)
+    if has_kl:
+        kx.set_yscale("log")
+        kx.legend(fontsize=7, loc="upper right")
+    kx.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".png", dir=path.parent)
     os.close(fd)
