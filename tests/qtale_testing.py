@@ -45,3 +45,14 @@ def spread_routers(model, std: float = 1.0, seed: int = 0) -> None:
             r.down.weight.copy_(torch.randn(r.down.weight.shape, generator=g) * std)
             r.down.bias.copy_(torch.randn(r.down.bias.shape, generator=g) * std)
             r.out.weight.copy_(torch.randn(r.out.weight.shape, generator=g) * std)
+
+
+def random_batch(model, n: int = 3, t: int = 14, seed: int = 0, left_pad: tuple[int, ...] = (5, 9)):
+    """Random token ids [n, t] and an attention mask whose rows 1, 2, ... are left-padded by
+    `left_pad` tokens (row 0 is full)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.hf_config.vocab_size, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(left_pad[:n - 1], start=1):
+        mask[row, :pad] = 0
+    return ids, mask

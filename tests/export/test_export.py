@@ -17,7 +17,7 @@ from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
 from qtale_export.export.manifest import read_manifest
 
-from qtale_testing import spread_routers
+from qtale_testing import random_batch, spread_routers
 
 CASES = [("fp32", "standard", None), ("fp32", "plugin", None), ("fp16", "standard", None), ("fp16", "plugin", None),
          ("int4", "standard", "ort-cpu"), ("int4", "plugin", "ort-cpu"), ("int4", "standard", "tensorrt"),
@@ -54,16 +54,6 @@ def exported(spread_model, spread_ckpt, tmp_path_factory):
     return get
 
 
-def _batch(model, n=3, t=14, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.hf_config.vocab_size, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding
-    if n > 2:
-        mask[2, :9] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("precision,ops,target", CASES)
 def test_export_matches_pytorch(exported, spread_model, precision, ops, target):
     out = exported(precision, ops, target)
@@ -85,7 +75,7 @@ def test_export_matches_pytorch(exported, spread_model, precision, ops, target):
     from qtale_export.export.verify import reference_model
     ref = reference_model(manifest, out, spread_model)
     sess = ort_ops.session(out / "prefill.onnx", exact=True)
-    ids, mask = _batch(ref)
+    ids, mask = random_batch(ref)
     valid = mask.bool().numpy()
     atol = {"fp16": 5e-3}.get(precision, 1e-4)
     for th in (0.0, 0.3, 0.7, 1.0):
@@ -133,7 +123,7 @@ def test_decode_16_steps(exported, spread_model, ops):
     pre = ort_ops.session(out / "prefill.onnx")
     dec = ort_ops.session(out / "decode.onnx")
     m = spread_model
-    ids, mask = _batch(m, n=2, t=9, seed=1)
+    ids, mask = random_batch(m, n=2, t=9, seed=1)
     theta = torch.tensor([0.4, 0.6])
     L = m.hf_config.num_hidden_layers
     skipped = 0
@@ -181,7 +171,7 @@ def test_decode_skips_layers_with_if(exported, spread_model, precision, ops, tar
     dec = ort_ops.session(out / "decode.onnx", exact=True)
     atol = {"fp16": 5e-3 * 20}.get(precision, 1e-4)
     for theta in (torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])):
-        ids, mask = _batch(m, n=2, t=9, seed=2)
+        ids, mask = random_batch(m, n=2, t=9, seed=2)
         for got, r in _decode_pairs(m, pre, dec, ids, mask, theta, 6):
             new = got["exec_mask"][m.layer_ids, :, -1]
             if theta[0] == 1.0:

@@ -16,7 +16,7 @@ from qtale_export.export.precision import checkpoint_grid, grid_dequant
 from qtale_export.export.verify import verify_export
 from qtale_export.quantize import quantize, quantizer_tensors
 
-from qtale_testing import TEXT, spread_routers
+from qtale_testing import TEXT, random_batch, spread_routers
 
 ATOL = 1e-3
 
@@ -36,14 +36,6 @@ def quantized_ckpt(tiny_dir, tmp_path_factory):
                                          extra_tensors=quantizer_tensors(model))
         return cache[fmt]
     return get
-
-
-def _batch(model, n=3, t=14, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.hf_config.vocab_size, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # one left-padded row
-    return ids, mask
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int3", "int8"])
@@ -76,7 +68,7 @@ def test_quantized_export_matches_pytorch(quantized_ckpt, tmp_path, fmt, target)
     types = {n.op_type for n in onnx.load(str(out / "prefill.onnx"), load_external_data=False).graph.node}
     assert ("MatMulNBits" if precision == "int4" and target == "ort-cpu" else "DequantizeLinear") in types
     sess = ort_ops.session(out / "prefill.onnx", exact=True)
-    ids, mask = _batch(model)
+    ids, mask = random_batch(model, left_pad=(4,))
     diffs = []
     for th in (0.0, 0.5):
         theta = torch.full((ids.shape[0],), th)
