@@ -31,17 +31,31 @@ def shipped_checkpoint(name: str) -> Path | None:
     return folder if (folder / checkpoint.META).is_file() else None
 
 
-def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, fresh: bool = False) -> RoutedModel:
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, fresh: bool = False, dtype: str | None = None,
+         device: str | None = None, fold: bool = False) -> RoutedModel:
     """A RoutedModel from a checkpoint folder, an embedded model name (its shipped routers when
-    present, unless fresh=True), or a Hugging Face model folder (fresh routers)."""
+    present, unless fresh=True), or a Hugging Face model folder (fresh routers).
+
+    dtype/device: see compute.place (default float32 on the CPU, the reference); fold: bake
+    fake-quantized weights in (faster forwards, same logits; always done for non-float32)."""
     path = Path(name_or_path)
     if (path / checkpoint.META).is_file():
-        return load_checkpoint(path)
-    if not fresh and str(name_or_path) in EMBEDDED and shipped_checkpoint(str(name_or_path)):
-        return load_checkpoint(shipped_checkpoint(str(name_or_path)))
-    if path.is_dir() and not (path / "config.json").is_file():
+        model = load_checkpoint(path)
+    elif not fresh and str(name_or_path) in EMBEDDED and shipped_checkpoint(str(name_or_path)):
+        model = load_checkpoint(shipped_checkpoint(str(name_or_path)))
+    elif path.is_dir() and not (path / "config.json").is_file():
         raise QtaleError(f"{path} is neither a QTALE checkpoint (no {checkpoint.META}) nor a model folder")
-    return new_routed(name_or_path)
+    else:
+        model = new_routed(name_or_path)
+    if fold:
+        from .quantize import fold as fold_weights
+
+        fold_weights(model)
+    if dtype not in (None, "float32") or device not in (None, "cpu"):
+        from .compute import place
+
+        place(model, dtype, device)
+    return model
 
 
 def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
@@ -70,6 +84,9 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
         from peft import PeftModel
 
         model.base = PeftModel.from_pretrained(model.base, folder / checkpoint.ADAPTER)
+        if meta.get("quantization"):  # quantized after merging: the grid is that of W + BA
+            model.base = model.base.merge_and_unload()
+            model.merged_adapter = folder / checkpoint.ADAPTER
     model.theta_table = dict(meta.get("theta_table") or {})
     model.threshold = float(meta.get("threshold", 0.5))
     model.training_info = meta.get("training")

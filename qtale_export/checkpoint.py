@@ -97,6 +97,8 @@ def save(model, path: str | os.PathLike, *, training: dict | None = None,
         save_file(routers if routers is not None else model.router_state(), tmp / ROUTERS)
         if hasattr(model.base, "peft_config"):
             model.base.save_pretrained(tmp / ADAPTER)
+        elif getattr(model, "merged_adapter", None):  # LoRA merged into the weights before quantization
+            shutil.copytree(model.merged_adapter, tmp / ADAPTER)
         if extra_tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
                       tmp / "quantizer.safetensors")

@@ -99,24 +99,28 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--tol", type=float, default=0.01)
+    from .compute import add_compute_arguments
+
+    add_compute_arguments(p)
     p.add_argument("--json", action="store_true")
 
 
 def run_calibrate(args) -> int:
     from . import checkpoint
-    from .api import load_checkpoint
+    from .api import load
     from .calibrate import calibrate
     from .data import CALIBRATION_TEXT, text_batches
 
     folder = Path(args.checkpoint)
     checkpoint.read_meta(folder)  # a clear error before loading the model
-    model = load_checkpoint(folder)
+    model = load(folder, dtype=args.dtype, device=args.device, fold=True)
     data = Path(args.data) if args.data else CALIBRATION_TEXT
     batches = text_batches(data, model.tokenizer, args.seq_len, 4, args.max_tokens)
     table = calibrate(model, batches, args.ratios, tol=args.tol)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     checkpoint.update_meta(folder, theta_table=model.theta_table,
-                           calibration={"data": data.name, "tokens": tokens, "tol": args.tol})
+                           calibration={"data": data.name, "tokens": tokens, "tol": args.tol,
+                                        "dtype": args.dtype})
     if args.json:
         print(json.dumps({"ratios": table}))
     else:

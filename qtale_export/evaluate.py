@@ -148,15 +148,43 @@ def _mlp_width(path) -> int | None:
     return None
 
 
+def token_batches(lengths: list[int], budget: int, max_batch: int) -> list[list[int]]:
+    """Indices longest first, cut into batches of at most `max_batch` sequences whose padded size
+    (count x longest) stays within `budget` tokens; a single longer sequence gets a batch alone."""
+    ranked = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in ranked:
+        if batches and len(batches[-1]) < max_batch and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _rows(model, out, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Logits of (sequence, start, stop) spans of one forward: the LM head runs once, on the scored
+    rows only (with hidden_only outputs), instead of on every position of the batch."""
+    if getattr(out, "logits", None) is not None:
+        return [out.logits[b, a:z] for b, a, z in spans]
+    if not spans:
+        return []
+    hid = torch.cat([out.hidden[b, a:z] for b, a, z in spans], 0)
+    logits = model.head(hid)
+    return list(logits.split([z - a for _, a, z in spans], 0))
+
+
 @torch.no_grad()
 def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
                   theta=None, execute_all: bool = False, progress: bool = True,
-                  desc: str = "score", share_context: bool = True) -> list[tuple[float, bool]]:
+                  desc: str = "score", share_context: bool = True,
+                  batch_tokens: int = 4096, head_at_scored: bool = True) -> list[tuple[float, bool]]:
     """(sum of log P(continuation | context), continuation is the greedy one) per request.
 
     share_context: run each distinct context once (KV cache) and all its continuations on top of
-    it (batch_size contexts per batch); otherwise one padded forward of context+continuation per
-    request (batch_size requests per batch), exactly the harness's inputs."""
+    it; otherwise one padded forward of context+continuation per request, exactly the harness's
+    inputs. Batches hold at most `batch_size` sequences and `batch_tokens` padded tokens, longest
+    first; the LM head runs only at the positions that are scored (head_at_scored=False: on every
+    position, the old behaviour, kept for benchmarks/bench_compute.py)."""
     from tqdm import tqdm
 
     window = max_length(model)
@@ -174,11 +202,13 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
         order.append(enc[key])
     uniq = list(enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if isinstance(model, ExportModel):
+    routed = not isinstance(model, ExportModel)
+    if not routed:
         share_context = False  # prefill.onnx has no cache input: one forward per request
         device = torch.device("cpu")
     else:
         device = next(model.parameters()).device
+    extra = {"hidden_only": True} if routed and head_at_scored else {}
     results: list[tuple[float, bool] | None] = [None] * len(uniq)
     model.eval()
 
@@ -193,38 +223,38 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
 
     if not share_context:
         inputs = [list(c + t)[:-1] for c, t in uniq]
-        ranked = sorted(range(len(uniq)), key=lambda i: -len(inputs[i]))
-        for s in tqdm(range(0, len(ranked), batch_size), desc=desc, disable=not progress, leave=False):
-            idx = ranked[s:s + batch_size]
+        batches = token_batches([len(x) for x in inputs], batch_tokens, batch_size)
+        for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
             ids, mask = padded([inputs[i] for i in idx])
-            logits = model(ids, attention_mask=mask, theta=theta, execute_all=execute_all).logits
-            for r, i in enumerate(idx):
-                n, k = len(inputs[i]), len(uniq[i][1])
-                record(i, logits[r, n - k:n])
+            out = model(ids, attention_mask=mask, theta=theta, execute_all=execute_all, **extra)
+            spans = [(r, len(inputs[i]) - len(uniq[i][1]), len(inputs[i])) for r, i in enumerate(idx)]
+            for i, rows in zip(idx, _rows(model, out, spans)):
+                record(i, rows)
         return [results[j] for j in order]
 
     groups: dict[tuple, list[int]] = {}
     for i, (c, _) in enumerate(uniq):
         groups.setdefault(c, []).append(i)
-    ctxs = sorted(groups, key=lambda c: -(len(c) + max(len(uniq[i][1]) for i in groups[c])))
-    for s in tqdm(range(0, len(ctxs), batch_size), desc=desc, disable=not progress, leave=False):
-        batch = ctxs[s:s + batch_size]
+    ctxs = list(groups)
+    span = [len(c) + max(len(uniq[i][1]) for i in groups[c]) for c in ctxs]
+    for idx in tqdm(token_batches(span, batch_tokens, batch_size), desc=desc, disable=not progress, leave=False):
+        batch = [ctxs[j] for j in idx]
         cids, cmask = padded([list(c) for c in batch])
-        out = model(cids, attention_mask=cmask, theta=theta, execute_all=execute_all, use_cache=True)
+        out = model(cids, attention_mask=cmask, theta=theta, execute_all=execute_all, use_cache=True, **extra)
         rows = [(b, i) for b, c in enumerate(batch) for i in groups[c]]
         sel = torch.tensor([b for b, _ in rows], device=device)
         past = [tuple(t.index_select(0, sel) for t in layer) for layer in out.past_key_values]
         conts = [list(uniq[i][1])[:-1] for _, i in rows]
-        need_cont = any(conts)
-        if need_cont:
+        tout = None
+        if any(conts):
             tids, tmask = padded([x if x else [pad] for x in conts])
             tmask = tmask * torch.tensor([1 if x else 0 for x in conts], device=device)[:, None]
-            tlog = model(tids, attention_mask=torch.cat([cmask.index_select(0, sel), tmask], 1),
-                         past_key_values=past, theta=theta, execute_all=execute_all).logits
-        for r, (b, i) in enumerate(rows):
-            first = out.logits[b, len(batch[b]) - 1][None]
-            k = len(uniq[i][1])
-            record(i, torch.cat([first, tlog[r, :k - 1]], 0) if k > 1 else first)
+            tout = model(tids, attention_mask=torch.cat([cmask.index_select(0, sel), tmask], 1),
+                         past_key_values=past, theta=theta, execute_all=execute_all, **extra)
+        firsts = _rows(model, out, [(b, len(batch[b]) - 1, len(batch[b])) for b, _ in rows])
+        rests = _rows(model, tout, [(r, 0, len(uniq[i][1]) - 1) for r, (_, i) in enumerate(rows)]) if tout else []
+        for r, (_, i) in enumerate(rows):
+            record(i, torch.cat([firsts[r], rests[r]], 0) if len(uniq[i][1]) > 1 else firsts[r])
     return [results[j] for j in order]
 
 
@@ -262,7 +292,8 @@ def summarize(per_item: list[dict]) -> dict:
 
 
 def evaluate_tasks(model, tasks: list[str], *, style: str = "harness", limit: int | None = None,
-                   batch_size: int = 16, theta=None, progress: bool = True, tokenizer=None) -> dict:
+                   batch_size: int = 64, theta=None, progress: bool = True, tokenizer=None,
+                   batch_tokens: int = 4096) -> dict:
     """Per-task metrics, per-item scores, avg7 and the execution statistics of these forwards."""
     tokenizer = tokenizer or model.tokenizer
     docs = {t: load_docs(t, limit) for t in tasks}  # fail on missing data before any compute
@@ -273,7 +304,7 @@ def evaluate_tasks(model, tasks: list[str], *, style: str = "harness", limit: in
         items = build_items(t, docs[t], style)
         reqs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
         lls = [ll for ll, _ in loglikelihood(model, tokenizer, reqs, batch_size, theta=theta,
-                                              progress=progress, desc=t)]
+                                              progress=progress, desc=t, batch_tokens=batch_tokens)]
         per_item = score_items(items, lls)
         for k, p in enumerate(per_item):
             p["idx"] = k
@@ -308,11 +339,12 @@ def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: i
         raise QtaleError("perplexity text is too short (needs at least 2 tokens)")
     ref_model = reference if reference is not None else model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device if hasattr(model, "parameters") else torch.device("cpu")
     nll = kl = 0.0
     count = 0
     model.reset_stats()
     for s in range(0, len(wins), batch_size):
-        ids, mask = pad_tokens(wins[s:s + batch_size], pad)
+        ids, mask = (t.to(device) for t in pad_tokens(wins[s:s + batch_size], pad))
         logp = F.log_softmax(model(ids, attention_mask=mask, theta=theta).logits[:, :-1].float(), -1)
         with model.stats.paused():  # the reference pass is not counted
             ref = F.log_softmax(ref_model(ids, attention_mask=mask, execute_all=True).logits[:, :-1].float(), -1)
@@ -337,7 +369,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--ratio", type=float, default=None, help="target execution ratio (calibrated theta)")
     g.add_argument("--threshold", type=float, default=None, help="router threshold theta in [0, 1]")
     parser.add_argument("--limit", type=int, default=None, help="first N items of every task")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64, help="most sequences per forward")
+    parser.add_argument("--batch-tokens", type=int, default=4096,
+                        help="most padded tokens per forward (batches are built longest first)")
+    from .compute import add_compute_arguments
+
+    add_compute_arguments(parser)
     parser.add_argument("--style", choices=list(STYLES), default="harness",
                         help="harness: lm-evaluation-harness prompts; instruct: the fine-tuning prompt")
     parser.add_argument("--ppl-file", default=None,
@@ -361,6 +398,8 @@ def _check_args(args) -> list[str]:
         raise QtaleError(f"--limit must be a positive number of items, got {args.limit}")
     if args.batch_size is None or args.batch_size <= 0:
         raise QtaleError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "batch_tokens", 4096) <= 0:
+        raise QtaleError(f"--batch-tokens must be positive, got {args.batch_tokens}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise QtaleError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.ratio is not None and not 0.0 < args.ratio <= 1.0:
@@ -391,7 +430,8 @@ def run_eval(args) -> dict:
         info = {"backend": ExportModel.backend, "precision": model.precision,
                 "quantization": model.precision if model.precision in ("int4", "int8", "fp8") else None}
     else:
-        model = load(args.checkpoint)
+        model = load(args.checkpoint, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+                     fold=True)
         if args.ratio is not None:
             theta = model.set_ratio(args.ratio)  # QtaleError when the ratio is not calibrated
         elif args.threshold is not None:
@@ -399,10 +439,11 @@ def run_eval(args) -> dict:
             theta = model.threshold
         else:
             theta = model.threshold
-        info = {"backend": "pytorch", "quantization": (model.quantization_info or {}).get("format")}
+        info = {"backend": "pytorch", "quantization": (model.quantization_info or {}).get("format"),
+                "dtype": getattr(args, "dtype", None) or "float32"}
     progress = not args.no_progress
     res = evaluate_tasks(model, tasks, style=args.style, limit=args.limit, batch_size=args.batch_size,
-                         theta=theta, progress=progress)
+                         theta=theta, progress=progress, batch_tokens=getattr(args, "batch_tokens", 4096))
     items = res.pop("items")
     out = {"checkpoint": str(args.checkpoint), "theta": theta, "ratio": args.ratio, **info, **res}
     if out.get("flops_fraction") is None:
@@ -410,7 +451,8 @@ def run_eval(args) -> dict:
         out["flops_fraction_note"] = "not computed: the export's graph does not show the MLP width"
     if not args.no_ppl:
         text, source = heldout_text(args.ppl_file)
-        reference = load(args.reference) if args.reference else None
+        reference = (load(args.reference, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+                          fold=True) if args.reference else None)
         pk = perplexity_and_kl(model, text, theta=theta, reference=reference, max_tokens=args.ppl_tokens)
         out.update(pk)
         out["ppl_file"] = source

@@ -222,6 +222,21 @@ def calibration_batches(texts: list[str], tokenizer, max_length: int = 512, batc
 
 
 # ---- public API ------------------------------------------------------------------------------
+def merge_lora(model) -> None:
+    """Merge a LoRA adapter into the base weights, so the quantization grid is that of W + BA (what
+    a deployment runs); the adapter files stay with the checkpoint (restore merges them again)."""
+    if not hasattr(model.base, "peft_config"):
+        return
+    src = model.checkpoint_dir / "adapter" if model.checkpoint_dir else None
+    if src is None or not src.is_dir():
+        import tempfile
+
+        src = Path(tempfile.mkdtemp(prefix="qtale-adapter-"))
+        model.base.save_pretrained(src)
+    model.base = model.base.merge_and_unload()
+    model.merged_adapter = src
+
+
 @torch.no_grad()
 def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, group_size: int | None = None,
              *, calib_source: str | None = None, max_length: int = 512) -> dict:
@@ -234,6 +249,7 @@ def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, gro
                          "quantize the unquantized checkpoint")
     tool, bits, gran, algorithm = FORMATS[fmt]
     tokenizer = tokenizer or model.tokenizer
+    merge_lora(model)
     linears = decoder_linears(model)
     groups = group_sizes(linears, fmt, group_size)
     calib = {"source": None, "samples": 0, "tokens": 0}
@@ -282,8 +298,9 @@ def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, gro
         "symmetric": True,
         "granularity": "per-group" if gran == "group" else "per-output-channel",
         "group_size": groups,
-        "quantized": "decoder layers' Linear weights (q/k/v/o, gate/up/down); embeddings, norms, "
-                     "lm_head, routers and LoRA factors stay float; activations are not quantized",
+        "quantized": "decoder layers' Linear weights (q/k/v/o, gate/up/down; a LoRA adapter is merged "
+                     "into them first); embeddings, norms, lm_head and routers stay float; activations "
+                     "are not quantized",
         "num_layers": len(linears),
         "calibration": calib,
         "weight_bytes": weight_bytes(linears, fmt, groups),
@@ -355,6 +372,23 @@ def restore(model, folder, info: dict) -> None:
                 lin.weight.data.copy_((lin.weight * inv.squeeze()[None, :]).to(lin.weight.dtype))
     model.quantization_info = info
     model.quantizer_tensors = tensors
+
+
+@torch.no_grad()
+def fold(model) -> None:
+    """Replace each fake-quantized weight by its dequantized value and switch its quantizer off, so a
+    forward does no quantizer work (evaluation, calibration, bf16). Logits are unchanged; the folded
+    model can no longer be exported on its grid (export reloads the checkpoint). INT3 weights are
+    stored folded already."""
+    info = getattr(model, "quantization_info", None)
+    if not info or getattr(model, "quantization_folded", False):
+        return
+    if FORMATS[info["format"]][0] == "modelopt":
+        _, mtq = _modelopt()
+        with _quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mtq.fold_weight(model.causal_lm)
+    model.quantization_folded = True
 
 
 # ---- CLI -------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class RoutedOutput:
     gates: list = field(default_factory=list)  # per routed layer [B, T]; straight-through in training
     router_logits: list = field(default_factory=list)  # per routed layer [B, T, 2]
     valid: torch.Tensor | None = None  # [B, T] bool, real (non-padding) tokens
+    hidden: torch.Tensor | None = None  # final-normed hidden states, with hidden_only=True (no logits)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +204,11 @@ class RoutedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, past_key_values: list | None = None,
                 use_cache: bool = False, theta: float | torch.Tensor | None = None,
-                execute_all: bool = False, dense: bool | None = None) -> RoutedOutput:
+                execute_all: bool = False, dense: bool | None = None, hidden_only: bool = False) -> RoutedOutput:
         """HF-style forward. `attention_mask` covers past + current tokens (1 = real token).
+
+        hidden_only: return the final-normed hidden states instead of logits (`.hidden`), so a caller
+        that needs a few positions applies `head()` to those only (the LM head is the largest matmul).
 
         theta: threshold override, a float or one per sequence [B]; execute_all: every token runs
         every layer (the all-layers reference); dense: force the masked reference path instead of
@@ -268,17 +272,23 @@ class RoutedModel(nn.Module):
             if use_cache:
                 exec_mask = gate if past is None else torch.cat([past[2], gate], 1)
                 presents.append((kv[0], kv[1], exec_mask))
-        logits = self.causal_lm.lm_head(self.decoder.norm(x))
+        hidden = self.decoder.norm(x)
+        logits = None if hidden_only else self.causal_lm.lm_head(hidden)
         cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
         self.stats.add(cpu(valid), [cpu(g) for g in gates_hard],
                        None if past_valid is None else cpu(past_valid),
                        None if past_exec is None else [cpu(p) for p in past_exec])
         loss = None
-        if labels is not None:
+        if labels is not None and logits is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
         return RoutedOutput(logits=logits, loss=loss, past_key_values=presents if use_cache else None,
-                            gates=gates, router_logits=router_logits, valid=valid)
+                            gates=gates, router_logits=router_logits, valid=valid,
+                            hidden=hidden if hidden_only else None)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed hidden states (any leading shape)."""
+        return self.causal_lm.lm_head(hidden)
 
     # ---- persistence helpers -----------------------------------------------------------------
     def router_state(self) -> dict[str, torch.Tensor]:
