@@ -60,6 +60,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     for name in ("lr", "weight_decay", "lambda1", "lambda2", "tau"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--target-ratio", type=ratio_arg, default=d.target_ratio, help="Omega")
+    p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default: --lr)")
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model (FSDP2)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

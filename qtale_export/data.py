@@ -34,7 +34,12 @@ class Example:
 
 
 def read_source(path: str | Path) -> list[dict] | str:
-    """Instruction records from a .json file (LLM-Adapters format) or the text of any other file."""
+    """Instruction records from a .json file (LLM-Adapters format), the text of any other file, or
+    the text of a named offline corpus (`corpus:mmlu`, see corpus.py)."""
+    from . import corpus
+
+    if corpus.is_corpus(path):
+        return corpus.corpus_text(str(path))
     p = Path(path)
     if not p.is_file():
         raise QtaleError(f"data file not found: {p}")

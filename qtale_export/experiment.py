@@ -44,12 +44,14 @@ TRAIN_KEYS = {  # passed to TrainConfig; model, out, method and seed come from e
     "data": None, "steps": None, "loss": "auto", "batch_size": 4, "grad_accum": 1, "lr": 1e-3,
     "weight_decay": 0.0, "seq_len": 256, "target_ratio": 0.5, "lambda1": 1.0, "lambda1_warmup": 0,
     "lambda2": 0.1, "tau": 1.0, "lora_rank": 0, "save_every": 50, "max_examples": None,
-    "first_routed_layer": 2, "keep_initial": 2, "router_hidden": 64,
+    "first_routed_layer": 2, "keep_initial": 2, "router_hidden": 64, "lora_lr": None, "dtype": "float32",
 }
 CALIB_KEYS = {"data": "", "seq_len": 256, "max_tokens": 4096, "tol": 0.01}
 QUANT_KEYS = {"formats": None, "calib_data": "", "calib_samples": 64, "calib_length": 512, "group_size": None}
-EVAL_KEYS = {"tasks": None, "style": "harness", "limit": None, "batch_size": 16, "ppl": True, "ppl_file": "",
-             "ppl_tokens": None, "fp_routed": False}
+EVAL_KEYS = {"tasks": None, "style": "harness", "limit": None, "batch_size": 64, "batch_tokens": 4096,
+             "dtype": "float32", "ppl": True, "ppl_file": "", "ppl_tokens": None, "fp_routed": False,
+             "baselines": []}
+BASELINES = ("dllm-fixed-theta", "layer-drop")  # D-LLM at its own operating point; static layer removal
 TOP_KEYS = {"name", "model", "seed", "methods", "ratios", "train", "calibration", "quantization", "eval",
             "description"}
 REQUIRED = ("name", "model", "train", "ratios", "quantization", "eval")
@@ -90,8 +92,27 @@ def _write_text(path: Path, text: str) -> None:
         raise
 
 
+def _write_gz_json(path: Path, data) -> None:
+    """Compressed JSON, written beside and renamed into place (per-item eval files are committed)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(json.dumps(data, separators=(",", ":")).encode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _read_json(path: Path):
     try:
+        if str(path).endswith(".gz"):
+            import gzip
+
+            return json.loads(gzip.decompress(Path(path).read_bytes()))
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise QtaleError(f"corrupt {path}: {str(exc).splitlines()[0]} (delete it to redo that step)") from None
@@ -124,6 +145,13 @@ def _section(recipe: dict, name: str, keys: dict) -> dict:
 
 
 def _resolve_data(value: str, recipe_dir: Path, what: str) -> str:
+    from .corpus import CORPORA, PREFIX, is_corpus
+
+    if is_corpus(value):
+        if str(value)[len(PREFIX):] not in CORPORA:
+            raise QtaleError(f"recipe: unknown {what} corpus '{value}' (known: "
+                             f"{', '.join(PREFIX + k for k in CORPORA)})")
+        return str(value)
     p = Path(os.path.expanduser(str(value)))
     tried = [p] if p.is_absolute() else [recipe_dir / p, REPO / p, Path.cwd() / p]
     for cand in tried:
@@ -164,6 +192,10 @@ def load_recipe(path: str | os.PathLike) -> dict:
         low = 0 if k in ("lora_rank", "lambda1_warmup") else 1
         if not isinstance(train[k], int) or isinstance(train[k], bool) or train[k] < low:
             raise QtaleError(f"recipe: 'train.{k}' must be an integer >= {low}, got {train[k]!r}")
+    if train["dtype"] not in ("float32", "bfloat16"):
+        raise QtaleError(f"recipe: 'train.dtype' must be float32 or bfloat16, got {train['dtype']!r}")
+    if train["lora_lr"] is not None:
+        train["lora_lr"] = float(train["lora_lr"])
     for k in ("lr", "lambda1", "lambda2", "tau", "weight_decay", "target_ratio"):
         try:
             train[k] = float(train[k])
@@ -199,6 +231,12 @@ def load_recipe(path: str | os.PathLike) -> dict:
     ev = _section(raw, "eval", EVAL_KEYS)
     from .tasks import SCIQ, STYLES, parse_tasks
 
+    if ev["dtype"] not in ("float32", "bfloat16"):
+        raise QtaleError(f"recipe: 'eval.dtype' must be float32 or bfloat16, got {ev['dtype']!r}")
+    for b in ev["baselines"] or []:
+        if b not in BASELINES:
+            raise QtaleError(f"recipe: unknown eval baseline '{b}' (choose from {', '.join(BASELINES)})")
+    ev["baselines"] = list(ev["baselines"] or [])
     ev["tasks"] = parse_tasks(ev["tasks"])
     if ev["style"] not in STYLES:
         raise QtaleError(f"recipe: unknown eval.style '{ev['style']}' (choose from {', '.join(STYLES)})")
@@ -226,8 +264,11 @@ class Run:
         self.docs = docs
         self.progress = progress
         self.console = console
-        self.lora = recipe["train"]["lora_rank"] > 0
-        self.ref_name = "reference" if self.lora else "base"
+        self.lora = recipe["train"]["lora_rank"] > 0  # the routed models' weights differ from the base
+        # Self-distillation's all-layers reference is the base itself (the teacher); only a task loss
+        # with LoRA needs its own all-layers fine-tune to compare against.
+        self.trained_reference = self.lora and recipe["train"]["loss"] != "distill"
+        self.ref_name = "reference" if self.trained_reference else "base"
         self.timings_file = root / "timings.json"
 
     # where things live
@@ -235,7 +276,7 @@ class Run:
         return self.root / "train" / m
 
     def ref_source(self) -> str:
-        return str(self.train_dir("reference")) if self.lora else self.r["model"]
+        return str(self.train_dir("reference")) if self.trained_reference else self.r["model"]
 
     def quant_dir(self, src: str, fmt: str) -> Path:
         return self.root / "quant" / f"{src}-{fmt}"
@@ -244,11 +285,13 @@ class Run:
         return self.root / "calib" / f"{m}-{fmt}.json"
 
     def eval_dir(self) -> Path:
+        """Per-configuration results with per-item scores, small and committed beside the report
+        (docs/eval/<recipe>/...), so a run can be completed across sessions and machines."""
         ev = self.r["eval"]
-        return self.root / "eval" / f"{ev['style']}-limit{ev['limit'] if ev['limit'] else 'all'}"
+        return self.docs / "eval" / self.r["name"] / f"{ev['style']}-limit{ev['limit'] if ev['limit'] else 'all'}"
 
     def trained(self) -> list[str]:
-        return list(self.r["methods"]) + (["reference"] if self.lora else [])
+        return list(self.r["methods"]) + (["reference"] if self.trained_reference else [])
 
     def say(self, msg: str) -> None:
         self.console.print(msg)
@@ -420,10 +463,24 @@ def configurations(run: Run) -> list[dict]:
                     # the same model as the all-layers one, evaluated once
                     c["same_as"] = "dense/fp" if fmt == "fp" else f"quant-only/{fmt}"
                 out.append(c)
+    base = run.r["eval"]["baselines"]
+    for fmt in run.r["quantization"]["formats"]:
+        if "dllm-fixed-theta" in base and "dllm" in run.r["methods"]:
+            # D-LLM as published: P(execute) >= 0.5, whatever ratio that gives (no calibration)
+            out.append({"id": f"dllm/{fmt}/theta0.5", "kind": "routed-fixed", "method": "dllm", "format": fmt,
+                        "target_ratio": None, "source": str(run.quant_dir("dllm", fmt)), "theta_from": None})
+        if "layer-drop" in base:
+            for r in run.r["ratios"]:
+                if r < 1.0:
+                    out.append({"id": f"layer-drop/{fmt}/{_key(r)}", "kind": "layer-drop", "method": None,
+                                "format": fmt, "target_ratio": r, "source": str(run.quant_dir(run.ref_name, fmt)),
+                                "theta_from": None})
     return out
 
 
 def _theta(run: Run, c: dict) -> float:
+    if c["kind"] == "routed-fixed":
+        return 0.5
     if c["kind"] != "routed" or c["target_ratio"] >= 1.0:
         return 0.0
     path = Path(c["theta_from"])
@@ -435,13 +492,29 @@ def _theta(run: Run, c: dict) -> float:
 
 
 def _eval_file(run: Run, cid: str) -> Path:
-    return run.eval_dir() / (cid.replace("/", "__") + ".json")
+    return run.eval_dir() / (cid.replace("/", "__") + ".json.gz")
 
 
-def _load_model(source: str):
+def _load_model(source: str, dtype: str = "float32"):
     from .api import load
 
-    return load(source, fresh=True)
+    return load(source, fresh=True, dtype=dtype, fold=True)
+
+
+def _dropped_layers(run: Run, ratio: float) -> list[int]:
+    """The static baseline's removed layers at `ratio`: block influence of the dense fp base on the
+    calibration text, computed once per run (layer_drop.json)."""
+    from .layer_drop import block_influence, layers_to_drop
+
+    f = run.root / "layer_drop.json"
+    if not f.is_file():
+        base = _load_model(run.ref_source())
+        batches, data, tokens = _calib_batches(run, base.tokenizer)
+        infl = block_influence(base, batches)
+        _write_json(f, {"influence": {str(k): v for k, v in infl.items()}, "data": str(data), "tokens": tokens,
+                        "measure": "mean 1 - cos(layer input, layer output), all layers executed"})
+    infl = {int(k): v for k, v in _read_json(f)["influence"].items()}
+    return layers_to_drop(infl, ratio)
 
 
 def stage_eval(run: Run) -> None:
@@ -474,26 +547,30 @@ def stage_eval(run: Run) -> None:
     for source, cs in by_source.items():
         if not (Path(source).exists() or source == run.r["model"]):
             raise QtaleError(f"{source} is missing: run the 'quantize' stage first")
-        model = _load_model(source)
+        model = _load_model(source, ev["dtype"])
         for c in cs:
             theta = _theta(run, c)
-            run.say(f"  eval {c['id']}  theta={theta:.4f}")
+            dropped = _dropped_layers(run, c["target_ratio"]) if c["kind"] == "layer-drop" else None
+            model.static_skip = frozenset(dropped) if dropped is not None else None
+            run.say(f"  eval {c['id']}  theta={theta:.4f}" + (f"  dropped layers {dropped}" if dropped else ""))
             t0 = time.time()
             res = E.evaluate_tasks(model, ev["tasks"], style=ev["style"], limit=ev["limit"],
-                                   batch_size=ev["batch_size"], theta=theta, progress=run.progress)
+                                   batch_size=ev["batch_size"], theta=theta, progress=run.progress,
+                                   batch_tokens=ev["batch_tokens"])
             out = {**c, "theta": theta, "tasks_requested": ev["tasks"], "style": ev["style"], "limit": ev["limit"],
-                   **res}
+                   "dtype": ev["dtype"], "dropped_layers": dropped, **res}
             if ppl_text is not None:
                 dense = c["id"] == "dense/fp"  # its own all-layers pass is the reference
                 if reference is None and not dense:
-                    reference = _load_model(run.ref_source())
+                    reference = _load_model(run.ref_source(), ev["dtype"])
                 pk = E.perplexity_and_kl(model, ppl_text, theta=theta, reference=None if dense else reference,
                                          max_tokens=ev["ppl_tokens"])
                 out.update(pk)
                 out["ppl_file"] = ppl_source
                 out["kl_reference"] = "dense/fp (all layers, unquantized)"
+            model.static_skip = None
             out["seconds_total"] = round(time.time() - t0, 2)
-            _write_json(_eval_file(run, c["id"]), out)
+            _write_gz_json(_eval_file(run, c["id"]), out)
             run.timed("eval", time.time() - t0)
         del model
 
@@ -569,11 +646,11 @@ def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
     for e in results:
         if e["kind"] == "quant-only":
             e["vs_dense"] = paired(items[e["id"]], items["dense/fp"], tasks)
-        if e["kind"] == "routed":
+        if e["kind"] in ("routed", "routed-fixed", "layer-drop"):
             ref = "dense/fp" if e["format"] == "fp" else f"quant-only/{e['format']}"
             e["vs_quant_only" if e["format"] != "fp" else "vs_dense"] = {"reference": ref,
                                                                         **paired(items[e["id"]], items[ref], tasks)}
-            other = f"dllm/{e['format']}/{_key(e['target_ratio'])}"
+            other = f"dllm/{e['format']}/{_key(e['target_ratio'])}" if e["target_ratio"] else None
             if e["method"] == "qtale" and other in ids:
                 e["vs_dllm"] = {"reference": other, **paired(items[e["id"]], items[other], tasks)}
         if "vs_dense" in e and "reference" not in e["vs_dense"]:
@@ -701,7 +778,8 @@ def render_markdown(res: dict) -> str:
               "|" + "---|" * (len(tasks) + 9)]
     for e in res["configs"]:
         delta = e.get("vs_quant_only") or e.get("vs_dense")
-        cells = [e["id"] + (f" (= {e['same_as']})" if e.get("same_as") else ""), f"{e['target_ratio']:g}",
+        cells = [e["id"] + (f" (= {e['same_as']})" if e.get("same_as") else ""),
+                 "—" if e["target_ratio"] is None else f"{e['target_ratio']:g}",
                  _fmt(e.get("realized_ratio")), _fmt(e.get("flops_fraction"))]
         cells += [_pct(e["tasks"][t][PRIMARY[t]], 1) for t in tasks]
         cells += [_pct(e.get("avg7", e["avg"])), _diff(delta["avg"] if delta else None),
@@ -757,13 +835,20 @@ def render_plot(res: dict, path: Path) -> None:
             ax.plot([e.get("realized_ratio") or 1.0], [100 * e["avg"]], marker="*", color=c, ms=10, ls="none")
             if e.get("kl") is not None:
                 kx.axhline(e["kl"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
-    for m, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--")):
+    def xpos(e):  # the compute the configuration spends, relative to the dense model
+        return e.get("flops_fraction") or e.get("realized_ratio") or e["target_ratio"] or 1.0
+
+    series = [(f"{'QTALE' if m == 'qtale' else 'D-LLM'} + {{fmt}}", marker, ls,
+               lambda e, m=m: e["kind"] == "routed" and e["method"] == m)
+              for m, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--"))]
+    series += [("D-LLM + {fmt}, theta 0.5 (own operating point)", "D", "none", lambda e: e["kind"] == "routed-fixed"),
+               ("static layer drop + {fmt}", "x", ":", lambda e: e["kind"] == "layer-drop")]
+    for name_t, marker, ls, pick in series:
         for fmt in ["fp"] + fmts:
-            rows = sorted((e.get("realized_ratio") or e["target_ratio"], e) for e in cfgs
-                          if e["kind"] == "routed" and e["method"] == m and e["format"] == fmt)
+            rows = sorted(((xpos(e), e) for e in cfgs if pick(e) and e["format"] == fmt), key=lambda xe: xe[0])
             if not rows:
                 continue
-            name = f"{'QTALE' if m == 'qtale' else 'D-LLM'} + {fmt}"
+            name = name_t.format(fmt=fmt)
             xs = [x for x, _ in rows]
             ax.errorbar(xs, [100 * e["avg"] for _, e in rows], yerr=[100 * e.get("avg_stderr", 0.0) for _, e in rows],
                         marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4, elinewidth=0.7,
@@ -772,15 +857,15 @@ def render_plot(res: dict, path: Path) -> None:
             if kl:
                 kx.plot([x for x, _ in kl], [k for _, k in kl], marker=marker, ls=ls, color=colors.get(fmt, "gray"),
                         lw=1.4, label=name)
-    ax.set_xlabel("execution ratio (realized on the evaluation tokens)")
+    ax.set_xlabel("FLOPs fraction of the dense model (on the evaluation tokens)")
     ax.set_ylabel(f"{label} accuracy (%)")
-    title = f"{res['recipe']['name']}: {label} vs execution ratio"
+    title = f"{res['recipe']['name']}: {label} vs FLOPs"
     if res.get("subset"):
         title += f" (first {res['limit']} items/task)"
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    kx.set_xlabel("execution ratio (realized on the evaluation tokens)")
+    kx.set_xlabel("FLOPs fraction of the dense model (on the evaluation tokens)")
     kx.set_ylabel("KL(dense || model) per token, nats")
     kx.set_title("KL to the dense all-layers model on the held-out text", fontsize=10)
     if has_kl:
@@ -869,7 +954,7 @@ def print_report(run: Run, res: dict) -> None:
         table.add_column(c, no_wrap=c == "configuration")
     for e in res["configs"]:
         delta = e.get("vs_quant_only") or e.get("vs_dense")
-        table.add_row(e["id"], f"{e['target_ratio']:g}", _fmt(e.get("realized_ratio"), ".3f"),
+        table.add_row(e["id"], "—" if e["target_ratio"] is None else f"{e['target_ratio']:g}", _fmt(e.get("realized_ratio"), ".3f"),
                       _fmt(e.get("flops_fraction"), ".3f"), _pct(e["avg"]), _diff(delta["avg"] if delta else None),
                       _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None), _fmt(e.get("ppl"), ".2f"),
                       _fmt(e.get("kl"), ".4f"))

@@ -91,6 +91,7 @@ class RoutedModel(nn.Module):
         self.threshold = 0.5
         self.theta_table: dict[str, dict] = {}
         self.compact = True  # inference: run layers on executed tokens only
+        self.static_skip: frozenset[int] | None = None  # baseline: these layers never run, routers unused
         # provenance, filled by api.new_routed / load_checkpoint and written by checkpoint.save
         self.base_info: dict = {"id": getattr(cfg, "name_or_path", "") or "custom", "sha256": None}
         self.training_info: dict | None = None
@@ -245,6 +246,8 @@ class RoutedModel(nn.Module):
                 router_logits.append(logits)
                 if execute_all:
                     g = torch.ones(B, T, device=x.device)
+                elif self.static_skip is not None:
+                    g = torch.full((B, T), float(i not in self.static_skip), device=x.device)
                 elif sampling:
                     g = F.gumbel_softmax(logits, tau=self.router_config.tau, hard=True)[..., 0]
                 else:

@@ -5,6 +5,7 @@ the Gumbel noise are functions of (seed, step), so a resumed run continues exact
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -47,6 +48,7 @@ class TrainConfig:
     lambda2: float = 0.1  # entropy weight (qtale only)
     tau: float = 1.0
     lora_rank: int = 0
+    lora_lr: float | None = None  # LoRA factors' learning rate (None: lr); routers train at lr
     seed: int = 0
     save_every: int = 50
     max_examples: int | None = None
@@ -202,10 +204,45 @@ def save_state(model: RoutedModel, cfg: TrainConfig, out: Path, step: int, opt_s
         logs = {LOG: out / LOG} if (out / LOG).is_file() else {}
         training = {"config": asdict(cfg), "steps_done": step, "final_losses": losses,
                     "data": [str(Path(d).name) if Path(d).is_file() else d for d in cfg.data],
-                    "data_paths": cfg.data, "torch": torch.__version__}
+                    "data_paths": cfg.data, "data_sha256": data_digests(cfg.data),
+                    "ratio_reached": ratio_reached(out / LOG, cfg.target_ratio),
+                    "torch": torch.__version__}
         checkpoint.save(model, out, training=training, extra_files=extra, logs=logs, routers=routers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def data_digests(paths: list[str]) -> dict[str, str]:
+    """sha256 of each training source's text (files and named corpora), for provenance."""
+    return dict(_digests(tuple(paths)))
+
+
+@functools.lru_cache(maxsize=4)
+def _digests(paths: tuple[str, ...]) -> tuple:
+    from . import corpus
+    from .data import read_source
+
+    out = {}
+    for d in paths:
+        src = read_source(d)
+        out[d] = corpus.sha256(src if isinstance(src, str) else json.dumps(src, sort_keys=True))
+    return tuple(out.items())
+
+
+RATIO_TOLERANCE = 0.03
+
+
+def ratio_reached(log: Path, target: float, tail: float = 0.1) -> dict | None:
+    """Mean realized training ratio over the last `tail` of the logged steps vs the target Omega."""
+    if not log.is_file():
+        return None
+    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return None
+    last = rows[-max(1, int(len(rows) * tail)):]
+    mean = sum(r["realized_ratio"] for r in last) / len(last)
+    return {"mean_last": round(mean, 4), "steps": len(last), "target": target,
+            "within": abs(mean - target) <= RATIO_TOLERANCE, "tolerance": RATIO_TOLERANCE}
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -254,8 +291,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    router_params = [p for p in model.routers.parameters() if p.requires_grad]
+    ids = {id(p) for p in router_params}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": router_params, "lr": cfg.lr}]
+    if other:  # LoRA factors: a base-model update wants a far smaller step than fresh routers
+        groups.append({"params": other, "lr": cfg.lora_lr if cfg.lora_lr is not None else cfg.lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume:
         load_optimizer_state(model, optimizer, torch.load(out / OPTIMIZER, weights_only=True, map_location="cpu"),
                              sharded)

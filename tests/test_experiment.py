@@ -305,6 +305,7 @@ def test_lora_recipe_trains_an_all_layers_reference(tiny_dir, tmp_path, fake_doc
     pytest.importorskip("peft")
     r = tiny_recipe(tiny_dir, tmp_path, methods=["qtale"])
     r["train"]["lora_rank"] = 2
+    r["train"]["loss"] = "task"  # a task loss moves the all-layers model too: it needs its own fine-tune
     recipe = write_recipe(tmp_path, r)
     X.run_experiment(args_for(recipe, tmp_path, "--limit", "2"))
     res = json.loads((tmp_path / "docs" / "results.json").read_text())
@@ -316,3 +317,29 @@ def test_lora_recipe_trains_an_all_layers_reference(tiny_dir, tmp_path, fake_doc
     assert by["qtale/int3/1.0"]["same_as"] is None  # LoRA differs per run: evaluated on its own
     assert by["qtale/int3/1.0"]["realized_ratio"] == 1.0
     assert "LoRA" in res["reference"] and set(res["training"]) == {"qtale", "reference"}
+
+
+def test_distill_lora_recipe_compares_against_the_base_and_baselines(tiny_dir, tmp_path, fake_docs):
+    """Self-distillation's teacher is the base: no reference run; the LoRA routed models at ratio 1.0
+    are evaluated on their own; D-LLM at theta 0.5 and static layer drop are evaluated alongside;
+    per-item results land compressed under docs/eval/."""
+    pytest.importorskip("peft")
+    r = tiny_recipe(tiny_dir, tmp_path)
+    r["train"]["lora_rank"] = 2
+    r["train"]["lora_lr"] = 1e-3
+    r["eval"]["baselines"] = ["dllm-fixed-theta", "layer-drop"]
+    recipe = write_recipe(tmp_path, r)
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2"))
+    res = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert not (tmp_path / "run" / "train" / "reference").exists()
+    assert (tmp_path / "run" / "quant" / "base-int3").is_dir()
+    by = {c["id"]: c for c in res["configs"]}
+    assert by["qtale/int3/1.0"]["same_as"] is None
+    assert by["dllm/int3/theta0.5"]["theta"] == 0.5 and "vs_quant_only" in by["dllm/int3/theta0.5"]
+    drop = by["layer-drop/int3/0.6"]
+    assert drop["realized_ratio"] < 1.0 and "vs_quant_only" in drop
+    files = sorted(p.name for p in (tmp_path / "docs" / "eval" / "tiny").rglob("*.json.gz"))
+    assert "layer-drop__int3__0.6.json.gz" in files and len(files) == len([c for c in res["configs"]
+                                                                            if not c["same_as"]])
+    with pytest.raises(Exception):
+        X.load_recipe(write_recipe(tmp_path, {**r, "eval": {**r["eval"], "baselines": ["nope"]}}))

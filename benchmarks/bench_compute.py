@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Training step time and evaluation items/s, before and after the compute work of issue #10,
+measured side by side in one run (rounds interleaved, so machine noise hits both alike).
+
+  train  before: float32 base weights          after: bfloat16 base weights (routers float32)
+         (same step: LoRA + routers, self-distillation with the teacher forward, B x T tokens)
+  eval   before: float32, fake-quant INT4 weights re-quantized every forward, LM head on every
+                 position, fixed batches of 16 sequences
+         after:  bfloat16 with the INT4 weights folded once, LM head only at the scored
+                 positions, batches by a token budget, longest first
+         (the same items of a few tasks; the scores of both paths are compared, not only timed)
+
+    python benchmarks/bench_compute.py --items 64 --tasks hellaswag,boolq --steps 3 --out benchmarks/results
+
+Prints a table of ratios and writes bench_compute.json; absolute times on a shared machine are not
+comparable across runs, the ratios are the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from qtale_export.errors import QtaleError  # noqa: E402
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512f")))
+
+
+def train_step_seconds(model, batch: dict, dtype: torch.dtype) -> float:
+    from qtale_export.train import _adapters_off, distill_loss, ratio_loss
+
+    model.base.to(dtype)
+    model.train()
+    t0 = time.perf_counter()
+    vf = batch["attention_mask"].float()
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad(), _adapters_off(model):
+        teacher = model(batch["input_ids"], attention_mask=batch["attention_mask"], execute_all=True).logits
+    loss = distill_loss(out.logits, teacher, vf) + ratio_loss(out.gates, vf, 0.6)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def bench_train(args, rounds: list[dict]) -> dict:
+    from qtale_export.train import TrainConfig, build_model
+
+    model = build_model(TrainConfig(model=args.model, data=["-"], lora_rank=args.lora_rank))
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(3, model.hf_config.vocab_size, (args.batch, args.seq_len), generator=g)}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    times = {"before": [], "after": []}
+    for dt in (torch.float32, torch.bfloat16):  # warm-up: first calls allocate and pick kernels
+        train_step_seconds(model, batch, dt)
+    for r in range(args.steps):
+        for name, dt in (("before", torch.float32), ("after", torch.bfloat16)):
+            s = train_step_seconds(model, batch, dt)
+            times[name].append(s)
+            rounds.append({"bench": "train", "round": r, "path": name, "seconds": round(s, 4)})
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tokens_per_step": args.batch * args.seq_len, "before_s": med["before"], "after_s": med["after"],
+            "speedup": med["before"] / med["after"]}
+
+
+def bench_eval(args, rounds: list[dict]) -> dict:
+    import qtale_export
+    from qtale_export import evaluate as E
+    from qtale_export import quantize as Q
+    from qtale_export.compute import place
+    from qtale_export.tasks import build_items, load_docs
+
+    before = qtale_export.load(args.model)
+    Q.quantize(before, "int4", None, before.tokenizer)  # RTN grid: no calibration time in the benchmark
+    after = qtale_export.load(args.model)
+    Q.quantize(after, "int4", None, after.tokenizer)
+    place(after, "bfloat16", "cpu")  # folds the fake-quant weights, then casts
+    for m in (before, after):
+        m.set_threshold(args.theta)
+    reqs, n_items = [], 0
+    for t in args.tasks.split(","):
+        items = build_items(t, load_docs(t, args.items))
+        n_items += len(items)
+        reqs += [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
+    paths = {"before": lambda: E.loglikelihood(before, before.tokenizer, reqs, batch_size=16, progress=False,
+                                                batch_tokens=10**9, head_at_scored=False),
+             "after": lambda: E.loglikelihood(after, after.tokenizer, reqs, batch_size=64, progress=False,
+                                               batch_tokens=args.batch_tokens)}
+    times = {"before": [], "after": []}
+    scores = {}
+    for r in range(args.eval_rounds):
+        for name, run in paths.items():
+            t0 = time.perf_counter()
+            scores[name] = run()
+            s = time.perf_counter() - t0
+            times[name].append(s)
+            rounds.append({"bench": "eval", "round": r, "path": name, "seconds": round(s, 3)})
+    med = {k: statistics.median(v) for k, v in times.items()}
+    diff = [abs(a[0] - b[0]) for a, b in zip(scores["before"], scores["after"])]
+    return {"items": n_items, "requests": len(reqs), "before_items_per_s": n_items / med["before"],
+            "after_items_per_s": n_items / med["after"], "speedup": med["before"] / med["after"],
+            "loglik_abs_diff_median": statistics.median(diff), "loglik_abs_diff_max": max(diff),
+            "full_set_minutes_after": 9698 / (n_items / med["after"]) / 60}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_compute", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per path")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--tasks", default="hellaswag,boolq")
+    p.add_argument("--items", type=int, default=64, help="first N items per task (a subset: timing only)")
+    p.add_argument("--eval-rounds", type=int, default=2)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--theta", type=float, default=0.5)
+    p.add_argument("--only", choices=["train", "eval"], default=None)
+    p.add_argument("--out", default=None, help="folder for bench_compute.json")
+    args = p.parse_args(argv)
+    rounds: list[dict] = []
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "flags": cpu_flags(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__}}
+    try:
+        if args.only in (None, "train"):
+            report["train"] = bench_train(args, rounds)
+        if args.only in (None, "eval"):
+            report["eval"] = bench_eval(args, rounds)
+    except QtaleError as exc:
+        print(f"bench_compute: error: {exc}", file=sys.stderr)
+        return 2
+    report["rounds"] = rounds
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="compute before/after (medians of interleaved rounds)")
+    for c in ("bench", "before", "after", "speedup"):
+        table.add_column(c)
+    if "train" in report:
+        t = report["train"]
+        table.add_row(f"train step ({t['tokens_per_step']} tok)", f"{t['before_s']:.2f} s", f"{t['after_s']:.2f} s",
+                      f"{t['speedup']:.2f}x")
+    if "eval" in report:
+        e = report["eval"]
+        table.add_row(f"eval ({e['items']} items, subset)", f"{e['before_items_per_s']:.2f} items/s",
+                      f"{e['after_items_per_s']:.2f} items/s", f"{e['speedup']:.2f}x")
+    Console().print(table)
+    if "eval" in report:
+        e = report["eval"]
+        print(f"log-likelihood |before - after|: median {e['loglik_abs_diff_median']:.2e}, max "
+              f"{e['loglik_abs_diff_max']:.2e}; full 9,698-item set at this rate: {e['full_set_minutes_after']:.1f} min")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_compute.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
