@@ -38,6 +38,7 @@ SCHEMA = "qtale-results/1"
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("qtale", "dllm")
 CLOSE_POINTS = 0.5  # "gap closed": within 0.5 accuracy points of the quant-only all-layers model
+HEADLINE_MAX_RATIO = 0.7  # the claim: QTALE+INT4 within CLOSE_POINTS of INT4 all-layers at ratio <= 0.7
 
 # recipe keys -> defaults (None under REQUIRED means the key must be given)
 TRAIN_KEYS = {  # passed to TrainConfig; model, out, method and seed come from elsewhere
@@ -270,6 +271,7 @@ class Run:
         self.trained_reference = self.lora and recipe["train"]["loss"] != "distill"
         self.ref_name = "reference" if self.trained_reference else "base"
         self.timings_file = root / "timings.json"
+        self.only_configs: list[str] = []
 
     # where things live
     def train_dir(self, m: str) -> Path:
@@ -295,6 +297,12 @@ class Run:
 
     def say(self, msg: str) -> None:
         self.console.print(msg)
+
+    def selected(self, cid: str) -> bool:
+        """--configs: evaluate only these configuration ids (shell-style patterns), in that order."""
+        import fnmatch
+
+        return not self.only_configs or any(fnmatch.fnmatchcase(cid, p) for p in self.only_configs)
 
     def timed(self, stage: str, seconds: float) -> None:
         t = _read_json(self.timings_file) if self.timings_file.is_file() else {}
@@ -524,7 +532,7 @@ def stage_eval(run: Run) -> None:
     ev = run.r["eval"]
     todo = []
     for c in configurations(run):
-        if c.get("same_as"):
+        if c.get("same_as") or not run.selected(c["id"]):
             continue
         f = _eval_file(run, c["id"])
         if f.is_file() and _read_json(f).get("tasks_requested") == ev["tasks"]:
@@ -541,6 +549,11 @@ def stage_eval(run: Run) -> None:
     if ev["ppl"]:
         ppl_text, ppl_source = heldout_text(ev["ppl_file"])
     reference = None
+    if run.only_configs:  # the order the user asked for: the most wanted results land first
+        import fnmatch
+
+        rank = lambda c: next(k for k, p in enumerate(run.only_configs) if fnmatch.fnmatchcase(c["id"], p))  # noqa: E731
+        todo.sort(key=rank)
     by_source: dict[str, list[dict]] = {}
     for c in todo:
         by_source.setdefault(c["source"], []).append(c)
@@ -629,9 +642,14 @@ def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
         if c.get("same_as"):
             continue
         f = _eval_file(run, c["id"])
-        _need(f, "eval")
-        raw[c["id"]] = _read_json(f)
+        if f.is_file():
+            raw[c["id"]] = _read_json(f)
+    if not raw:
+        raise QtaleError(f"no evaluation results in {run.eval_dir()}: run the 'eval' stage first")
+    run.pending = [c["id"] for c in cfgs if (c.get("same_as") or c["id"]) not in raw]
     for c in cfgs:
+        if (c.get("same_as") or c["id"]) not in raw:
+            continue
         src = raw[c.get("same_as") or c["id"]]
         items[c["id"]] = src["items"]
         entry = {k: c[k] for k in ("id", "kind", "method", "format", "target_ratio")}
@@ -644,12 +662,13 @@ def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
         results.append(entry)
     ids = {e["id"]: e for e in results}
     for e in results:
-        if e["kind"] == "quant-only":
+        if e["kind"] == "quant-only" and "dense/fp" in items:
             e["vs_dense"] = paired(items[e["id"]], items["dense/fp"], tasks)
         if e["kind"] in ("routed", "routed-fixed", "layer-drop"):
             ref = "dense/fp" if e["format"] == "fp" else f"quant-only/{e['format']}"
-            e["vs_quant_only" if e["format"] != "fp" else "vs_dense"] = {"reference": ref,
-                                                                        **paired(items[e["id"]], items[ref], tasks)}
+            if ref in items:
+                e["vs_quant_only" if e["format"] != "fp" else "vs_dense"] = {
+                    "reference": ref, **paired(items[e["id"]], items[ref], tasks)}
             other = f"dllm/{e['format']}/{_key(e['target_ratio'])}" if e["target_ratio"] else None
             if e["method"] == "qtale" and other in ids:
                 e["vs_dllm"] = {"reference": other, **paired(items[e["id"]], items[other], tasks)}
@@ -666,17 +685,17 @@ def headline(run: Run, results: list[dict]) -> dict:
     if int4 and "qtale" in run.r["methods"]:
         rows = []
         for r in run.r["ratios"]:
-            if r > 0.6:
+            if r > HEADLINE_MAX_RATIO:
                 continue
             q = ids.get(f"qtale/{int4}/{_key(r)}")
-            if not q:
+            if not q or "vs_quant_only" not in q:
                 continue
             row = {"ratio": r, "realized_ratio": q.get("realized_ratio"), "avg": q["avg"],
                    "gap_vs_quant_only": q["vs_quant_only"]["avg"]}
             if "vs_dllm" in q:
                 row["gap_vs_dllm"] = q["vs_dllm"]["avg"]
             rows.append(row)
-        out[f"qtale_{int4}_at_ratio_le_0.6"] = rows
+        out[f"qtale_{int4}_at_ratio_le_{HEADLINE_MAX_RATIO:g}"] = rows
     for f in fmts:
         if not f.startswith("int3"):
             continue
@@ -684,7 +703,7 @@ def headline(run: Run, results: list[dict]) -> dict:
             closes = None
             for r in run.r["ratios"]:
                 e = ids.get(f"{m}/{f}/{_key(r)}")
-                if e and e["vs_quant_only"]["avg"]["diff"] >= -CLOSE_POINTS / 100:
+                if e and "vs_quant_only" in e and e["vs_quant_only"]["avg"]["diff"] >= -CLOSE_POINTS / 100:
                     closes = r
                     break
             out[f"{m}_{f}_gap_closes_at_ratio"] = closes
@@ -786,7 +805,12 @@ def render_markdown(res: dict) -> str:
                   _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None),
                   _fmt(e.get("ppl"), ".3f"), _fmt(e.get("kl"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Headline", ""] + render_headline(res)
+    if res.get("pending"):
+        lines += [f"**Not evaluated yet ({len(res['pending'])} configurations):** "
+                  + ", ".join(f"`{p}`" for p in res["pending"]) + ". `qtale experiment RECIPE --resume "
+                  "--only eval` adds them (per-configuration files under `docs/eval/`).", ""]
+    lines += ["", "## Headline", ""] + [f"- **{x}**" for x in res.get("training_ratio_failures") or []]
+    lines += render_headline(res)
     lines += ["", "## Calibration after quantization", "",
               "| method | format | ratio | theta (fp) | realized (fp) | realized on the quantized model at theta (fp) "
               "| theta (re-calibrated) | realized |", "|---|---|---|---|---|---|---|---|"]
@@ -897,7 +921,19 @@ def _training_info(run: Run) -> dict:
         state = _read_json(folder / STATE) if (folder / STATE).is_file() else {}
         out[m] = {"steps_done": tr.get("steps_done"), "final_losses": tr.get("final_losses"),
                   "seconds": state.get("elapsed_s"), "method": (tr.get("config") or {}).get("method"),
-                  "checkpoint": str(folder)}
+                  "checkpoint": str(folder), "ratio_reached": tr.get("ratio_reached"),
+                  "data_sha256": tr.get("data_sha256")}
+    return out
+
+
+def ratio_failures(training: dict) -> list[str]:
+    """One line per trained method whose realized training ratio missed its target Omega."""
+    out = []
+    for m, t in training.items():
+        rr = t.get("ratio_reached")
+        if m != "reference" and rr and not rr["within"]:
+            out.append(f"TRAINING MISSED ITS RATIO: {m} ended at {rr['mean_last']:.3f} (mean of the last "
+                       f"{rr['steps']} steps), target {rr['target']:g} ± {rr['tolerance']:g}")
     return out
 
 
@@ -923,10 +959,15 @@ def stage_report(run: Run, command: str) -> dict:
     ev = run.r["eval"]
     from .tasks import PRIMARY, validation_size
 
-    reference = ("the base model with every layer executed (routers are the only trained parameters, so the "
-                 "base is what the same fine-tuning with every layer executed gives)" if not run.lora else
-                 "the base + LoRA fine-tuned the same way with target ratio 1.0, lambda1 = lambda2 = 0, "
-                 "evaluated with theta 0 (every layer)")
+    if run.trained_reference:
+        reference = ("the base + LoRA fine-tuned the same way with target ratio 1.0, lambda1 = lambda2 = 0, "
+                     "evaluated with theta 0 (every layer)")
+    elif run.lora:
+        reference = ("the base model with every layer executed: the self-distillation teacher that the routed "
+                     "models (routers + LoRA) were trained to match")
+    else:
+        reference = ("the base model with every layer executed (routers are the only trained parameters, so the "
+                     "base is what the same fine-tuning with every layer executed gives)")
     recipe = {k: v for k, v in run.r.items()}
     res = {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command, "run_dir": str(run.root), "recipe": recipe, "limit": ev["limit"],
@@ -937,6 +978,8 @@ def stage_report(run: Run, command: str) -> dict:
            "training": _training_info(run), "calibration": calib, "quantization": quant,
            "configs": results}
     res["headline"] = headline(run, results)
+    res["training_ratio_failures"] = ratio_failures(res["training"])
+    res["pending"] = list(getattr(run, "pending", []))
     run.docs.mkdir(parents=True, exist_ok=True)
     _write_json(run.docs / "results.json", res)
     _write_text(run.docs / "results.md", render_markdown(res))
@@ -959,6 +1002,8 @@ def print_report(run: Run, res: dict) -> None:
                       _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None), _fmt(e.get("ppl"), ".2f"),
                       _fmt(e.get("kl"), ".4f"))
     run.console.print(table)
+    for line in res.get("training_ratio_failures") or []:
+        run.console.print(f"[bold red]{line}[/]")
     for line in render_headline(res):
         run.console.print(line, markup=False)
 
@@ -1046,13 +1091,14 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
              for fmt in run.r["quantization"]["formats"] if run.calib_file("qtale", fmt).is_file()}
     recipe_file = Path(run.r["recipe_file"])
     provenance = {
-        "what": "QTALE routers (router weights + theta table) for the embedded base model; no base weights",
+        "what": "QTALE routers (router weights + theta table) and, when trained, the LoRA adapter for the "
+                "embedded base model; no base weights",
         "method": "qtale", "base_model": meta["base_model"], "router": meta["router"],
         "recipe": {"file": os.path.relpath(recipe_file, REPO), "sha256": checkpoint.file_sha256(recipe_file),
                    "name": run.r["name"]},
         "train": {**run.r["train"], "seed": run.r["seed"],
-                  "data_sha256": {os.path.relpath(d, REPO): checkpoint.file_sha256(Path(d))
-                                  for d in run.r["train"]["data"]},
+                  "data_sha256": (meta.get("training") or {}).get("data_sha256") or
+                  {os.path.relpath(d, REPO): checkpoint.file_sha256(Path(d)) for d in run.r["train"]["data"]},
                   "steps_done": (meta.get("training") or {}).get("steps_done"),
                   "final_losses": (meta.get("training") or {}).get("final_losses")},
         "theta_table_fp": meta["theta_table"],
@@ -1068,7 +1114,13 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
     try:
         shutil.copy2(src / checkpoint.ROUTERS, tmp / checkpoint.ROUTERS)
         shipped = {k: v for k, v in meta.items() if k != "files"}
-        shipped["files"] = {checkpoint.ROUTERS: meta["files"][checkpoint.ROUTERS]}
+        # LoRA: its safetensors and config only (peft also writes a model-card README)
+        adapter = [k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/")
+                   and k.endswith((".safetensors", ".json"))]
+        for k in adapter:
+            (tmp / k).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / k, tmp / k)
+        shipped["files"] = {k: meta["files"][k] for k in [checkpoint.ROUTERS] + adapter}
         checkpoint.write_json_atomic(tmp / checkpoint.META, shipped)
         checkpoint.write_json_atomic(tmp / "provenance.json", provenance)
         checkpoint.replace_dir(tmp, dest)
@@ -1096,6 +1148,10 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate only the first N items of every task (overrides the recipe's "
                              "eval.limit; results are marked as a subset run)")
+    parser.add_argument("--configs", default=None,
+                        help="eval stage: only these configuration ids, comma-separated shell patterns, in "
+                             "this order (e.g. 'quant-only/*,qtale/int4-awq/0.6'); the report lists the rest "
+                             "as pending")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     return parser
@@ -1147,6 +1203,7 @@ def run_experiment(args) -> dict:
 
     console = Console(quiet=quiet, highlight=False, width=None if sys.stdout.isatty() else 140)
     run = Run(recipe, root, docs, progress=not getattr(args, "no_progress", False), console=console)
+    run.only_configs = [p.strip() for p in (getattr(args, "configs", None) or "").split(",") if p.strip()]
     _check_run_dir(recipe, root, args.resume, args.only)
     command = _command(args)
     stages = [args.only] if args.only else list(STAGES)

@@ -343,3 +343,18 @@ def test_distill_lora_recipe_compares_against_the_base_and_baselines(tiny_dir, t
                                                                             if not c["same_as"]])
     with pytest.raises(Exception):
         X.load_recipe(write_recipe(tmp_path, {**r, "eval": {**r["eval"], "baselines": ["nope"]}}))
+    # two steps from P(execute) ~ 0.88 cannot reach Omega 0.6: the report says so, loudly
+    assert res["training"]["qtale"]["ratio_reached"]["within"] is False
+    assert any(line.startswith("TRAINING MISSED ITS RATIO: qtale") for line in res["training_ratio_failures"])
+    assert "TRAINING MISSED ITS RATIO" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_configs_subset_reports_the_rest_as_pending(tiny_dir, tmp_path, fake_docs):
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--configs", "quant-only/*,dllm/int3/0.6"))
+    res = json.loads((tmp_path / "docs" / "results.json").read_text())
+    ids = {c["id"] for c in res["configs"]}
+    assert {"quant-only/int3", "dllm/int3/0.6"} <= ids and "dense/fp" not in ids and "qtale/int3/0.6" not in ids
+    assert "dense/fp" in res["pending"] and "qtale/int3/0.6" in res["pending"]
+    assert "vs_quant_only" in {c["id"]: c for c in res["configs"]}["dllm/int3/0.6"]
+    assert "Not evaluated yet" in (tmp_path / "docs" / "results.md").read_text()

@@ -19,11 +19,16 @@ SHIPPED = PRETRAINED / "smollm2-135m"
 
 def test_default_model_ships_routers_only():
     assert shipped_checkpoint("smollm2-135m") == SHIPPED
-    assert sorted(p.name for p in SHIPPED.iterdir()) == ["provenance.json", "qtale.json", "routers.safetensors"]
     meta = checkpoint.read_meta(SHIPPED)
+    lora = bool(meta["training"]["config"].get("lora_rank"))
+    assert sorted(p.name for p in SHIPPED.iterdir()) == sorted(
+        ["provenance.json", "qtale.json", "routers.safetensors"] + (["adapter"] if lora else []))
     checkpoint.verify_files(SHIPPED, meta)
     assert meta["base_model"]["id"] == "smollm2-135m" and meta["quantization"] is None
-    assert list(meta["files"]) == [checkpoint.ROUTERS]
+    adapter = sorted(k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/"))
+    assert sorted(meta["files"]) == sorted([checkpoint.ROUTERS] + adapter) and bool(adapter) == lora
+    for name in adapter:  # LoRA factors only: safetensors + config, small
+        assert name.endswith((".safetensors", ".json")) and (SHIPPED / name).stat().st_size < 16 << 20
     assert (SHIPPED / checkpoint.ROUTERS).stat().st_size < 8 << 20
     from safetensors import safe_open
 
