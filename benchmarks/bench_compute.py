@@ -6,9 +6,9 @@ measured side by side in one run (rounds interleaved, so machine noise hits both
          (same step: LoRA + routers, self-distillation with the teacher forward, B x T tokens)
   eval   before: float32, fake-quant INT4 weights re-quantized every forward, LM head on every
                  position, fixed batches of 16 sequences
-         after:  bfloat16 with the INT4 weights folded once, LM head only at the scored
-                 positions, batches by a token budget, longest first
-         (the same items of a few tasks; the scores of both paths are compared, not only timed)
+         after:  the INT4 weights folded once, LM head only at the scored positions, batches by
+                 a token budget, longest first; in float32 (exact) and in bfloat16 (approximate)
+         (the same items of a few tasks; the scores and predictions are compared, not only timed)
 
     python benchmarks/bench_compute.py --items 64 --tasks hellaswag,boolq --steps 3 --out benchmarks/results
 
@@ -78,43 +78,57 @@ def bench_train(args, rounds: list[dict]) -> dict:
 
 
 def bench_eval(args, rounds: list[dict]) -> dict:
+    """Three paths on the same requests: the old one, the new one in float32 (exact: same scores),
+    and the new one in bfloat16 (faster, approximate: its scores and predictions are compared)."""
     import qtale_export
     from qtale_export import evaluate as E
     from qtale_export import quantize as Q
     from qtale_export.compute import place
     from qtale_export.tasks import build_items, load_docs
 
-    before = qtale_export.load(args.model)
-    Q.quantize(before, "int4", None, before.tokenizer)  # RTN grid: no calibration time in the benchmark
-    after = qtale_export.load(args.model)
-    Q.quantize(after, "int4", None, after.tokenizer)
-    place(after, "bfloat16", "cpu")  # folds the fake-quant weights, then casts
-    for m in (before, after):
+    models = {}
+    for name in ("before", "after_fp32", "after_bf16"):
+        m = qtale_export.load(args.model)
+        Q.quantize(m, "int4", None, m.tokenizer)  # RTN grid: no calibration time in the benchmark
+        if name == "after_fp32":
+            Q.fold(m)
+        if name == "after_bf16":
+            place(m, "bfloat16", "cpu")  # folds the fake-quant weights, then casts
         m.set_threshold(args.theta)
-    reqs, n_items = [], 0
+        models[name] = m
+    items, reqs = [], []
     for t in args.tasks.split(","):
-        items = build_items(t, load_docs(t, args.items))
-        n_items += len(items)
-        reqs += [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
-    paths = {"before": lambda: E.loglikelihood(before, before.tokenizer, reqs, batch_size=16, progress=False,
-                                                batch_tokens=10**9, head_at_scored=False),
-             "after": lambda: E.loglikelihood(after, after.tokenizer, reqs, batch_size=64, progress=False,
-                                               batch_tokens=args.batch_tokens)}
-    times = {"before": [], "after": []}
+        its = build_items(t, load_docs(t, args.items))
+        items += its
+        reqs += [(c, x) for it in its for c, x in zip(it.contexts, it.continuations)]
+
+    def run(name):
+        m = models[name]
+        if name == "before":
+            return E.loglikelihood(m, m.tokenizer, reqs, batch_size=16, progress=False, batch_tokens=10**9,
+                                   head_at_scored=False)
+        return E.loglikelihood(m, m.tokenizer, reqs, batch_size=64, progress=False, batch_tokens=args.batch_tokens)
+
+    times = {k: [] for k in models}
     scores = {}
     for r in range(args.eval_rounds):
-        for name, run in paths.items():
+        for name in models:
             t0 = time.perf_counter()
-            scores[name] = run()
+            scores[name] = [ll for ll, _ in run(name)]
             s = time.perf_counter() - t0
             times[name].append(s)
             rounds.append({"bench": "eval", "round": r, "path": name, "seconds": round(s, 3)})
     med = {k: statistics.median(v) for k, v in times.items()}
-    diff = [abs(a[0] - b[0]) for a, b in zip(scores["before"], scores["after"])]
-    return {"items": n_items, "requests": len(reqs), "before_items_per_s": n_items / med["before"],
-            "after_items_per_s": n_items / med["after"], "speedup": med["before"] / med["after"],
-            "loglik_abs_diff_median": statistics.median(diff), "loglik_abs_diff_max": max(diff),
-            "full_set_minutes_after": 9698 / (n_items / med["after"]) / 60}
+    preds = {k: [p["pred"] for p in E.score_items(items, v)] for k, v in scores.items()}
+    out = {"items": len(items), "requests": len(reqs)}
+    for name in models:
+        diff = [abs(a - b) for a, b in zip(scores["before"], scores[name])]
+        out[name] = {"items_per_s": len(items) / med[name], "speedup": med["before"] / med[name],
+                     "loglik_abs_diff_median": statistics.median(diff), "loglik_abs_diff_max": max(diff),
+                     "same_prediction": sum(a == b for a, b in zip(preds["before"], preds[name])) / len(items)}
+    out["full_set_minutes_bf16"] = 9698 / out["after_bf16"]["items_per_s"] / 60
+    out["full_set_minutes_fp32"] = 9698 / out["after_fp32"]["items_per_s"] / 60
+    return out
 
 
 def main(argv=None) -> int:
@@ -157,13 +171,18 @@ def main(argv=None) -> int:
                       f"{t['speedup']:.2f}x")
     if "eval" in report:
         e = report["eval"]
-        table.add_row(f"eval ({e['items']} items, subset)", f"{e['before_items_per_s']:.2f} items/s",
-                      f"{e['after_items_per_s']:.2f} items/s", f"{e['speedup']:.2f}x")
+        for name in ("after_fp32", "after_bf16"):
+            table.add_row(f"eval, {name} ({e['items']} items, subset)", f"{e['before']['items_per_s']:.2f} items/s",
+                          f"{e[name]['items_per_s']:.2f} items/s", f"{e[name]['speedup']:.2f}x")
     Console().print(table)
     if "eval" in report:
         e = report["eval"]
-        print(f"log-likelihood |before - after|: median {e['loglik_abs_diff_median']:.2e}, max "
-              f"{e['loglik_abs_diff_max']:.2e}; full 9,698-item set at this rate: {e['full_set_minutes_after']:.1f} min")
+        for name in ("after_fp32", "after_bf16"):
+            d = e[name]
+            print(f"{name}: log-likelihood |before - {name}| median {d['loglik_abs_diff_median']:.2e}, max "
+                  f"{d['loglik_abs_diff_max']:.2e}; same prediction on {100 * d['same_prediction']:.1f}% of items")
+        print(f"full 9,698-item set at these rates: fp32 {e['full_set_minutes_fp32']:.1f} min, "
+              f"bf16 {e['full_set_minutes_bf16']:.1f} min")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_compute.json").write_text(json.dumps(report, indent=1))
