@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad as pad_tokens
+from . import validate
 from .errors import QtaleError
 from .stats import ExecutionStats, flop_terms
 from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
+from .validate import arg
 
 
 # ---- log-likelihood requests -----------------------------------------------------------------
@@ -334,22 +336,26 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="comma-separated: boolq,piqa,siqa,arc_e,arc_c,winogrande,obqa,hellaswag "
                              "or avg7 (default: the avg7 tasks)")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, default=None, help="target execution ratio (calibrated theta)")
-    g.add_argument("--threshold", type=float, default=None, help="router threshold theta in [0, 1]")
-    parser.add_argument("--limit", type=int, default=None, help="first N items of every task")
-    parser.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--ratio", type=arg(validate.ratio), default=None,
+                   help="target execution ratio (calibrated theta)")
+    g.add_argument("--threshold", type=arg(validate.theta), default=None,
+                   help="router threshold theta in [0, 1]")
+    parser.add_argument("--limit", type=arg(validate.positive_int), default=None,
+                        help="first N items of every task")
+    parser.add_argument("--batch-size", type=arg(validate.positive_int), default=16)
     parser.add_argument("--style", choices=list(STYLES), default="harness",
                         help="harness: lm-evaluation-harness prompts; instruct: the fine-tuning prompt")
     parser.add_argument("--ppl-file", default=None,
                         help="held-out text for perplexity/KL: a text file, or 'sciq' (the SciQ validation "
                              "support paragraphs); default: the package's short held-out paragraphs")
-    parser.add_argument("--ppl-tokens", type=int, default=None,
+    parser.add_argument("--ppl-tokens", type=arg(validate.positive_int), default=None,
                         help="use only the first N tokens of the perplexity text")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity and KL")
     parser.add_argument("--reference", default=None,
                         help="all-layers reference for KL (e.g. the unquantized checkpoint); default: "
                              "the evaluated model with every layer executed")
     parser.add_argument("--items", default=None, help="write per-item scores (JSON) to this file")
+    parser.add_argument("--force", action="store_true", help="replace an existing --items file")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
@@ -369,6 +375,12 @@ def _check_args(args) -> list[str]:
         raise QtaleError(f"--ppl-file not found: {args.ppl_file}")
     if args.ppl_tokens is not None and args.ppl_tokens < 2:
         raise QtaleError(f"--ppl-tokens must be at least 2, got {args.ppl_tokens}")
+    if args.items is not None:  # before the evaluation, so its results are never lost to a bad path
+        validate.output_file(args.items, "--items", force=getattr(args, "force", False))
+    folder = Path(args.checkpoint)
+    if folder.is_dir() and not any((folder / n).is_file() for n in ("manifest.json", "qtale.json", "config.json")):
+        raise QtaleError(f"{folder} is not an export folder (no manifest.json), a QTALE checkpoint (no "
+                         "qtale.json) or a model folder (no config.json)")
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -417,7 +429,9 @@ def run_eval(args) -> dict:
         out["kl_reference"] = str(args.reference) if args.reference else "same model, all layers"
     out["seconds_total"] = round(time.time() - t0, 2)
     if args.items:
-        Path(args.items).write_text(json.dumps({"tasks": tasks, "style": args.style, "items": items}))
+        from .safe_write import write_json
+
+        write_json(Path(args.items), {"tasks": tasks, "style": args.style, "items": items}, indent=None)
         out["items_file"] = str(args.items)
     if not args.json:
         flops = f"{out['flops_fraction']:.4f}" if "flops_fraction" in out else "n/a"
