@@ -36,13 +36,13 @@ TEXT = Path(__file__).parent / "data" / "heldout.txt"
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export folder(s), e.g. fp32 and int4")
     parser.add_argument("--seq", default="128,512", help="prefill lengths (comma-separated)")
-    parser.add_argument("--ratios", type=arg(validate.ratios), default="1.0,0.8,0.6,0.5",
+    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default="1.0,0.8,0.6,0.5",
                         help="execution ratios (comma-separated)")
-    parser.add_argument("--repeats", type=arg(validate.positive_int), default=5,
+    parser.add_argument("--repeats", type=arg(validate.positive_int, "--repeats"), default=5,
                         help="interleaved repeats (median reported)")
-    parser.add_argument("--decode-tokens", type=arg(validate.positive_int), default=16,
+    parser.add_argument("--decode-tokens", type=arg(validate.positive_int, "--decode-tokens"), default=16,
                         help="decode steps per repeat")
-    parser.add_argument("--threads", type=arg(validate.positive_int), default=None,
+    parser.add_argument("--threads", type=arg(validate.positive_int, "--threads"), default=None,
                         help="ONNX Runtime intra-op threads")
     parser.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     parser.add_argument("--record", action="store_true",

@@ -18,8 +18,8 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-ratio_arg = arg(validate.ratio)
-ratios_arg = arg(validate.ratios)
+ratio_arg = arg(validate.ratio, "ratio")
+ratios_arg = arg(validate.ratios, "--ratios")
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -46,9 +46,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["auto", "task", "distill"], default=d.loss)
     for name, kind in validate.TRAIN_KINDS.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=arg(kind), default=getattr(d, name),
+        p.add_argument(flag, type=arg(kind, flag), default=getattr(d, name),
                        help="Omega" if name == "target_ratio" else None)
-    p.add_argument("--max-examples", type=arg(validate.positive_int), default=None)
+    p.add_argument("--max-examples", type=arg(validate.positive_int, "--max-examples"), default=None)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model (FSDP2)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="base weights (bfloat16 for large models on GPUs; routers stay float32)")
@@ -84,9 +84,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", type=ratios_arg, default=[0.5, 0.6, 0.7, 0.8, 1.0],
                    help="comma-separated target execution ratios in (0, 1]")
     p.add_argument("--data", default=None, help="calibration text or JSON (default: built-in text)")
-    p.add_argument("--seq-len", type=arg(validate.positive_int), default=256)
-    p.add_argument("--max-tokens", type=arg(validate.positive_int), default=4096)
-    p.add_argument("--tol", type=arg(validate.positive), default=0.01)
+    p.add_argument("--seq-len", type=arg(validate.positive_int, "--seq-len"), default=256)
+    p.add_argument("--max-tokens", type=arg(validate.positive_int, "--max-tokens"), default=4096)
+    p.add_argument("--tol", type=arg(validate.positive, "--tol"), default=0.01)
     p.add_argument("--json", action="store_true")
 
 
@@ -103,7 +103,8 @@ def run_calibrate(args) -> int:
     batches = text_batches(data, model.tokenizer, args.seq_len, 4, args.max_tokens)
     table = calibrate(model, batches, args.ratios, tol=args.tol)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    def merge(meta: dict) -> None:  # on the latest qtale.json, under its lock: a concurrent run's ratios stay
+
+    def merge(meta: dict) -> None:  # applied to the latest qtale.json under its lock: a concurrent run's ratios stay
         meta["theta_table"] = {**(meta.get("theta_table") or {}), **table}
         meta["calibration"] = {"data": data.name, "tokens": tokens, "tol": args.tol}
 
@@ -212,9 +213,18 @@ def _run(args) -> int:
     return int(result or 0)
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str):
+    """Parsed arguments, or (exit code 2) None after printing a value checker's one-line error."""
+    try:
+        return parser.parse_args(argv)
+    except QtaleError as exc:  # raised by a qtale_export.validate type (argparse lets it through)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None, prog: str = "qtale") -> int:
-    args = build_parser(prog).parse_args(argv)
-    return dispatch(args, prog)
+    args = parse(build_parser(prog), argv, prog)
+    return 2 if args is None else dispatch(args, prog)
 
 
 def dispatch(args, prog: str) -> int:
@@ -239,7 +249,8 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="qtale-export", description="ONNX export of a routed QTALE model")
     add_export(parser)
     parser.set_defaults(_run=(None, run_export_cmd))
-    return dispatch(parser.parse_args(argv), "qtale-export")
+    args = parse(parser, argv, "qtale-export")
+    return 2 if args is None else dispatch(args, "qtale-export")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the same code (`ExportModel`: the runtime presented as the model; docs/eval.md).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -336,19 +335,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="comma-separated: boolq,piqa,siqa,arc_e,arc_c,winogrande,obqa,hellaswag "
                              "or avg7 (default: the avg7 tasks)")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=arg(validate.ratio), default=None,
+    g.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
                    help="target execution ratio (calibrated theta)")
-    g.add_argument("--threshold", type=arg(validate.theta), default=None,
+    g.add_argument("--threshold", type=arg(validate.theta, "--threshold"), default=None,
                    help="router threshold theta in [0, 1]")
-    parser.add_argument("--limit", type=arg(validate.positive_int), default=None,
+    parser.add_argument("--limit", type=arg(validate.positive_int, "--limit"), default=None,
                         help="first N items of every task")
-    parser.add_argument("--batch-size", type=arg(validate.positive_int), default=16)
+    parser.add_argument("--batch-size", type=arg(validate.positive_int, "--batch-size"), default=16)
     parser.add_argument("--style", choices=list(STYLES), default="harness",
                         help="harness: lm-evaluation-harness prompts; instruct: the fine-tuning prompt")
     parser.add_argument("--ppl-file", default=None,
                         help="held-out text for perplexity/KL: a text file, or 'sciq' (the SciQ validation "
                              "support paragraphs); default: the package's short held-out paragraphs")
-    parser.add_argument("--ppl-tokens", type=arg(validate.positive_int), default=None,
+    parser.add_argument("--ppl-tokens", type=arg(validate.positive_int, "--ppl-tokens"), default=None,
                         help="use only the first N tokens of the perplexity text")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity and KL")
     parser.add_argument("--reference", default=None,

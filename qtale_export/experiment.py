@@ -1012,7 +1012,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                              "copy the trained QTALE routers into the package (qtale_export/pretrained/<model>/)")
     parser.add_argument("--ship-dir", default=None,
                         help="with --only ship: where the routers go (default: the package's pretrained/<model>/)")
-    parser.add_argument("--limit", type=arg(positive_int), default=None,
+    parser.add_argument("--limit", type=arg(positive_int, "--limit"), default=None,
                         help="evaluate only the first N items of every task (overrides the recipe's "
                              "eval.limit; results are marked as a subset run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -367,15 +367,15 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--out", required=True, help="output checkpoint folder (not the source)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing --out (once the new one is complete)")
-    parser.add_argument("--group-size", type=arg(validate.positive_int), default=None,
+    parser.add_argument("--group-size", type=arg(validate.positive_int, "--group-size"), default=None,
                         help="group size for int4/int4-awq/int3 (default: 128 where the input "
                              "dimension allows, else 64)")
     parser.add_argument("--calib-data", default=None,
                         help="calibration text (.txt: one sample per paragraph/line) or instruction "
                              "JSON (LLM-Adapters records); default: the package's calibration text")
-    parser.add_argument("--calib-samples", type=arg(validate.positive_int), default=64,
+    parser.add_argument("--calib-samples", type=arg(validate.positive_int, "--calib-samples"), default=64,
                         help="calibration samples (default 64)")
-    parser.add_argument("--calib-length", type=arg(validate.positive_int), default=512,
+    parser.add_argument("--calib-length", type=arg(validate.positive_int, "--calib-length"), default=512,
                         help="max tokens per sample (default 512)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -14,6 +14,7 @@ Torch-free: the runtime and the Triton builder use it too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -123,19 +124,35 @@ def check_output(out: str | os.PathLike, *, force: bool, sources: Iterable[str |
     return out
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Move the finished folder `tmp` onto `target`; an older `target` is moved aside first and
-    deleted only once the new one is in place (a cut in between is undone by the next `sweep`)."""
+    """Move the finished folder `tmp` onto `target`. An older `target` is swapped with it in one
+    step where the system can (so `target` is always the old or the new folder), else moved aside
+    first; it is deleted only once the new one is in place (a cut between the two renames is
+    undone by the next `sweep`)."""
     tmp, target = Path(tmp), Path(target)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.{OLD}-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.{OLD}-{os.getpid()}")
+    if old.exists():
+        shutil.rmtree(old)
+    if _exchange(tmp, target):
+        os.replace(tmp, old)  # tmp now holds the old folder
+    else:
         os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

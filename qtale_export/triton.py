@@ -38,16 +38,17 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="graph models: onnxruntime_onnx, tensorrt_plan (engines from `qtale build`) "
                              "or the Python backend running ONNX Runtime")
-    parser.add_argument("--ratios", type=arg(validate.ratios), default=None,
+    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default=None,
                         help="comma-separated execution ratios (default: the theta table's ratios)")
-    parser.add_argument("--max-batch", type=arg(validate.positive_int), default=8,
+    parser.add_argument("--max-batch", type=arg(validate.positive_int, "--max-batch"), default=8,
                         help="router max_batch_size (dynamic batching)")
-    parser.add_argument("--instances", type=arg(validate.positive_int), default=1, help="instances per model")
+    parser.add_argument("--instances", type=arg(validate.positive_int, "--instances"), default=1,
+                        help="instances per model")
     parser.add_argument("--kind", choices=["cpu", "gpu"], default=None,
                         help="instance kind (default gpu for tensorrt, else cpu)")
-    parser.add_argument("--threads", type=arg(validate.nonnegative_int), default=0,
+    parser.add_argument("--threads", type=arg(validate.nonnegative_int, "--threads"), default=0,
                         help="ONNX Runtime intra-op threads (0 = default)")
-    parser.add_argument("--max-new-tokens", type=arg(validate.positive_int), default=32,
+    parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=32,
                         help="router default when a request has none")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", action="store_true")

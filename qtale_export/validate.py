@@ -1,12 +1,14 @@
 """Command-line values, one checker per kind, shared by every subcommand so the rules cannot drift.
 
-Each checker takes the text (or a number) and returns the value or raises QtaleError naming the
-problem; `arg(check)` wraps one for argparse's `type=`, which prints it as one line.
-NaN and infinity are refused everywhere. Torch-free (the runtime uses it).
+Each checker takes the text (or a number) and the option's name, and returns the value or raises a
+QtaleError naming the option and the problem. `arg(check, "--flag")` makes one an argparse `type=`:
+the QtaleError passes through argparse (which only catches ValueError/TypeError), so the CLI prints
+it as its usual one line and library callers that parse with a plain ArgumentParser get the same
+QtaleError as from the run functions. NaN and infinity are refused everywhere. Torch-free (the
+runtime uses it).
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Callable
@@ -20,9 +22,9 @@ def number(value, what: str = "value") -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise QtaleError(f"invalid {what} '{value}': not a number") from None
+        raise QtaleError(f"{what} must be a number, got '{value}'") from None
     if not math.isfinite(x):
-        raise QtaleError(f"invalid {what} '{value}': must be a finite number")
+        raise QtaleError(f"{what} must be a finite number, got '{value}'")
     return x
 
 
@@ -30,43 +32,46 @@ def integer(value, what: str = "value") -> int:
     try:
         return int(str(value).strip())
     except ValueError:
-        raise QtaleError(f"invalid {what} '{value}': not an integer") from None
+        raise QtaleError(f"{what} must be an integer, got '{value}'") from None
 
 
 def ratio(value, what: str = "ratio") -> float:
     """A target execution ratio in (0, 1] (the runtime's rule, ratios.check_ratio)."""
-    return check_ratio(value)
+    try:
+        return check_ratio(value)
+    except QtaleError as exc:
+        raise QtaleError(f"{what}: {exc}") from None
 
 
-def ratios(value, what: str = "ratios") -> list[float]:
+def ratios(value, what: str = "--ratios") -> list[float]:
     """Comma-separated ratios; an empty item (`0.5,,0.6`) or an empty list is an error."""
     items = [v.strip() for v in str(value).split(",")]
     if not any(items):
-        raise QtaleError(f"invalid {what} '{value}': no ratios given")
+        raise QtaleError(f"{what}: no ratios given in '{value}'")
     if not all(items):
-        raise QtaleError(f"invalid {what} '{value}': empty item in the comma-separated list")
-    return [ratio(v) for v in items]
+        raise QtaleError(f"{what}: empty item in the comma-separated list '{value}'")
+    return [ratio(v, what) for v in items]
 
 
 def theta(value, what: str = "theta") -> float:
     """A router threshold in [0, 1]: a layer runs iff P(execute) >= theta."""
     x = number(value, what)
     if not 0.0 <= x <= 1.0:
-        raise QtaleError(f"invalid {what} '{value}': must be in [0, 1]")
+        raise QtaleError(f"{what} must be in [0, 1], got {value}")
     return x
 
 
 def positive_int(value, what: str = "value") -> int:
     n = integer(value, what)
     if n < 1:
-        raise QtaleError(f"invalid {what} '{value}': must be a positive integer")
+        raise QtaleError(f"{what} must be a positive integer, got {value}")
     return n
 
 
 def nonnegative_int(value, what: str = "value") -> int:
     n = integer(value, what)
     if n < 0:
-        raise QtaleError(f"invalid {what} '{value}': must be >= 0")
+        raise QtaleError(f"{what} must be >= 0, got {value}")
     return n
 
 
@@ -74,7 +79,7 @@ def positive(value, what: str = "value") -> float:
     """A finite float > 0 (learning rate, tolerance, tau)."""
     x = number(value, what)
     if x <= 0:
-        raise QtaleError(f"invalid {what} '{value}': must be > 0")
+        raise QtaleError(f"{what} must be > 0, got {value}")
     return x
 
 
@@ -82,7 +87,7 @@ def nonnegative(value, what: str = "value") -> float:
     """A finite float >= 0 (weight decay, loss weights)."""
     x = number(value, what)
     if x < 0:
-        raise QtaleError(f"invalid {what} '{value}': must be >= 0")
+        raise QtaleError(f"{what} must be >= 0, got {value}")
     return x
 
 
@@ -90,7 +95,7 @@ def probability(value, what: str = "probability") -> float:
     """A probability in (0, 1] (top-p)."""
     x = number(value, what)
     if not 0.0 < x <= 1.0:
-        raise QtaleError(f"invalid {what} '{value}': must be in (0, 1]")
+        raise QtaleError(f"{what} must be in (0, 1], got {value}")
     return x
 
 
@@ -98,14 +103,14 @@ def temperature(value, what: str = "temperature") -> float:
     """A sampling temperature: finite and >= 0 (0 = greedy)."""
     x = number(value, what)
     if x < 0:
-        raise QtaleError(f"invalid {what} '{value}': must be >= 0 (0 = greedy)")
+        raise QtaleError(f"{what} must be >= 0 (0 = greedy), got {value}")
     return x
 
 
 def path(value, what: str = "path") -> str:
     """A non-empty path text (existence is checked by the command that reads or writes it)."""
     if value is None or not str(value).strip():
-        raise QtaleError(f"invalid {what}: empty path")
+        raise QtaleError(f"{what}: empty path")
     return str(value)
 
 
@@ -121,14 +126,10 @@ def output_file(value, what: str = "output file", force: bool = True) -> Path:
     return p
 
 
-def arg(check: Callable) -> Callable[[str], object]:
-    """`type=arg(positive_int)`: the checker as an argparse type; argparse prints its message after
-    the option's name, as one line."""
+def arg(check: Callable, what: str) -> Callable[[str], object]:
+    """`type=arg(positive_int, "--steps")`: the checker as an argparse type (see the module doc)."""
     def parse(text: str):
-        try:
-            return check(text)
-        except QtaleError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        return check(text, what)
 
     parse.__name__ = check.__name__
     return parse

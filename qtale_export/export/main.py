@@ -23,9 +23,9 @@ DEFAULT_OPSET = 21
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", nargs="?", default="smollm2-135m",
                         help="QTALE checkpoint folder, HF model folder or embedded model name (default smollm2-135m)")
-    parser.add_argument("--ratio", type=arg(validate.ratio), default=0.6,
+    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6,
                         help="execution ratio whose calibrated theta becomes the default (0 < r <= 1; 1.0 = theta 0)")
-    parser.add_argument("--theta", type=arg(validate.theta), default=None,
+    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
                         help="default theta to record instead of the calibrated one for --ratio")
     parser.add_argument("--precision", default=None,
                         help=f"{'/'.join(PRECISIONS)} (default fp32, or the checkpoint's quantization format)")
@@ -33,19 +33,19 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--target", default=None,
                         help="ort-cpu or tensorrt (default ort-cpu; tensorrt for fp8)")
     parser.add_argument("--out", required=False, default=None, help="export folder to create")
-    parser.add_argument("--opset", type=arg(validate.positive_int), default=DEFAULT_OPSET,
+    parser.add_argument("--opset", type=arg(validate.positive_int, "--opset"), default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--decode-steps", type=arg(validate.positive_int), default=4,
+    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
                         help="decode steps checked by the verification")
     return parser
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("dir", help="export folder (with manifest.json)")
-    parser.add_argument("--theta", type=arg(validate.theta), action="append", default=None,
+    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), action="append", default=None,
                         help="theta in [0, 1] to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
-    parser.add_argument("--decode-steps", type=arg(validate.positive_int), default=4,
+    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
                         help="decode steps compared per theta (>= 1)")
     return parser
 
@@ -60,10 +60,9 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
     """Validate the options (before any work); returns (precision, target) with defaults applied."""
     import onnx
 
-    if ratio is None or not 0.0 < float(ratio) <= 1.0:
-        raise QtaleError(f"--ratio must be in (0, 1], got {ratio}")
-    if theta is not None and not 0.0 <= float(theta) <= 1.0:
-        raise QtaleError(f"--theta must be in [0, 1], got {theta}")
+    validate.ratio(ratio, "--ratio")
+    if theta is not None:
+        validate.theta(theta, "--theta")
     precision = precision or "fp32"
     if precision not in PRECISIONS:
         raise QtaleError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
