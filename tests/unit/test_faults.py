@@ -80,7 +80,7 @@ def load_checkpoint(folder):
 
 # ---- qtale quantize ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kill_at,nth,rerun", [
-    ("qtale_export.checkpoint.file_sha256", 2, True),  # the new checkpoint half written (1: loading the source)
+    ("qtale_export.checkpoint.seal", 1, True),  # the new checkpoint half written: files, no qtale.json yet
     ("os.replace", 3, False),  # just after the swap: the old folder is still beside it
 ])
 def test_quantize_killed_keeps_old_or_new(ck, tmp_path, kill_at, nth, rerun):
