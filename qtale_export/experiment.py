@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .errors import QtaleError
 from .ratios import check_ratio
+from .safe_write import tmp_prefix
 from .validate import arg, positive_int
 
 STAGES = ("train", "calibrate", "quantize", "recalibrate", "eval", "report")
@@ -81,7 +82,7 @@ def _write_json(path: Path, data) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), dir=path.parent)  # pid-tagged: swept if killed
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -790,7 +791,7 @@ def render_plot(res: dict, path: Path) -> None:
         kx.legend(fontsize=7, loc="upper right")
     kx.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
