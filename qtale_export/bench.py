@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import validate
 from .errors import QtaleError
+from .validate import arg
 
 DEFAULT_SEQ = [128, 512]
 DEFAULT_RATIOS = [1.0, 0.8, 0.6, 0.5]
@@ -34,10 +36,14 @@ TEXT = Path(__file__).parent / "data" / "heldout.txt"
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export folder(s), e.g. fp32 and int4")
     parser.add_argument("--seq", default="128,512", help="prefill lengths (comma-separated)")
-    parser.add_argument("--ratios", default="1.0,0.8,0.6,0.5", help="execution ratios (comma-separated)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median reported)")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="decode steps per repeat")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default="1.0,0.8,0.6,0.5",
+                        help="execution ratios (comma-separated)")
+    parser.add_argument("--repeats", type=arg(validate.positive_int, "--repeats"), default=5,
+                        help="interleaved repeats (median reported)")
+    parser.add_argument("--decode-tokens", type=arg(validate.positive_int, "--decode-tokens"), default=16,
+                        help="decode steps per repeat")
+    parser.add_argument("--threads", type=arg(validate.positive_int, "--threads"), default=None,
+                        help="ONNX Runtime intra-op threads")
     parser.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     parser.add_argument("--record", action="store_true",
                         help="append the decode ms/token per ratio to each manifest's \"benchmarks\" (budgets)")
@@ -265,12 +271,8 @@ def print_report(report: dict) -> None:
 
 
 def run_bench(args) -> dict:
-    from .runtime.select import check_ratio
-
     seqs = _ints(args.seq, "seq")
-    ratios = [check_ratio(r) for r in str(args.ratios).split(",") if r.strip()]
-    if not ratios:
-        raise QtaleError("--ratios: no ratios given")
+    ratios = validate.ratios(args.ratios) if isinstance(args.ratios, str) else args.ratios
     report = bench(args.export_dirs, seqs, ratios, repeats=args.repeats, decode_tokens=args.decode_tokens,
                    threads=args.threads, out=args.out, record=args.record)
     if not getattr(args, "json", False):

@@ -2,18 +2,22 @@
 
 qtale.json: {"format": "qtale-checkpoint", "format_version": 1, "base_model": {"id", "sha256"},
 "router": RouterConfig, "theta_table": {ratio: {"theta", "realized"}}, "training": {...},
-"quantization": null | {...}, "files": {name: sha256}}. No pickle anywhere: tensors are safetensors.
-Every write goes to a temporary name first and is renamed into place.
+"quantization": null | {...}, "files": {name: sha256}, "unchecked": [name], "files_sha256"}.
+No pickle anywhere: tensors are safetensors. Every write goes to a temporary name first and is
+renamed into place (qtale_export.safe_write). The checks cannot be switched off by omission: every
+file in the folder is either in "files" (with its sha256) or in "unchecked" (logs that grow), and
+"files_sha256" is the sha256 of that listing, so qtale.json's own listing is covered too.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from . import safe_write
 from .errors import QtaleError
 
 FORMAT = "qtale-checkpoint"
@@ -32,27 +36,59 @@ def file_sha256(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    safe_write.write_json(path, data)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temporary folder onto `target`, replacing an older one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move a finished temporary folder onto `target`, replacing an older one (safe_write.publish)."""
+    safe_write.publish(tmp, target)
+
+
+def listing_sha256(data: dict) -> str:
+    """sha256 of a contract's file listing ("files" and "unchecked"), stored as "files_sha256"."""
+    listing = {"files": data.get("files"), "unchecked": sorted(data.get("unchecked") or [])}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def seal(data: dict) -> dict:
+    """Set "files_sha256" from the listing (every writer of qtale.json / manifest.json calls it)."""
+    data["files_sha256"] = listing_sha256(data)
+    return data
+
+
+def check_listing(folder: Path, data: dict, meta_name: str, what: str, allow: tuple[str, ...] = ()) -> None:
+    """Every file in `folder` is listed with a matching sha256 (or declared "unchecked": names or
+    glob patterns of logs and caches, which no loader reads), and the listing matches its own
+    checksum; a missing listing is an error, never a skipped check. `allow`: relative names that
+    may be unlisted for this read (an engine about to be recorded)."""
+    meta_path = folder / meta_name
+    files = data.get("files")
+    if not isinstance(files, dict):
+        raise QtaleError(f"corrupt {meta_path}: no 'files' list (sha256 of every file)")
+    unchecked = data.get("unchecked") or []
+    if not isinstance(unchecked, list):
+        raise QtaleError(f"corrupt {meta_path}: 'unchecked' is not a list")
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        name = rel.as_posix()
+        if p.is_dir() or name == meta_name or name in files or name in allow:
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in unchecked):
+            continue
+        if any(safe_write.is_ours(part) for part in rel.parts):  # an unfinished write's temporary
+            continue
+        raise QtaleError(f"corrupt {what} {folder}: {name} is not listed in {meta_name}")
+    if "files_sha256" not in data:
+        raise QtaleError(f"corrupt {meta_path}: no 'files_sha256' (the checksum of its file listing; "
+                         "written by an older QTALE? write it again)")
+    if data["files_sha256"] != listing_sha256(data):
+        raise QtaleError(f"corrupt {meta_path}: its file listing does not match 'files_sha256' (edited or damaged)")
+    for name, digest in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise QtaleError(f"{what} {folder} is missing {name}")
+        if file_sha256(p) != digest:
+            raise QtaleError(f"{what} file {p} does not match its sha256 in {meta_name} (corrupt or modified)")
 
 
 def read_contract(path: Path, fmt: str, version: int, required: tuple[str, ...], what: str) -> dict:
@@ -79,7 +115,10 @@ def read_contract(path: Path, fmt: str, version: int, required: tuple[str, ...],
 
 def read_meta(path: str | os.PathLike) -> dict:
     """Read and validate qtale.json of a checkpoint folder."""
-    return read_contract(Path(path) / META, FORMAT, FORMAT_VERSION, ("base_model", "router"), "checkpoint")
+    meta = read_contract(Path(path) / META, FORMAT, FORMAT_VERSION, ("base_model", "router"), "checkpoint")
+    if not isinstance(meta["base_model"].get("id"), str) or not meta["base_model"]["id"]:
+        raise QtaleError(f"corrupt {Path(path) / META}: 'base_model' has no 'id' (the base model's name or folder)")
+    return meta
 
 
 def save(model, path: str | os.PathLike, *, training: dict | None = None,
@@ -91,8 +130,7 @@ def save(model, path: str | os.PathLike, *, training: dict | None = None,
     from safetensors.torch import save_file
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = safe_write.staging_dir(target)
     try:
         save_file(routers if routers is not None else model.router_state(), tmp / ROUTERS)
         if hasattr(model.base, "peft_config"):
@@ -115,8 +153,9 @@ def save(model, path: str | os.PathLike, *, training: dict | None = None,
             "quantization": quantization if quantization is not None else model.quantization_info,
             "files": {p.relative_to(tmp).as_posix(): file_sha256(p)
                       for p in sorted(tmp.rglob("*")) if p.is_file()},
+            "unchecked": sorted(logs or {}),
         }
-        write_json_atomic(tmp / META, meta)
+        write_json_atomic(tmp / META, seal(meta))
         for name, src in (logs or {}).items():
             shutil.copy2(src, tmp / name)
         replace_dir(tmp, target)
@@ -125,21 +164,23 @@ def save(model, path: str | os.PathLike, *, training: dict | None = None,
     return target
 
 
-def update_meta(path: str | os.PathLike, **fields) -> dict:
-    """Change top-level fields of qtale.json in place (atomic rename), e.g. the theta table."""
-    meta = read_meta(path)
-    meta.update(fields)
-    write_json_atomic(Path(path) / META, meta)
-    return meta
+def update_meta(path: str | os.PathLike, change=None, **fields) -> dict:
+    """Change qtale.json in place: set top-level `fields` and/or apply `change(meta)` (which may
+    mutate it). Read, change and write happen under the folder's lock, so concurrent updates
+    (two `qtale calibrate` runs) all land instead of the last writer winning."""
+    def apply(meta: dict) -> dict:
+        meta.update(fields)
+        if change is not None:
+            meta = change(meta) or meta
+        return seal(meta)
+
+    safe_write.sweep(path)
+    return safe_write.update_json(Path(path) / META, apply, lambda p: read_meta(p.parent))
 
 
 def verify_files(folder: Path, meta: dict) -> None:
-    for name, digest in meta.get("files", {}).items():
-        p = folder / name
-        if not p.is_file():
-            raise QtaleError(f"checkpoint {folder} is missing {name}")
-        if file_sha256(p) != digest:
-            raise QtaleError(f"checkpoint file {p} does not match its sha256 in {META} (corrupt or modified)")
+    """Check the folder against qtale.json's listing (see check_listing)."""
+    check_listing(Path(folder), meta, META, "checkpoint")
 
 
 def load_routers(folder: Path) -> dict:

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import validate
 from .errors import QtaleError
+from .validate import arg
 
 
 class Parser(argparse.ArgumentParser):
@@ -16,20 +18,8 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def ratio_arg(value: str) -> float:
-    from .ratios import check_ratio
-
-    try:
-        return check_ratio(value)
-    except QtaleError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def ratios_arg(value: str) -> list[float]:
-    items = [v for v in value.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("no ratios given")
-    return [ratio_arg(v.strip()) for v in items]
+ratio_arg = arg(validate.ratio, "ratio")
+ratios_arg = arg(validate.ratios, "--ratios")
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -54,14 +44,13 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--method", choices=["qtale", "dllm"], default=d.method)
     p.add_argument("--loss", choices=["auto", "task", "distill"], default=d.loss)
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_rank", "seed", "save_every",
-                 "first_routed_layer", "keep_initial", "router_hidden", "lambda1_warmup"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "weight_decay", "lambda1", "lambda2", "tau"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--target-ratio", type=ratio_arg, default=d.target_ratio, help="Omega")
-    p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default: --lr)")
-    p.add_argument("--max-examples", type=int, default=None)
+    for name, kind in validate.TRAIN_KINDS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=arg(kind, flag), default=getattr(d, name),
+                       help="Omega" if name == "target_ratio" else None)
+    p.add_argument("--lora-lr", type=arg(validate.positive, "--lora-lr"), default=None,
+                   help="LoRA learning rate (default: --lr)")
+    p.add_argument("--max-examples", type=arg(validate.positive_int, "--max-examples"), default=None)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model (FSDP2)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="base weights (bfloat16 for large models on GPUs; routers stay float32)")
@@ -97,9 +86,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", type=ratios_arg, default=[0.5, 0.6, 0.7, 0.8, 1.0],
                    help="comma-separated target execution ratios in (0, 1]")
     p.add_argument("--data", default=None, help="calibration text or JSON (default: built-in text)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--tol", type=float, default=0.01)
+    p.add_argument("--seq-len", type=arg(validate.positive_int, "--seq-len"), default=256)
+    p.add_argument("--max-tokens", type=arg(validate.positive_int, "--max-tokens"), default=4096)
+    p.add_argument("--tol", type=arg(validate.positive, "--tol"), default=0.01)
     from .compute import add_compute_arguments
 
     add_compute_arguments(p)
@@ -119,9 +108,12 @@ def run_calibrate(args) -> int:
     batches = text_batches(data, model.tokenizer, args.seq_len, 4, args.max_tokens)
     table = calibrate(model, batches, args.ratios, tol=args.tol)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    checkpoint.update_meta(folder, theta_table=model.theta_table,
-                           calibration={"data": data.name, "tokens": tokens, "tol": args.tol,
-                                        "dtype": args.dtype})
+
+    def merge(meta: dict) -> None:  # applied to the latest qtale.json under its lock: a concurrent run's ratios stay
+        meta["theta_table"] = {**(meta.get("theta_table") or {}), **table}
+        meta["calibration"] = {"data": data.name, "tokens": tokens, "tol": args.tol, "dtype": args.dtype}
+
+    checkpoint.update_meta(folder, merge)
     if args.json:
         print(json.dumps({"ratios": table}))
     else:
@@ -226,17 +218,32 @@ def _run(args) -> int:
     return int(result or 0)
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str):
+    """Parsed arguments, or (exit code 2) None after printing a value checker's one-line error."""
+    try:
+        return parser.parse_args(argv)
+    except QtaleError as exc:  # raised by a qtale_export.validate type (argparse lets it through)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None, prog: str = "qtale") -> int:
-    args = build_parser(prog).parse_args(argv)
-    return dispatch(args, prog)
+    args = parse(build_parser(prog), argv, prog)
+    return 2 if args is None else dispatch(args, prog)
 
 
 def dispatch(args, prog: str) -> int:
+    from .safe_write import Terminated, handle_sigterm
+
+    handle_sigterm()  # SIGTERM unwinds like Ctrl-C, so temporaries are removed
     try:
         return _run(args)
     except QtaleError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -247,7 +254,8 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="qtale-export", description="ONNX export of a routed QTALE model")
     add_export(parser)
     parser.set_defaults(_run=(None, run_export_cmd))
-    return dispatch(parser.parse_args(argv), "qtale-export")
+    args = parse(parser, argv, "qtale-export")
+    return 2 if args is None else dispatch(args, "qtale-export")
 
 
 if __name__ == "__main__":

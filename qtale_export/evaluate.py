@@ -13,7 +13,6 @@ the same code (`ExportModel`: the runtime presented as the model; docs/eval.md).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -22,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from .data import pad as pad_tokens
+from . import validate
 from .errors import QtaleError
 from .stats import ExecutionStats, flop_terms
 from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
+from .validate import arg
 
 
 # ---- log-likelihood requests -----------------------------------------------------------------
@@ -366,11 +367,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="comma-separated: boolq,piqa,siqa,arc_e,arc_c,winogrande,obqa,hellaswag "
                              "or avg7 (default: the avg7 tasks)")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=float, default=None, help="target execution ratio (calibrated theta)")
-    g.add_argument("--threshold", type=float, default=None, help="router threshold theta in [0, 1]")
-    parser.add_argument("--limit", type=int, default=None, help="first N items of every task")
-    parser.add_argument("--batch-size", type=int, default=64, help="most sequences per forward")
-    parser.add_argument("--batch-tokens", type=int, default=4096,
+    g.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
+                   help="target execution ratio (calibrated theta)")
+    g.add_argument("--threshold", type=arg(validate.theta, "--threshold"), default=None,
+                   help="router threshold theta in [0, 1]")
+    parser.add_argument("--limit", type=arg(validate.positive_int, "--limit"), default=None,
+                        help="first N items of every task")
+    parser.add_argument("--batch-size", type=arg(validate.positive_int, "--batch-size"), default=64,
+                        help="most sequences per forward")
+    parser.add_argument("--batch-tokens", type=arg(validate.positive_int, "--batch-tokens"), default=4096,
                         help="most padded tokens per forward (batches are built longest first)")
     from .compute import add_compute_arguments
 
@@ -380,13 +385,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--ppl-file", default=None,
                         help="held-out text for perplexity/KL: a text file, or 'sciq' (the SciQ validation "
                              "support paragraphs); default: the package's short held-out paragraphs")
-    parser.add_argument("--ppl-tokens", type=int, default=None,
+    parser.add_argument("--ppl-tokens", type=arg(validate.positive_int, "--ppl-tokens"), default=None,
                         help="use only the first N tokens of the perplexity text")
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity and KL")
     parser.add_argument("--reference", default=None,
                         help="all-layers reference for KL (e.g. the unquantized checkpoint); default: "
                              "the evaluated model with every layer executed")
     parser.add_argument("--items", default=None, help="write per-item scores (JSON) to this file")
+    parser.add_argument("--force", action="store_true", help="replace an existing --items file")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
@@ -408,6 +414,12 @@ def _check_args(args) -> list[str]:
         raise QtaleError(f"--ppl-file not found: {args.ppl_file}")
     if args.ppl_tokens is not None and args.ppl_tokens < 2:
         raise QtaleError(f"--ppl-tokens must be at least 2, got {args.ppl_tokens}")
+    if args.items is not None:  # before the evaluation, so its results are never lost to a bad path
+        validate.output_file(args.items, "--items", force=getattr(args, "force", False))
+    folder = Path(args.checkpoint)
+    if folder.is_dir() and not any((folder / n).is_file() for n in ("manifest.json", "qtale.json", "config.json")):
+        raise QtaleError(f"{folder} is not an export folder (no manifest.json), a QTALE checkpoint (no "
+                         "qtale.json) or a model folder (no config.json)")
     try:
         import datasets  # noqa: F401
     except ImportError:
@@ -459,7 +471,9 @@ def run_eval(args) -> dict:
         out["kl_reference"] = str(args.reference) if args.reference else "same model, all layers"
     out["seconds_total"] = round(time.time() - t0, 2)
     if args.items:
-        Path(args.items).write_text(json.dumps({"tasks": tasks, "style": args.style, "items": items}))
+        from .safe_write import write_json
+
+        write_json(Path(args.items), {"tasks": tasks, "style": args.style, "items": items}, indent=None)
         out["items_file"] = str(args.items)
     if not args.json:
         flops = f"{out['flops_fraction']:.4f}" if "flops_fraction" in out else "n/a"

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from .errors import QtaleError
 from .ratios import check_ratio
+from .safe_write import tmp_prefix
+from .validate import arg, positive_int
 
 STAGES = ("train", "calibrate", "quantize", "recalibrate", "eval", "report")
 SCHEMA = "qtale-results/1"
@@ -83,7 +85,7 @@ def _write_json(path: Path, data) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), dir=path.parent)  # pid-tagged: swept if killed
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -405,7 +407,8 @@ def stage_quantize(run: Run) -> None:
             run.say(f"  quantize {name} -> {fmt}")
             args = Namespace(checkpoint=src, format=fmt, out=str(out), group_size=q["group_size"],
                              calib_data=q["calib_data"] or None, calib_samples=q["calib_samples"],
-                             calib_length=q["calib_length"], no_verify=False, json=True)
+                             calib_length=q["calib_length"], no_verify=False, json=True,
+                             force=True)  # the run folder's own stale result (another format) is replaced
             run_quantize(args)
             run.timed("quantize", time.time() - t0)
 
@@ -897,7 +900,7 @@ def render_plot(res: dict, path: Path) -> None:
         kx.legend(fontsize=7, loc="upper right")
     kx.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
@@ -1109,11 +1112,12 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
         "command": command, "git_commit": _git_commit(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    from .safe_write import staging_dir
+
+    tmp = staging_dir(dest)
     try:
         shutil.copy2(src / checkpoint.ROUTERS, tmp / checkpoint.ROUTERS)
-        shipped = {k: v for k, v in meta.items() if k != "files"}
+        shipped = {k: v for k, v in meta.items() if k not in ("files", "unchecked", "files_sha256")}
         # LoRA: its safetensors and config only (peft also writes a model-card README)
         adapter = [k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/")
                    and k.endswith((".safetensors", ".json"))]
@@ -1121,7 +1125,8 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
             (tmp / k).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / k, tmp / k)
         shipped["files"] = {k: meta["files"][k] for k in [checkpoint.ROUTERS] + adapter}
-        checkpoint.write_json_atomic(tmp / checkpoint.META, shipped)
+        shipped["unchecked"] = ["provenance.json"]  # written after qtale.json, it records its tables
+        checkpoint.write_json_atomic(tmp / checkpoint.META, checkpoint.seal(shipped))
         checkpoint.write_json_atomic(tmp / "provenance.json", provenance)
         checkpoint.replace_dir(tmp, dest)
     finally:
@@ -1145,7 +1150,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                              "copy the trained QTALE routers into the package (qtale_export/pretrained/<model>/)")
     parser.add_argument("--ship-dir", default=None,
                         help="with --only ship: where the routers go (default: the package's pretrained/<model>/)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=arg(positive_int, "--limit"), default=None,
                         help="evaluate only the first N items of every task (overrides the recipe's "
                              "eval.limit; results are marked as a subset run)")
     parser.add_argument("--configs", default=None,

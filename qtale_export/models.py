@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import QtaleError
@@ -59,8 +58,9 @@ def _converted_embedded(name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    from .safe_write import publish, staging_dir
+
+    tmp = staging_dir(target)  # pid-tagged: a killed conversion's copy is removed by the next one
     tmp.chmod(0o755)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -74,9 +74,7 @@ def _converted_embedded(name: str) -> Path:
         info = {"name": name, "source": gguf.name, "license": EMBEDDED[name][2],
                 "sha256": weights_sha256(model)}
         (tmp / "qtale_base.json").write_text(json.dumps(info, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        publish(tmp, target)  # an incomplete older copy is replaced only by a complete one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import validate
 from .errors import QtaleError
+from .validate import arg
 
 FORMATS = {
     # name: (tool, bits, granularity, algorithm)
@@ -396,15 +398,19 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name (unquantized)")
     parser.add_argument("--format", required=True, choices=list(FORMATS), dest="format",
                         help="weight format of the decoder layers")
-    parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--group-size", type=int, default=None,
+    parser.add_argument("--out", required=True, help="output checkpoint folder (not the source)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out (once the new one is complete)")
+    parser.add_argument("--group-size", type=arg(validate.positive_int, "--group-size"), default=None,
                         help="group size for int4/int4-awq/int3 (default: 128 where the input "
                              "dimension allows, else 64)")
     parser.add_argument("--calib-data", default=None,
                         help="calibration text (.txt: one sample per paragraph/line) or instruction "
                              "JSON (LLM-Adapters records); default: the package's calibration text")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default 64)")
-    parser.add_argument("--calib-length", type=int, default=512, help="max tokens per sample (default 512)")
+    parser.add_argument("--calib-samples", type=arg(validate.positive_int, "--calib-samples"), default=64,
+                        help="calibration samples (default 64)")
+    parser.add_argument("--calib-length", type=arg(validate.positive_int, "--calib-length"), default=512,
+                        help="max tokens per sample (default 512)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
@@ -429,10 +435,11 @@ def read_calibration(path: str | Path | None, samples: int) -> tuple[list[str], 
 
 
 def run_quantize(args) -> dict:
-    from . import checkpoint
+    from . import checkpoint, safe_write
     from .api import load
 
-    out = Path(args.out)
+    force = getattr(args, "force", False)
+    out = safe_write.check_output(args.out, force=force, sources=[args.checkpoint])  # before any work
     model = load(args.checkpoint)
     if model.quantization_info:
         raise QtaleError(f"{args.checkpoint} is already quantized ({model.quantization_info.get('format')})")
@@ -442,18 +449,21 @@ def run_quantize(args) -> dict:
         texts, source = read_calibration(getattr(args, "calib_data", None), getattr(args, "calib_samples", 64))
     info = quantize(model, fmt, texts, model.tokenizer, getattr(args, "group_size", None),
                     calib_source=source, max_length=getattr(args, "calib_length", 512))
-    checkpoint.save(model, out, quantization=info, extra_tensors=quantizer_tensors(model))
     result = {"out": str(out), **info}
-    if not getattr(args, "no_verify", False):
-        probe = model.tokenizer(["The weather today is calm, and the river runs slowly past the town."],
-                                return_tensors="pt")
-        with torch.no_grad():
-            ref = model(probe.input_ids, execute_all=True).logits
-            again = load(out)(probe.input_ids, execute_all=True).logits
-        if not torch.equal(ref, again):
-            raise QtaleError(f"reloading {out} does not reproduce the quantized logits "
-                             f"(max diff {(ref - again).abs().max().item():.3g})")
-        result["verified_identical_logits"] = True
+    # written and verified beside --out; it replaces an existing --out only once complete
+    sources = [args.checkpoint, getattr(model, "checkpoint_dir", None)]
+    with safe_write.staged(out, force=force, sources=sources) as tmp:
+        checkpoint.save(model, tmp, quantization=info, extra_tensors=quantizer_tensors(model))
+        if not getattr(args, "no_verify", False):
+            probe = model.tokenizer(["The weather today is calm, and the river runs slowly past the town."],
+                                    return_tensors="pt")
+            with torch.no_grad():
+                ref = model(probe.input_ids, execute_all=True).logits
+                again = load(tmp)(probe.input_ids, execute_all=True).logits
+            if not torch.equal(ref, again):
+                raise QtaleError(f"reloading {out} does not reproduce the quantized logits "
+                                 f"(max diff {(ref - again).abs().max().item():.3g}); nothing was written")
+            result["verified_identical_logits"] = True
     if not getattr(args, "json", False):
         wb = info["weight_bytes"]
         print(f"{out}: {fmt} ({info['quantizer']}, {info['algorithm']}), groups {info['group_size']}, "

@@ -25,6 +25,7 @@ from typing import Any
 from qtale_export.checkpoint import file_sha256
 from qtale_export.errors import QtaleError
 from qtale_export.export.manifest import write_manifest
+from qtale_export.safe_write import tmp_prefix
 
 PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 GRAPHS = ("prefill", "decode")
@@ -89,11 +90,12 @@ class BuildPlan:
         return self.export_dir / self.engine_name
 
 
-def read_manifest(export_dir: Path, verify: bool = True) -> dict[str, Any]:
-    """The export's manifest; with verify, every listed file's sha256 is checked (tampering fails)."""
+def read_manifest(export_dir: Path, verify: bool = True, allow: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The export's manifest; with verify, every listed file's sha256 is checked (tampering fails)
+    and no file but those in `allow` may be unlisted."""
     from qtale_export.export.manifest import read_manifest as read
 
-    return read(export_dir, verify=verify)
+    return read(export_dir, verify=verify, allow=allow)
 
 
 def parse_range(text: str, what: str) -> tuple[int, int, int]:
@@ -183,7 +185,9 @@ def check_fp8(precision: str, jetson: bool, sm: str | None) -> None:
 def plan_build(args: argparse.Namespace) -> BuildPlan:
     """Validate the arguments against the export folder; raises QtaleError with the fix."""
     export_dir = Path(args.export_dir)
-    manifest = read_manifest(export_dir)
+    engine = getattr(args, "engine", None)  # `record`: the engine built by trtexec, not listed yet
+    allow = (os.path.relpath(Path(engine).resolve(), export_dir.resolve()),) if engine else ()
+    manifest = read_manifest(export_dir, allow=allow)
     graphs = manifest.get("graphs") or {}
     if args.graph not in graphs:
         raise QtaleError(f"export has no {args.graph!r} graph (has: {', '.join(graphs) or 'none'}); re-export it")
@@ -307,7 +311,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".tmp", dir=path.parent)  # pid-tagged: swept
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

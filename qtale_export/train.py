@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, safe_write, validate
 from .data import Example, collate, load_examples
 from .errors import QtaleError
 from .routing import RoutedModel, RouterConfig
@@ -73,6 +72,7 @@ class TrainConfig:
             raise QtaleError(f"unknown dtype '{self.dtype}' (float32 or bfloat16)")
         if self.fsdp and self.lora_rank:
             raise QtaleError("--fsdp with --lora-rank is not supported yet: train LoRA with DDP")
+        validate.train_numbers(self)
 
 
 # ---- losses --------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def load_resume_state(model: RoutedModel, out: Path) -> dict:
 
 def save_state(model: RoutedModel, cfg: TrainConfig, out: Path, step: int, opt_state: dict,
                routers: dict, losses: dict, started: float) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=out.parent))
+    tmp = safe_write.staging_dir(out.parent / "state")
     try:
         torch.save(opt_state, tmp / OPTIMIZER)  # tensors + numbers: loadable with weights_only=True
         (tmp / STATE).write_text(json.dumps({"step": step, "elapsed_s": time.time() - started}))
@@ -260,11 +260,31 @@ def batch_for(examples: list[Example], step: int, micro: int, cfg: TrainConfig, 
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+    """Train into cfg.out. With `force` over an existing checkpoint the run is built in a pid-tagged
+    folder beside it, which replaces it only once the run has finished (the old one survives a
+    failure or a kill)."""
     cfg.validate()
+    final, work = Path(cfg.out), None
+    if force and not resume and final.exists() and dist_info()[0] == 0:
+        safe_write.check_output(final, force=True, sources=[cfg.model, *cfg.data])
+        work = safe_write.staging_dir(final)
+    try:
+        _train(cfg, resume=resume, force=force, progress=progress, work=work)
+        if work is not None:
+            safe_write.publish(work, final)
+        return final
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work: Path | None) -> Path:
     out = Path(cfg.out)
     rank, world = init_distributed()
     if out.exists() and not resume and not force:
         raise QtaleError(f"output folder {out} exists: pass --resume to continue it or --force to overwrite")
+    if not resume:  # never train into (or over) the base model's folder or the data
+        safe_write.check_output(out, force=True, sources=[cfg.model, *cfg.data])
     if resume and not (out / STATE).is_file():
         raise QtaleError(f"cannot resume: {out} holds no interrupted run ({STATE} missing)")
     torch.manual_seed(cfg.seed)
@@ -281,8 +301,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             lines = (out / LOG).read_text().splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
             (out / LOG).write_text("".join(ln + "\n" for ln in kept))
-    if force and out.exists() and not resume and rank == 0:
-        shutil.rmtree(out)
+    if work is not None:
+        out = work  # --force: the old checkpoint stays in place until this run has finished
     sharded = cfg.fsdp and world > 1
     runner = model
     if sharded:

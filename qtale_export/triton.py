@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
+from . import safe_write, validate
 from .errors import QtaleError
+from .validate import arg
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 ROUTER = "qtale_router"
@@ -37,14 +38,18 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                         help="graph models: onnxruntime_onnx, tensorrt_plan (engines from `qtale build`) "
                              "or the Python backend running ONNX Runtime")
-    parser.add_argument("--ratios", default=None,
+    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default=None,
                         help="comma-separated execution ratios (default: the theta table's ratios)")
-    parser.add_argument("--max-batch", type=int, default=8, help="router max_batch_size (dynamic batching)")
-    parser.add_argument("--instances", type=int, default=1, help="instances per model")
+    parser.add_argument("--max-batch", type=arg(validate.positive_int, "--max-batch"), default=8,
+                        help="router max_batch_size (dynamic batching)")
+    parser.add_argument("--instances", type=arg(validate.positive_int, "--instances"), default=1,
+                        help="instances per model")
     parser.add_argument("--kind", choices=["cpu", "gpu"], default=None,
                         help="instance kind (default gpu for tensorrt, else cpu)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = default)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="router default when a request has none")
+    parser.add_argument("--threads", type=arg(validate.nonnegative_int, "--threads"), default=0,
+                        help="ONNX Runtime intra-op threads (0 = default)")
+    parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=32,
+                        help="router default when a request has none")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", action="store_true")
     return parser
@@ -161,9 +166,7 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if max_batch < 1 or instances < 1:
         raise QtaleError("--max-batch and --instances must be >= 1")
-    out = Path(out)
-    if out.exists() and not force:
-        raise QtaleError(f"{out} already exists; pass --force to replace it")
+    out = safe_write.check_output(out, force=force, sources=export_dirs)
     kind = kind or ("gpu" if backend == "tensorrt" else "cpu")
     exports = []
     for d in export_dirs:
@@ -177,8 +180,7 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
     for d, m in exports[1:]:
         if m["model"]["num_layers"] != first["num_layers"] or m["model"]["vocab"] != first["vocab"]:
             raise QtaleError(f"{d} is an export of another model than {exports[0][0]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = safe_write.staging_dir(out)
     variants, models = [], []
     try:
         for folder, m in exports:
@@ -247,25 +249,17 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
         validate_config(text, f"{ROUTER}/config.pbtxt")
         (tmp / ROUTER / "config.pbtxt").write_text(text)
         models.append(ROUTER)
-        if out.exists() and not force:
-            raise QtaleError(f"{out} already exists; pass --force to replace it")
-        from .checkpoint import replace_dir
-
-        replace_dir(tmp, out)
+        safe_write.check_output(out, force=force)  # it may have appeared meanwhile
+        safe_write.publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "backend": backend, "models": models, "variants": variants}
 
 
 def run_triton(args) -> dict:
-    ratios = None
-    if args.ratios:
-        from .runtime.select import check_ratio
-
-        items = [v.strip() for v in str(args.ratios).split(",") if v.strip()]
-        if not items:
-            raise QtaleError("--ratios: no ratios given")
-        ratios = [check_ratio(v) for v in items]
+    ratios = args.ratios
+    if isinstance(ratios, str):  # a Namespace built by hand rather than by the parser
+        ratios = validate.ratios(ratios)
     res = build_repository(args.export_dirs, args.out, backend=args.backend, ratios=ratios,
                            max_batch=args.max_batch, instances=args.instances, kind=args.kind,
                            threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens)

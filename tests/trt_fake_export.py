@@ -9,6 +9,9 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
+from qtale_export.checkpoint import seal
+from qtale_export.export.manifest import BYPRODUCTS
+
 
 def make_export(root: Path, *, ops: str = "plugin", precision: str = "int4", manifest: bool = True) -> Path:
     """Write EXPORT_DIR with prefill.onnx; with ops="plugin" the graph holds a qtale TokenCompact node."""
@@ -49,6 +52,7 @@ def make_export(root: Path, *, ops: str = "plugin", precision: str = "int4", man
             "model": {"num_layers": 1, "hidden": 1, "kv_heads": 1, "head_dim": 1, "vocab": 1},
             "files": {"prefill.onnx": hashlib.sha256(data).hexdigest()},
             "engines": [],
+            "unchecked": BYPRODUCTS,
         }
-        (root / "manifest.json").write_text(json.dumps(doc, indent=2))
+        (root / "manifest.json").write_text(json.dumps(seal(doc), indent=2))  # with its listing's checksum
     return root

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from .. import safe_write, validate
 from ..errors import QtaleError
+from ..validate import arg
 from .precision import PRECISIONS, TARGETS, min_opset
 
 OPS = ("standard", "plugin")
@@ -22,9 +23,9 @@ DEFAULT_OPSET = 21
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", nargs="?", default="smollm2-135m",
                         help="QTALE checkpoint folder, HF model folder or embedded model name (default smollm2-135m)")
-    parser.add_argument("--ratio", type=float, default=0.6,
+    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6,
                         help="execution ratio whose calibrated theta becomes the default (0 < r <= 1; 1.0 = theta 0)")
-    parser.add_argument("--theta", type=float, default=None,
+    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
                         help="default theta to record instead of the calibrated one for --ratio")
     parser.add_argument("--precision", default=None,
                         help=f"{'/'.join(PRECISIONS)} (default fp32, or the checkpoint's quantization format)")
@@ -32,17 +33,20 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--target", default=None,
                         help="ort-cpu or tensorrt (default ort-cpu; tensorrt for fp8)")
     parser.add_argument("--out", required=False, default=None, help="export folder to create")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=arg(validate.positive_int, "--opset"), default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--decode-steps", type=int, default=4, help="decode steps checked by the verification")
+    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
+                        help="decode steps checked by the verification")
     return parser
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("dir", help="export folder (with manifest.json)")
-    parser.add_argument("--theta", type=float, action="append", default=None,
-                        help="theta to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
-    parser.add_argument("--decode-steps", type=int, default=4, help="decode steps compared per theta")
+    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), action="append", default=None,
+                        help="theta in [0, 1] to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
+    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
+                        help="decode steps compared per theta (>= 1)")
     return parser
 
 
@@ -56,10 +60,9 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
     """Validate the options (before any work); returns (precision, target) with defaults applied."""
     import onnx
 
-    if ratio is None or not 0.0 < float(ratio) <= 1.0:
-        raise QtaleError(f"--ratio must be in (0, 1], got {ratio}")
-    if theta is not None and not 0.0 <= float(theta) <= 1.0:
-        raise QtaleError(f"--theta must be in [0, 1], got {theta}")
+    validate.ratio(ratio, "--ratio")
+    if theta is not None:
+        validate.theta(theta, "--theta")
     precision = precision or "fp32"
     if precision not in PRECISIONS:
         raise QtaleError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
@@ -75,8 +78,7 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
         raise QtaleError(f"--opset {opset} is not supported for {precision} (use {lo}..{hi})")
     if out is None:
         raise QtaleError("--out DIR is required")
-    if Path(out).exists() and not force:
-        raise QtaleError(f"{out} already exists; pass --force to replace it")
+    safe_write.check_output(out, force=force)
     return precision, target
 
 
@@ -91,9 +93,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     import torch
     import transformers
 
-    from ..checkpoint import replace_dir
     from . import graphs
-    from .manifest import FORMAT, FORMAT_VERSION, checksums, write_manifest
+    from .manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
     from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
     from .verify import verify_export
     from .weights import SharedWeights
@@ -105,14 +106,13 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     if theta is None:
         theta = model.set_ratio(ratio)
     theta = float(theta)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = safe_write.check_output(out, force=force, sources=[checkpoint, getattr(model, "checkpoint_dir", None)])
     t0 = time.time()
     w = graphs.extract(model)
     s = w.spec
     weight_fn = make_weight_fn(precision, target, w.quantized)
     act = activation_dtype(precision)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = safe_write.staging_dir(out)  # pid-tagged; becomes `out` only after the verification passed
     try:
         described = {}
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
@@ -151,6 +151,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       # a quantized checkpoint keeps its own groups per layer type (qtale quantize)
                       "group_sizes": (model.quantization_info or {}).get("group_size")},
             "files": checksums(tmp),
+            "unchecked": BYPRODUCTS,
             "engines": [],
             "tools": {"torch": torch.__version__, "transformers": transformers.__version__,
                       "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
@@ -168,9 +169,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             raise QtaleError(f"verification failed ({precision}, {ops}): theta {bad['theta']}: "
                              f"max abs diff {bad.get('max_abs_diff')}, top-1 {bad.get('top1')}, "
                              f"exec agreement {bad.get('exec_agreement')}; nothing was written to {out}")
-        if out.exists() and not force:
-            raise QtaleError(f"{out} already exists; pass --force to replace it")
-        replace_dir(tmp, out)
+        safe_write.check_output(out, force=force)  # it may have appeared meanwhile
+        safe_write.publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data
@@ -179,6 +179,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
 def run_export(args) -> dict:
     precision, _ = check_options(args.ratio, getattr(args, "precision", None), args.ops, args.target,
                                  args.opset, args.out, args.force, getattr(args, "theta", None))
+    safe_write.check_output(args.out, force=args.force, sources=[args.checkpoint])
     import qtale_export
 
     model = qtale_export.load(args.checkpoint)
@@ -190,6 +191,9 @@ def run_export(args) -> dict:
 def run_verify(args) -> dict:
     from .verify import verify_export
 
+    for t in args.theta or []:
+        validate.theta(t, "--theta")
+    validate.positive_int(args.decode_steps, "--decode-steps")
     return verify_export(args.dir, thetas=args.theta, decode_steps=args.decode_steps)
 
 

@@ -4,28 +4,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import validate
 from ..errors import QtaleError
+from ..validate import arg
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("export_dir", help="export folder (with manifest.json)")
     parser.add_argument("--prompt", required=True, help="the prompt text")
-    parser.add_argument("--ratio", type=float, default=None,
+    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
                         help="execution ratio in (0, 1] (default: the export's ratio)")
-    parser.add_argument("--theta", type=float, default=None, help="use this theta instead of --ratio")
+    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
+                        help="use this theta in [0, 1] instead of --ratio")
     parser.add_argument("--ratio-mode", choices=["interpolate", "nearest"], default="interpolate",
                         help="uncalibrated ratios: interpolate theta (default) or use the nearest calibrated one")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=64)
+    parser.add_argument("--temperature", type=arg(validate.temperature, "--temperature"), default=0.0,
+                        help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=arg(validate.probability, "--top-p"), default=1.0)
+    parser.add_argument("--seed", type=arg(validate.nonnegative_int, "--seed"), default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--backend", choices=["ort", "tensorrt"], default="ort")
     parser.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                         help="ONNX Runtime execution provider (backend ort)")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--max-length", type=int, default=None, help="prompt + generated tokens limit")
+    parser.add_argument("--threads", type=arg(validate.positive_int, "--threads"), default=None,
+                        help="ONNX Runtime intra-op threads")
+    parser.add_argument("--max-length", type=arg(validate.positive_int, "--max-length"), default=None,
+                        help="prompt + generated tokens limit (default: the model's)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     return parser

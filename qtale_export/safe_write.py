@@ -1,0 +1,221 @@
+"""The one rule every writing command follows, so no command destroys what the user had.
+
+- An existing output is refused unless `force`; with `force` the new result is built beside it and
+  swapped in only after it is complete (the old one is never deleted first).
+- An output never lies in, on, or around a source folder (`qtale quantize CK --out CK`).
+- Temporary files and folders are named `.NAME.qtale-tmp-PID-xxxx` (and `.NAME.qtale-old-PID`
+  while a folder is being replaced): a later run removes those of dead processes and says so, and
+  puts back an old folder whose replacement was cut between its two renames.
+- In-place updates of a folder's JSON file (`qtale calibrate` on qtale.json) hold an flock on the
+  folder while they read, modify and write, so concurrent updates all land.
+- SIGTERM is turned into the same clean-up path as Ctrl-C (see `handle_sigterm`).
+Torch-free: the runtime and the Triton builder use it too.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .errors import QtaleError
+
+TMP = "qtale-tmp"
+OLD = "qtale-old"
+# .NAME.qtale-tmp-PID-xxxx or .NAME.qtale-old-PID (NAME may itself contain dots)
+_OURS = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>{TMP}|{OLD})-(?P<pid>\d+)(?:-.*)?$")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` removes its temporaries."""
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM unwind the stack (clean-up included) instead of killing the process on the spot."""
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave the default
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def is_ours(name: str) -> bool:
+    """A temporary or old-copy name this module made (never listed in a checkpoint or an export)."""
+    return _OURS.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep(folder: str | os.PathLike, say: Callable[[str], None] | None = None) -> list[Path]:
+    """Remove the temporaries of dead processes in `folder` (and restore a cut replacement).
+    Returns what was removed; `say` gets one line per item (default: stderr)."""
+    folder = Path(folder)
+    say = say or (lambda line: print(line, file=sys.stderr))
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _OURS.match(p.name)
+        if m is None or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["kind"] == OLD and not target.exists():  # killed between the two renames of publish
+            os.replace(p, target)
+            say(f"qtale: restored {target} from {p.name} (process {m['pid']} was stopped while replacing it)")
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+        say(f"qtale: removed stale temporary {p} (process {m['pid']} is no longer running)")
+    return removed
+
+
+def tmp_prefix(target: Path) -> str:
+    return f".{target.name}.{TMP}-{os.getpid()}-"
+
+
+def staging_dir(target: str | os.PathLike) -> Path:
+    """A new empty folder beside `target`, named after it and this process (after a sweep)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target.parent)
+    return Path(tempfile.mkdtemp(prefix=tmp_prefix(target), dir=target.parent))
+
+
+def check_output(out: str | os.PathLike, *, force: bool, sources: Iterable[str | os.PathLike | None] = (),
+                 what: str = "--out") -> Path:
+    """Refuse an output that exists (unless `force`), is not a folder, or overlaps a source folder."""
+    out = Path(out)
+    real = out.resolve()
+    for src in sources:
+        if src is None or not str(src):
+            continue
+        s = Path(src)
+        if not s.exists():
+            continue
+        s = s.resolve()
+        if real == s or s in real.parents or real in s.parents:
+            raise QtaleError(f"{what} {out} is the source {src} or overlaps it: write to another folder")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise QtaleError(f"{out} already exists; pass --force to replace it")
+        if not out.is_dir() or out.is_symlink():
+            raise QtaleError(f"{out} exists and is not a folder: --force replaces folders only")
+    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder `tmp` onto `target`. An older `target` is swapped with it in one
+    step where the system can (so `target` is always the old or the new folder), else moved aside
+    first; it is deleted only once the new one is in place (a cut between the two renames is
+    undone by the next `sweep`)."""
+    tmp, target = Path(tmp), Path(target)
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.{OLD}-{os.getpid()}")
+    if old.exists():
+        shutil.rmtree(old)
+    if _exchange(tmp, target):
+        os.replace(tmp, old)  # tmp now holds the old folder
+    else:
+        os.replace(target, old)
+        os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged(out: str | os.PathLike, *, force: bool = False,
+           sources: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
+    """`with staged(out, force=...) as tmp:` write into tmp; it becomes `out` only if the block
+    succeeds (re-checking that `out` did not appear meanwhile); on any error tmp is removed."""
+    out = check_output(out, force=force, sources=sources)
+    tmp = staging_dir(out)
+    try:
+        yield tmp
+        check_output(out, force=force)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | os.PathLike, data: dict, indent: int | None = 2) -> None:
+    """Write JSON through a temporary file in the same folder and a rename (readers see old or new)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=indent, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `folder` (waiting, and saying so, if another process holds it)."""
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (say or (lambda line: print(line, file=sys.stderr)))(
+                f"qtale: waiting for another process that is updating {folder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def update_json(path: str | os.PathLike, change: Callable[[dict], dict], read: Callable[[Path], dict],
+                say: Callable[[str], None] | None = None) -> dict:
+    """Read-modify-write of a JSON file under the folder's lock: `change(read(path))` is written back
+    atomically; concurrent updates are serialised, so none is lost."""
+    path = Path(path)
+    with locked(path.parent, say):
+        data = change(read(path))
+        write_json(path, data)
+    return data

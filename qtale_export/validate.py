@@ -1,0 +1,154 @@
+"""Command-line values, one checker per kind, shared by every subcommand so the rules cannot drift.
+
+Each checker takes the text (or a number) and the option's name, and returns the value or raises a
+QtaleError naming the option and the problem. `arg(check, "--flag")` makes one an argparse `type=`:
+the QtaleError passes through argparse (which only catches ValueError/TypeError), so the CLI prints
+it as its usual one line and library callers that parse with a plain ArgumentParser get the same
+QtaleError as from the run functions. NaN and infinity are refused everywhere. Torch-free (the
+runtime uses it).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+from .errors import QtaleError
+from .ratios import check_ratio
+
+
+def number(value, what: str = "value") -> float:
+    """A finite float."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise QtaleError(f"{what} must be a number, got '{value}'") from None
+    if not math.isfinite(x):
+        raise QtaleError(f"{what} must be a finite number, got '{value}'")
+    return x
+
+
+def integer(value, what: str = "value") -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise QtaleError(f"{what} must be an integer, got '{value}'") from None
+
+
+def ratio(value, what: str = "ratio") -> float:
+    """A target execution ratio in (0, 1] (the runtime's rule, ratios.check_ratio)."""
+    try:
+        return check_ratio(value)
+    except QtaleError as exc:
+        raise QtaleError(f"{what}: {exc}") from None
+
+
+def ratios(value, what: str = "--ratios") -> list[float]:
+    """Comma-separated ratios; an empty item (`0.5,,0.6`) or an empty list is an error."""
+    items = [v.strip() for v in str(value).split(",")]
+    if not any(items):
+        raise QtaleError(f"{what}: no ratios given in '{value}'")
+    if not all(items):
+        raise QtaleError(f"{what}: empty item in the comma-separated list '{value}'")
+    return [ratio(v, what) for v in items]
+
+
+def theta(value, what: str = "theta") -> float:
+    """A router threshold in [0, 1]: a layer runs iff P(execute) >= theta."""
+    x = number(value, what)
+    if not 0.0 <= x <= 1.0:
+        raise QtaleError(f"{what} must be in [0, 1], got {value}")
+    return x
+
+
+def positive_int(value, what: str = "value") -> int:
+    n = integer(value, what)
+    if n < 1:
+        raise QtaleError(f"{what} must be a positive integer, got {value}")
+    return n
+
+
+def nonnegative_int(value, what: str = "value") -> int:
+    n = integer(value, what)
+    if n < 0:
+        raise QtaleError(f"{what} must be >= 0, got {value}")
+    return n
+
+
+def positive(value, what: str = "value") -> float:
+    """A finite float > 0 (learning rate, tolerance, tau)."""
+    x = number(value, what)
+    if x <= 0:
+        raise QtaleError(f"{what} must be > 0, got {value}")
+    return x
+
+
+def nonnegative(value, what: str = "value") -> float:
+    """A finite float >= 0 (weight decay, loss weights)."""
+    x = number(value, what)
+    if x < 0:
+        raise QtaleError(f"{what} must be >= 0, got {value}")
+    return x
+
+
+def probability(value, what: str = "probability") -> float:
+    """A probability in (0, 1] (top-p)."""
+    x = number(value, what)
+    if not 0.0 < x <= 1.0:
+        raise QtaleError(f"{what} must be in (0, 1], got {value}")
+    return x
+
+
+def temperature(value, what: str = "temperature") -> float:
+    """A sampling temperature: finite and >= 0 (0 = greedy)."""
+    x = number(value, what)
+    if x < 0:
+        raise QtaleError(f"{what} must be >= 0 (0 = greedy), got {value}")
+    return x
+
+
+def path(value, what: str = "path") -> str:
+    """A non-empty path text (existence is checked by the command that reads or writes it)."""
+    if value is None or not str(value).strip():
+        raise QtaleError(f"{what}: empty path")
+    return str(value)
+
+
+def output_file(value, what: str = "output file", force: bool = True) -> Path:
+    """A file to write: not a folder, in an existing folder; an existing file only with `force`."""
+    p = Path(path(value, what))
+    if p.is_dir():
+        raise QtaleError(f"{what} {p} is a folder: give a file name")
+    if not p.parent.is_dir():
+        raise QtaleError(f"{what} {p}: folder {p.parent} does not exist")
+    if p.exists() and not force:
+        raise QtaleError(f"{p} already exists; pass --force to replace it")
+    return p
+
+
+def arg(check: Callable, what: str) -> Callable[[str], object]:
+    """`type=arg(positive_int, "--steps")`: the checker as an argparse type (see the module doc)."""
+    def parse(text: str):
+        return check(text, what)
+
+    parse.__name__ = check.__name__
+    return parse
+
+
+# the training options, by kind (the CLI's argparse types and TrainConfig.validate use the same table)
+TRAIN_KINDS: dict[str, Callable] = {
+    "steps": nonnegative_int, "batch_size": positive_int, "grad_accum": positive_int,
+    "seq_len": positive_int, "lora_rank": nonnegative_int, "seed": nonnegative_int,
+    "save_every": positive_int, "first_routed_layer": nonnegative_int, "keep_initial": nonnegative_int,
+    "router_hidden": positive_int, "lambda1_warmup": nonnegative_int,
+    "lr": positive, "weight_decay": nonnegative, "lambda1": nonnegative, "lambda2": nonnegative,
+    "tau": positive, "target_ratio": ratio,
+}
+
+
+def train_numbers(cfg) -> None:
+    """Check a TrainConfig's numeric fields (for library callers; the CLI checks them while parsing)."""
+    for name, check in TRAIN_KINDS.items():
+        check(getattr(cfg, name), "--" + name.replace("_", "-"))
+    if cfg.max_examples is not None:
+        positive_int(cfg.max_examples, "--max-examples")
