@@ -541,7 +541,7 @@ def stage_eval(run: Run) -> None:
         if f.is_file() and _read_json(f).get("tasks_requested") == ev["tasks"]:
             continue
         todo.append(c)
-    done = len([c for c in configurations(run) if not c.get("same_as")]) - len(todo)
+    done = len([c for c in configurations(run) if not c.get("same_as") and run.selected(c["id"])]) - len(todo)
     if done:
         run.say(f"  eval: {done} configuration(s) done")
     if not todo:
