@@ -95,6 +95,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     from . import graphs
     from .manifest import FORMAT, FORMAT_VERSION, checksums, write_manifest
     from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
+    from .trt_conformance import check as check_tensorrt_conformance
     from .verify import verify_export
     from .weights import SharedWeights
 
@@ -116,7 +117,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     try:
         described = {}
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
-            for kind, build in (("prefill", graphs.build_prefill), ("decode", graphs.build_decode)):
+            for kind, build in graphs.graph_builders(target):
                 m = build(w, ops, int(opset), act, weight_fn)
                 if precision == "int4" and target == "ort-cpu":
                     ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
@@ -126,6 +127,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                 described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
                 store.save(m, tmp / name)
                 del m
+                if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
+                    check_tensorrt_conformance(tmp / name)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         t_build = time.time() - t0
