@@ -82,8 +82,9 @@ TABLE: dict[str, Row] = {
     "Shape": Row(ALL, "t->S"),
     "Slice": Row(ALL, "T,I,I,I,I->T", const=(3,), note="10.1: `axes` must be an initializer"),
     "Split": Row(ALL, "T,S->T..."),
-    **{op: Row(ALL, "T,S->T", const=(1,), note="`axes` must be a constant (10.15: resolvable to a constant)")
-       for op in ("Squeeze", "Unsqueeze")},
+    "Squeeze": Row(ALL, "T,S->T", const=(1,), note="`axes` must be an initializer (10.15: resolvable to a constant)"),
+    "Unsqueeze": Row(ALL, "T,S->T", const=(1,), note="`axes` must be a constant tensor (10.15: resolvable to a "
+                     "constant); checked as: an initializer"),
     "Transpose": Row(ALL, "T->T"),
     "Where": Row(ALL, "B,T,T->T"),
 }
