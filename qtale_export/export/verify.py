@@ -8,6 +8,11 @@ DequantizeLinear / MatMulNBits on an identity matrix), so the comparison isolate
 the quantization error; fp16 exports are compared with the fp32 model under a relative tolerance.
 Exec masks must be identical except where the reference P(execute) lies within `tie` of theta
 (such a case is reported and its logits are not compared: the paths diverge legitimately).
+
+Two entry points with these criteria: `verify_export` (at export: ONNX Runtime against the live
+PyTorch model, decode chained on ORT's own K/V) and `verify_with_polygraphy` (`qtale verify`:
+Polygraphy's runners and Comparator against the reference outputs stored in the export by
+`store_reference`, so no PyTorch is needed; TensorRT engines with the same command).
 """
 from __future__ import annotations
 
