@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx
@@ -274,8 +275,8 @@ class Builder:
 # the decoder math
 # ---------------------------------------------------------------------------------------------
 class Lowering:
-    def __init__(self, b: Builder, w: Weights, ops: str):
-        self.b, self.w, self.s, self.ops = b, w, w.spec, ops
+    def __init__(self, b: Builder, w: Weights, ops: str, target: str = "ort-cpu"):
+        self.b, self.w, self.s, self.ops, self.target = b, w, w.spec, ops, target
         self._w_inits: dict[str, str] = {}
 
     # -- weights --
@@ -305,9 +306,17 @@ class Lowering:
         """attention_mask int64 [B, S] -> (valid bool, pos int64 = clamp(cumsum - 1, 0))."""
         b = self.b
         valid = b.cast(mask, TensorProto.BOOL)
-        cs = b.op("CumSum", [mask, b.const(1)])
+        cs = self.cumsum(mask)
         pos = b.op("Max", [b.op("Sub", [cs, b.const(1)]), b.const(0)])
         return valid, pos
+
+    def cumsum(self, x):
+        """CumSum along axis 1 of an int64 0/1 tensor [B, T]. onnx-tensorrt documents CumSum for
+        FP32/FP16/BF16 only (docs/tensorrt.md), so for TensorRT it runs in fp32: exact below 2**24."""
+        b = self.b
+        if self.target != "tensorrt":
+            return b.op("CumSum", [x, b.const(1)])
+        return b.cast(b.op("CumSum", [b.cast(x, TensorProto.FLOAT), b.const(1)]), TensorProto.INT64)
 
     def rope(self, pos):
         """cos, sin [B, 1, T, hd] (act dtype) for int64 positions [B, T]."""
@@ -429,21 +438,23 @@ class Lowering:
         """-> (xc [B,N,H], index [B,N], count [B], ok [B,N] bool)."""
         b = self.b
         if self.ops == "plugin":
-            xc, index, count, n = b.op("TokenCompact", [x, gate], n_out=4, domain=QTALE_DOMAIN, **PLUGIN_ATTRS)
-            elem = NP2ONNX[b.act]
+            # gate, index, count and n are int32: TensorRT 10 plugins take no BOOL tensors, and size
+            # tensors must be INT32 (docs/ops.md)
+            i32 = TensorProto.INT32
+            xc, index, count, n = b.op("TokenCompact", [x, b.cast(gate, i32)], n_out=4, domain=QTALE_DOMAIN,
+                                       **PLUGIN_ATTRS)
             nm = self.b.nodes[-1].name
-            b.value_info += [helper.make_tensor_value_info(xc, elem, None),
-                             helper.make_tensor_value_info(index, TensorProto.INT64, ["batch", f"{nm}_n"]),
-                             helper.make_tensor_value_info(count, TensorProto.INT64, ["batch"]),
-                             helper.make_tensor_value_info(n, TensorProto.INT64, [])]
-            # TensorRT makes the size tensor n INT32 (docs/ops.md, TensorRT notes); Range below takes
-            # int64 bounds, so cast explicitly (a no-op in ONNX Runtime)
-            n = b.cast(n, TensorProto.INT64)
+            b.value_info += [helper.make_tensor_value_info(xc, NP2ONNX[b.act], None),
+                             helper.make_tensor_value_info(index, i32, ["batch", f"{nm}_n"]),
+                             helper.make_tensor_value_info(count, i32, ["batch"]),
+                             helper.make_tensor_value_info(n, i32, [])]
+            rows = b.op("Range", [b.const(0, np.int32), n, b.const(1, np.int32)])
+            return xc, index, count, b.op("Less", [b.unsq(rows, [0]), b.unsq(count, [1])])
         else:
             g = b.cast(gate, TensorProto.INT64)
             count = b.reduce("ReduceSum", g, [1], keepdims=0)
-            first = b.op("Sub", [b.op("CumSum", [g, b.const(1)]), b.const(1)])  # rank among executed
-            later = b.op("Add", [b.op("CumSum", [b.op("Sub", [b.const(1), g]), b.const(1)]),
+            first = b.op("Sub", [self.cumsum(g), b.const(1)])  # rank among executed
+            later = b.op("Add", [self.cumsum(b.op("Sub", [b.const(1), g])),
                                  b.op("Sub", [b.unsq(count, [1]), b.const(1)])])  # count + rank among skipped
             dest = b.op("Where", [gate, first, later])  # destination slot of every position
             ar = b.op("Range", [b.const(0), b.op("Squeeze", [b.op("Slice", [b.op("Shape", [g]), b.const([1]),
@@ -486,10 +497,10 @@ def _io_common(b: Builder, s: Spec, seq: str):
     b.add_input("theta", TensorProto.FLOAT, ["batch"])
 
 
-def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str = "ort-cpu") -> onnx.ModelProto:
     s = w.spec
     b = Builder(opset, act, weight_fn)
-    L = Lowering(b, w, ops)
+    L = Lowering(b, w, ops, target)
     _io_common(b, s, "seq")
     valid, pos = L.positions("attention_mask")
     keep = L.keep_mask(valid, pos)
@@ -579,6 +590,75 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
             b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
     b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
     return b.model("qtale_decode")
+
+
+# ---------------------------------------------------------------------------------------------
+# --target tensorrt: decode without If
+# ---------------------------------------------------------------------------------------------
+def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+    """decode.onnx for TensorRT: every routed layer goes through the same compaction as prefill
+    (TokenCompact/TokenScatter or their standard-op form) instead of an `If`. With one new token per
+    row N is 1, so this is a gate-select: the layer runs on every row and TokenScatter keeps its
+    output only where the gate is on (skipped rows: hidden state passed through, zero K/V). Why:
+    which ops and types TensorRT accepts inside If branches that hold DequantizeLinear weights is
+    not documented (docs/tensorrt.md, "Decode without If"); the compaction path is plain
+    documented ops. Inputs, outputs and results are those of `build_decode`."""
+    s = w.spec
+    b = Builder(opset, act, weight_fn)
+    L = Lowering(b, w, ops, "tensorrt")
+    elem = NP2ONNX[b.act]
+    _io_common(b, s, "one")
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
+    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
+    full_valid, full_pos = L.positions("attention_mask")
+    end = b.const([np.iinfo(np.int64).max])
+    valid = b.op("Slice", [full_valid, b.const([-1]), end, b.const([1])])
+    pos = b.op("Slice", [full_pos, b.const([-1]), end, b.const([1])])
+    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
+    past_pos = b.op("Slice", [full_pos, b.const([0]), b.const([-1]), b.const([1])])
+    keep = L.keep_mask(valid, pos)
+    x = L.embed("input_ids")
+    zeros = None
+    execs = []
+    for i in range(s.num_layers):
+        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
+        past_ok = b.op("And", [pe, past_valid])
+        past = (f"past.{i}.key", f"past.{i}.value")
+        if i in s.routed:
+            gate = L.router_gate(i, x, "theta", valid, keep)
+            xc, index, count, ok = L.compact(x, gate)
+            pc = b.op("GatherElements", [pos, index], axis=1)
+            k_pos = b.op("Concat", [past_pos, pc], axis=1)
+            y, k, v = L.layer(i, xc, pc, k_pos, b.op("Concat", [past_ok, ok], axis=1), past=past)
+            x = L.scatter(x, y, index, count, ok, xc)
+            if zeros is None:
+                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
+                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
+            k = L.kv_full(k, index, count, ok, zeros)
+            v = L.kv_full(v, index, count, ok, zeros)
+        else:
+            gate = valid
+            x, k, v = L.layer(i, x, pos, full_pos, b.op("Concat", [past_ok, gate], axis=1), past=past)
+        b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
+        b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
+    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
+    b.op("Identity", [L.head(x)], outputs=["logits"])
+    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
+    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    return b.model("qtale_decode")
+
+
+def graph_builders(target: str) -> list:
+    """[(kind, build(w, ops, opset, act, weight_fn))] of the two graphs of an export for `target`."""
+    if target == "tensorrt":
+        return [("prefill", partial(build_prefill, target=target)), ("decode", build_decode_compacted)]
+    return [("prefill", build_prefill), ("decode", build_decode)]
 
 
 def io_description(m: onnx.ModelProto) -> dict:

@@ -45,8 +45,14 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("dir", help="export folder (with manifest.json)")
     parser.add_argument("--theta", type=arg(validate.theta, "--theta"), action="append", default=None,
                         help="theta in [0, 1] to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
-    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
-                        help="decode steps compared per theta (>= 1)")
+    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=None,
+                        help="decode steps compared per theta (>= 1; default: those stored, 4 against live PyTorch)")
+    parser.add_argument("--trt", action="store_true",
+                        help="check the TensorRT engines recorded in the manifest instead of ONNX Runtime")
+    parser.add_argument("--plugin-lib", default=None,
+                        help="libqtale_trt_plugins.so for --trt (default: the library recorded with the engine)")
+    parser.add_argument("--pytorch", action="store_true",
+                        help="compare against the checkpoint run now in PyTorch instead of the stored reference")
     return parser
 
 
@@ -96,7 +102,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     from . import graphs
     from .manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
     from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
-    from .verify import verify_export
+    from .trt_conformance import check as check_tensorrt_conformance
+    from .verify import store_reference, verify_export
     from .weights import SharedWeights
 
     qprec = _quant_precision(getattr(model, "quantization_info", None))
@@ -116,7 +123,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     try:
         described = {}
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
-            for kind, build in (("prefill", graphs.build_prefill), ("decode", graphs.build_decode)):
+            for kind, build in graphs.graph_builders(target):
                 m = build(w, ops, int(opset), act, weight_fn)
                 if precision == "int4" and target == "ort-cpu":
                     ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
@@ -126,8 +133,12 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                 described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
                 store.save(m, tmp / name)
                 del m
+                if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
+                    check_tensorrt_conformance(tmp / name)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
+        # reference inputs + PyTorch outputs, so `qtale verify` works without PyTorch (Polygraphy)
+        reference_entry = store_reference(tmp, model, precision, described, theta)
         t_build = time.time() - t0
         ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
         eos = s.eos_token_id
@@ -138,6 +149,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             "ratio": float(ratio), "theta": theta, "theta_table": model.theta_table,
             "router": model.router_config.to_dict(),
             "graphs": described,
+            "reference": reference_entry,
             "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
                       "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": eos,
                       "max_position_embeddings": int(getattr(model.hf_config, "max_position_embeddings", 0) or 0)
@@ -189,12 +201,16 @@ def run_export(args) -> dict:
 
 
 def run_verify(args) -> dict:
-    from .verify import verify_export
+    """Polygraphy against the stored reference outputs (see verify.verify_with_polygraphy)."""
+    from .verify import verify_with_polygraphy
 
     for t in args.theta or []:
         validate.theta(t, "--theta")
-    validate.positive_int(args.decode_steps, "--decode-steps")
-    return verify_export(args.dir, thetas=args.theta, decode_steps=args.decode_steps)
+    if args.decode_steps is not None:
+        validate.positive_int(args.decode_steps, "--decode-steps")
+    return verify_with_polygraphy(args.dir, thetas=args.theta, decode_steps=args.decode_steps,
+                                  backend="tensorrt" if args.trt else "onnxrt", plugin_lib=args.plugin_lib,
+                                  live=args.pytorch)
 
 
 if __name__ == "__main__":  # python -m qtale_export.export.main: the same program as qtale-export

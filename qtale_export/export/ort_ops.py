@@ -39,9 +39,9 @@ def register() -> None:
         def scatter(residual, update, index, count, **_):
             return token_scatter(residual, update, index, count)
 
-        onnx_op(op_type=f"TokenCompact{suffix}", inputs=[dt, D.dt_bool],
-                outputs=[dt, D.dt_int64, D.dt_int64, D.dt_int64], attrs=attrs)(compact)
-        onnx_op(op_type=f"TokenScatter{suffix}", inputs=[dt, dt, D.dt_int64, D.dt_int64],
+        onnx_op(op_type=f"TokenCompact{suffix}", inputs=[dt, D.dt_int32],
+                outputs=[dt, D.dt_int32, D.dt_int32, D.dt_int32], attrs=attrs)(compact)
+        onnx_op(op_type=f"TokenScatter{suffix}", inputs=[dt, dt, D.dt_int32, D.dt_int32],
                 outputs=[dt], attrs=attrs)(scatter)
     _REGISTERED = True
 
