@@ -244,6 +244,9 @@ class Runtime:
         prefill_ratio = self._exec_ratio(out["exec_mask"])
         exec_mask = out["exec_mask"]
         logits = out["logits"][0, -1]
+        decoder = None  # an in-place KV decoder where the backend has one (no cache copy per step)
+        if hasattr(self.backend, "decoder") and max_new_tokens > 1:
+            decoder = self.backend.decoder(out, self.num_layers, min(self.max_length, n_prompt + int(max_new_tokens)))
         gen: list[int] = []
         emitted = 0
         reason = "length"
@@ -274,12 +277,14 @@ class Runtime:
             if total >= self.max_length:
                 reason = "max_length"
                 break
-            feeds = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
-                     for kv in ("key", "value")}
-            feeds.update({"past_exec": out["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
-                          "attention_mask": np.ones((1, total), np.int64),
-                          "theta": np.full((1,), th, np.float32)})
-            out = self.backend.run("decode", feeds)
+            feeds = {"past_exec": out["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
+                     "attention_mask": np.ones((1, total), np.int64), "theta": np.full((1,), th, np.float32)}
+            if decoder is not None:
+                out = decoder.step(feeds)
+            else:
+                feeds.update({f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
+                              for kv in ("key", "value")})
+                out = self.backend.run("decode", feeds)
             exec_mask = out["exec_mask"]
             logits = out["logits"][0, -1]
         t_end = time.perf_counter()
