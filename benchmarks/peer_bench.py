@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-spin", action="store_true",
+                    help="also run ours with ORT's idle-thread spinning off (the peer keeps its default)")
     ap.add_argument("--json", default=None, help="also write the raw numbers here")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -174,21 +176,26 @@ def main(argv=None) -> int:
     from qtale_export.bench import _prompt_ids
     from qtale_export.runtime import Runtime
 
-    rt = Runtime.open(export, threads=args.threads)
+    variants = {"ours": Runtime.open(export, threads=args.threads)}  # ORT's defaults, as the peer
+    if args.no_spin:
+        variants["ours, no spin"] = Runtime.open(export, threads=args.threads, spin=False)
+    rt = variants["ours"]
     ids = [int(i) for i in _prompt_ids(rt, args.prompt_tokens)[0]]
     text = rt.tokenizer.decode(ids)
     ids = rt.encode_prompt(text)  # what our runtime will see; the peer gets the same ids
     peer = Peer(py, peer_dir)
-    ours: dict[float, list] = {r: [] for r in ratios}
+    ours: dict[tuple, list] = {(v, r): [] for v in variants for r in ratios}
     theirs: list = []
     try:
-        rt.generate(text, ratio=1.0, max_new_tokens=4)  # warm-up both
+        for v in variants.values():  # warm-up
+            v.generate(text, ratio=1.0, max_new_tokens=4)
         peer.generate(ids, 4)
         for rep in range(args.repeats):
             for r in ratios:
-                res = rt.generate(text, ratio=r, max_new_tokens=args.new_tokens)
-                ours[r].append({"prefill_s": res.prefill_s, "decode_tok_s": res.decode_tokens_per_s,
-                                "new_tokens": res.new_tokens, "realized": res.realized_ratio})
+                for name, v in variants.items():
+                    res = v.generate(text, ratio=r, max_new_tokens=args.new_tokens)
+                    ours[(name, r)].append({"prefill_s": res.prefill_s, "decode_tok_s": res.decode_tokens_per_s,
+                                            "new_tokens": res.new_tokens, "realized": res.realized_ratio})
                 p = peer.generate(ids, args.new_tokens)
                 # the peer's first generate_next_token takes the prompt's token: count the steps after it
                 theirs.append({"prefill_s": p["prefill_s"], "new_tokens": p["new_tokens"],
@@ -200,33 +207,35 @@ def main(argv=None) -> int:
     med = statistics.median
     peer_decode = med(t["decode_tok_s"] for t in theirs)
     peer_prefill = med(t["prefill_s"] for t in theirs)
-    base_prefill = med(o["prefill_s"] for o in ours[ratios[0]]) if ratios[0] == 1.0 else None
     print(f"\nprompt {len(ids)} tokens, {args.new_tokens} greedy new tokens, {args.threads} threads, "
           f"{args.repeats} interleaved repeats (medians); onnxruntime-genai {peer.version}")
     print(f"peer (onnxruntime-genai INT4 CPU): prefill {peer_prefill:.3f} s, decode {peer_decode:.1f} tok/s, "
           f"folder {folder_mb(peer_dir):.1f} MB")
     print(f"ours ({export}): folder {folder_mb(export):.1f} MB "
           f"(size ratio ours/peer {folder_mb(export) / folder_mb(peer_dir):.3f})")
-    print("\n| ratio | realized | decode tok/s | decode vs peer | prefill s | prefill speedup vs peer | "
-          "prefill time / ratio 1.0 |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| engine | ratio | realized | new tokens | decode tok/s | decode vs peer | prefill s | "
+          "prefill speedup vs peer | prefill time / ratio 1.0 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for r in ratios:
-        d = med(o["decode_tok_s"] for o in ours[r])
-        pf = med(o["prefill_s"] for o in ours[r])
-        row = {"ratio": r, "realized": med(o["realized"] for o in ours[r]), "decode_tok_s": d,
-               "decode_vs_peer": d / peer_decode, "prefill_s": pf, "prefill_speedup": peer_prefill / pf,
-               "prefill_vs_dense": pf / base_prefill if base_prefill else None}
-        rows.append(row)
-        rel = f"{row['prefill_vs_dense']:.3f}" if base_prefill else "-"
-        print(f"| {r} | {row['realized']:.3f} | {d:.1f} | {row['decode_vs_peer']:.3f}x | {pf:.3f} | "
-              f"{row['prefill_speedup']:.3f}x | {rel} |")
+    for name in variants:
+        base = med(o["prefill_s"] for o in ours[(name, 1.0)]) if 1.0 in ratios else None
+        for r in ratios:
+            runs = ours[(name, r)]
+            d, pf = med(o["decode_tok_s"] for o in runs), med(o["prefill_s"] for o in runs)
+            row = {"engine": name, "ratio": r, "realized": med(o["realized"] for o in runs),
+                   "new_tokens": min(o["new_tokens"] for o in runs), "decode_tok_s": d,
+                   "decode_vs_peer": d / peer_decode, "prefill_s": pf, "prefill_speedup": peer_prefill / pf,
+                   "prefill_vs_dense": pf / base if base else None}
+            rows.append(row)
+            rel = f"{row['prefill_vs_dense']:.3f}" if base else "-"
+            print(f"| {name} | {r} | {row['realized']:.3f} | {row['new_tokens']} | {d:.1f} | "
+                  f"{row['decode_vs_peer']:.3f}x | {pf:.3f} | {row['prefill_speedup']:.3f}x | {rel} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "threads": args.threads,
             "repeats": args.repeats, "peer": {"version": peer.version, "folder_mb": folder_mb(peer_dir),
                                               "prefill_s": peer_prefill, "decode_tok_s": peer_decode, "raw": theirs},
-            "ours": {"folder_mb": folder_mb(export), "rows": rows, "raw": {str(k): v for k, v in ours.items()}},
+            "ours": {"folder_mb": folder_mb(export), "rows": rows, "raw": {f"{k[0]}@{k[1]}": v for k, v in ours.items()}},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
     return 0
 

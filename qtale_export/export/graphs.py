@@ -394,16 +394,20 @@ class Lowering:
             y = b.op("MatMul", [t, self.tensor_f32_t(f"{p}.{n}.weight")], name=f"{p}.{n}/MatMul")
             return b.op("Add", [y, self.tensor(f"{p}.{n}.bias", np.float32)])
 
-        h = lin(xf, "down")
-        var = b.reduce("ReduceMean", b.op("Mul", [h, h]), [-1])
-        eps = float(self.w.tensors[f"{p}.eps"])
-        h = b.op("Mul", [b.op("Mul", [h, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])]),
-                         self.tensor(f"{p}.norm.weight", np.float32)])
+        h = self.router_norm(lin(xf, "down"), p)
         h = b.op("Mul", [h, b.op("Sigmoid", [h])])
         prob = b.op("Softmax", [lin(h, "out")], axis=-1)
         p_exec = b.op("Squeeze", [b.op("Slice", [prob, b.const([0]), b.const([1]), b.const([-1])]), b.const([-1])])
         on = b.op("GreaterOrEqual", [p_exec, b.unsq(theta, [1])])
         return b.op("Or", [b.op("And", [on, valid]), keep])
+
+    def router_norm(self, h, p):
+        """The router's RMSNorm (fp32)."""
+        b = self.b
+        var = b.reduce("ReduceMean", b.op("Mul", [h, h]), [-1])
+        eps = float(self.w.tensors[f"{p}.eps"])
+        return b.op("Mul", [b.op("Mul", [h, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])]),
+                            self.tensor(f"{p}.norm.weight", np.float32)])
 
     def tensor_f32_t(self, name):
         key = (name, "T")
@@ -577,8 +581,8 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
             x, k, v = L.layer(i, x, pos, full_pos, k_ok, past=past)
         b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
         b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
-        execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
-    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
+        execs.append(b.unsq(gate, [0]))  # [1, B, 1]
+    b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
     b.op("Identity", [L.head(x)], outputs=["logits"])
     b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
     for i in range(s.num_layers):
@@ -661,6 +665,14 @@ class OrtLowering(Lowering):
         var = b.reduce("ReduceMean", b.op("Pow", [x, b.const(2.0, np.float32)]), [-1])
         d = b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])
         return b.op("Mul", [d, self.tensor(wname)])
+
+    def router_norm(self, h, p):
+        """The router's RMSNorm in the pattern ORT fuses (one SimplifiedLayerNormalization)."""
+        b = self.b
+        var = b.reduce("ReduceMean", b.op("Pow", [h, b.const(2.0, np.float32)]), [-1])
+        eps = float(self.w.tensors[f"{p}.eps"])
+        d = b.op("Div", [h, b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])
+        return b.op("Mul", [d, self.tensor(f"{p}.norm.weight", np.float32)])
 
     def table(self, name: str):
         """(packed uint8 [V, K/2], scales [V, K/block], block) of an int4 table, made once."""
@@ -829,8 +841,8 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bit
                      else_branch=b.branch(skip2, f"layers.{i}.skip", [y_skip], [elem]))
         else:
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
-        execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
-    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
+        execs.append(b.unsq(gate, [0]))  # [1, B, 1]
+    b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
     b.op("Identity", [L.head(x)], outputs=["logits"])
     b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
     for i in range(s.num_layers):

@@ -30,7 +30,7 @@ class OrtBackend:
     kind = "ort"
 
     def __init__(self, folder: str | os.PathLike, manifest: dict, device: str = "cpu",
-                 threads: int | None = None, exact: bool = False):
+                 threads: int | None = None, exact: bool = False, spin: bool = True):
         import onnxruntime as ort
 
         from ..export import ort_ops  # torch-free: onnx + onnxruntime(-extensions)
@@ -51,7 +51,7 @@ class OrtBackend:
             if not info:
                 raise QtaleError(f"export {folder} has no {g} graph")
             self.sessions[g] = ort_ops.session(self.folder / info["file"], providers=self.providers,
-                                               threads=threads, exact=exact)
+                                               threads=threads, exact=exact, spin=spin)
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.name = f"onnxruntime:{device}:{manifest.get('precision')}"
 
@@ -212,9 +212,10 @@ class TensorRTBackend:
 
 
 def make_backend(folder, manifest: dict, backend: str = "ort", device: str = "cpu", threads=None,
-                 precision: str | None = None, plugin_library: str | None = None, exact: bool = False):
+                 precision: str | None = None, plugin_library: str | None = None, exact: bool = False,
+                 spin: bool = True):
     if backend == "ort":
-        return OrtBackend(folder, manifest, device=device, threads=threads, exact=exact)
+        return OrtBackend(folder, manifest, device=device, threads=threads, exact=exact, spin=spin)
     if backend == "tensorrt":
         return TensorRTBackend(folder, manifest, precision=precision, plugin_library=plugin_library)
     raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

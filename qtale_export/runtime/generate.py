@@ -164,8 +164,9 @@ class Runtime:
     def open(cls, export_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
              threads: int | None = None, verify: bool = True, max_length: int | None = None,
              ratio_mode: str = "interpolate", precision: str | None = None,
-             plugin_library: str | None = None, exact: bool = False) -> "Runtime":
-        """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer."""
+             plugin_library: str | None = None, exact: bool = False, spin: bool = True) -> "Runtime":
+        """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer.
+        spin=False: ONNX Runtime's idle threads sleep instead of busy-waiting (a shared CPU)."""
         from ..export.manifest import read_manifest
 
         folder = Path(export_dir)
@@ -173,7 +174,7 @@ class Runtime:
         if ratio_mode not in _select.MODES:
             raise QtaleError(f"unknown ratio mode '{ratio_mode}' (choose from {', '.join(_select.MODES)})")
         be = make_backend(folder, manifest, backend=backend, device=device, threads=threads,
-                          precision=precision, plugin_library=plugin_library, exact=exact)
+                          precision=precision, plugin_library=plugin_library, exact=exact, spin=spin)
         tok = Tokenizer(folder)
         m = manifest["model"]
         limit = max_length or m.get("max_position_embeddings") or m.get("max_length") or tok.max_length \

@@ -136,6 +136,47 @@ def test_decode_16_steps(exported, spread_model, ops):
     assert skipped > 0  # the decode path did skip layers
 
 
+@pytest.mark.parametrize("precision,target", [("fp32", None), ("int4", "ort-cpu")])
+def test_in_place_decode_batched_paths(exported, spread_model, precision, target):
+    """The runtime's in-place KV decoder (past.* and present.* one bound buffer): a batch of two rows
+    on different execution paths (one row skips routed layers the other runs) equals PyTorch step by
+    step, and the buffers hold PyTorch's cache (zeros where a row skipped)."""
+    from qtale_export.export.verify import reference_model
+    from qtale_export.runtime.backends import OrtBackend
+
+    out = exported(precision, "standard", target)
+    manifest = read_manifest(out)
+    m = reference_model(manifest, out, spread_model)
+    be = OrtBackend(out, manifest, exact=True)
+    assert be.in_place
+    ids, mask = random_batch(m, n=2, t=9, seed=3)
+    theta = torch.tensor([0.0, 0.6])
+    L = m.hf_config.num_hidden_layers
+    with torch.no_grad():
+        r = m(ids, mask, theta=theta, use_cache=True)
+    got = be.run("prefill", {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy()})
+    dec = be.decoder(got, L, capacity=ids.shape[1] + 12)
+    past, nxt, exec_mask = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True), got["exec_mask"]
+    differ = 0
+    for _ in range(10):
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        got = dec.step({"input_ids": nxt.numpy(), "attention_mask": mask.numpy(), "theta": theta.numpy(),
+                        "past_exec": exec_mask})
+        with torch.no_grad():
+            r = m(nxt, mask, past_key_values=past, use_cache=True, theta=theta)
+        exec_mask = got["exec_mask"]
+        np.testing.assert_array_equal(exec_mask, np.stack([p[2].numpy() for p in r.past_key_values]))
+        np.testing.assert_allclose(got["logits"], r.logits.numpy(), atol=1e-4 * max(1.0, float(r.logits.abs().max())),
+                                   rtol=0)
+        n = mask.shape[1]
+        for (name, buf, _), i in zip(dec.buffers[::2], range(L)):
+            np.testing.assert_allclose(buf[:, :, :n], r.past_key_values[i][0].numpy(), atol=1e-3, rtol=0)
+        new = exec_mask[m.layer_ids, :, -1]
+        differ += int((new[:, 0] != new[:, 1]).sum())
+        past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
+    assert differ > 0  # the rows did take different paths
+
+
 def _if_nodes(path):
     m = onnx.load(str(path), load_external_data=False)
     ifs = {n.name: n for n in m.graph.node if n.op_type == "If"}
