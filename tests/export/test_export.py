@@ -389,8 +389,8 @@ def test_default_model_export(tmp_path):
         print(precision, round(timings[precision], 1), "s", json.dumps({k: data["verification"][k] for k in (
             "max_abs_diff", "top1_agreement", "exec_mask_agreement", "seconds")}))
     size = lambda p: sum(f.stat().st_size for f in p.iterdir())  # noqa: E731
-    # one copy of the weights per export; int4 keeps the tied embedding/lm_head table in fp32
-    # (49152 x 576 x 4 bytes = 113 MB), the projections take ~4.25 bits per weight
-    embed = model.hf_config.vocab_size * model.hf_config.hidden_size * 4
+    # one copy of the weights per export; int4 ort-cpu stores the tied embedding/lm_head as one int4
+    # table too (4.5 bits per weight with its scales, like the projections): the whole folder stays
+    # under onnxruntime-genai's own INT4 build of this model (86 MB, docs/benchmarks.md)
     assert size(tmp_path / "fp32") < 1.1 * sum(p.numel() * 4 for p in model.causal_lm.parameters())
-    assert size(tmp_path / "int4") - embed < 0.2 * (size(tmp_path / "fp32") - embed)
+    assert size(tmp_path / "int4") < 86e6
