@@ -6,6 +6,7 @@ run_verify returns the report with "ok" false when out of tolerance (the CLI exi
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import time
@@ -122,8 +123,14 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     tmp = safe_write.staging_dir(out)  # pid-tagged; becomes `out` only after the verification passed
     try:
         described = {}
+        builders = graphs.graph_builders(target)
+        ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
+        if ort_form:
+            bits = 4 if precision == "int4" else None  # int4 embedding / LM head table
+            builders = (("prefill", functools.partial(graphs.build_prefill_ort, table_bits=bits)),
+                        ("decode", functools.partial(graphs.build_decode_ort, table_bits=bits)))
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
-            for kind, build in graphs.graph_builders(target):
+            for kind, build in builders:
                 m = build(w, ops, int(opset), act, weight_fn)
                 if precision == "int4" and target == "ort-cpu":
                     ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
@@ -131,6 +138,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                 onnx.checker.check_model(m)
                 name = f"{kind}.onnx"
                 described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
+                if ort_form and kind == "decode":  # past.* may be bound as present.* (docs/export.md)
+                    described[kind]["kv_cache"] = "in-place"
                 store.save(m, tmp / name)
                 del m
                 if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
@@ -158,6 +167,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       "activation_dtype": np.dtype(act).name,
                       "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
                                   "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
+                      "embedding": "int4" if ort_form and precision == "int4" else "float",
                       "int4_block": (matmul_nbits_block([s.hidden, s.heads * s.head_dim]) if precision == "int4"
                                      else None),
                       # a quantized checkpoint keeps its own groups per layer type (qtale quantize)

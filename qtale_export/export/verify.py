@@ -50,10 +50,10 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
     nodes, outs, ins, used = [], [], {}, set()
     for n in m.graph.node:
         name = n.name.split("/")[0]
-        if n.op_type not in ("MatMul", "MatMulNBits") or not quantizable(name):
+        if n.op_type not in ("MatMul", "MatMulNBits") or not (quantizable(name) or name == "lm_head"):
             continue
         deps = [producer[x] for x in n.input[1:] if x in producer]
-        if n.op_type == "MatMul" and not deps:
+        if n.op_type == "MatMul" and (not deps or name == "lm_head"):
             continue  # a float weight
         if n.op_type == "MatMulNBits":
             k = next(a.i for a in n.attribute if a.name == "K")
@@ -69,10 +69,21 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
         outs.append(node.output[0])
         for nd in deps + [n]:
             used.update(i for i in nd.input if i in inits)
+    gathers = []  # the int4 embedding table (OrtLowering): gather every row
+    for n in m.graph.node:
+        if n.op_type == "GatherBlockQuantized":
+            node = copy.deepcopy(n)
+            node.input[1] = "all_ids"
+            node.output[0] = "T:embed"
+            nodes.append(node)
+            outs.append(node.output[0])
+            used.update(i for i in n.input if i in inits)
+            gathers.append(int(inits[n.input[0]].dims[0]))
     if not nodes:
         return {}
     g = onnx.helper.make_graph(
-        nodes, "dequant", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [k, k]) for x, k in ins.items()],
+        nodes, "dequant", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [k, k]) for x, k in ins.items()]
+        + [onnx.helper.make_tensor_value_info("all_ids", onnx.TensorProto.INT64, [None]) for _ in gathers[:1]],
         [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outs],
         [inits[u] for u in sorted(used)])
     mm = onnx.helper.make_model(g, opset_imports=list(m.opset_import))
@@ -80,8 +91,11 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    res = sess.run(outs, {x: np.eye(k, dtype=np.float32) for x, k in ins.items()})
-    return {o[2:]: r.T.copy() for o, r in zip(outs, res)}
+    feeds = {x: np.eye(k, dtype=np.float32) for x, k in ins.items()}
+    if gathers:
+        feeds["all_ids"] = np.arange(gathers[0], dtype=np.int64)
+    res = sess.run(outs, feeds)
+    return {o[2:]: (r if o.startswith("T:") else r.T).copy() for o, r in zip(outs, res)}
 
 
 def reference_model(manifest: dict, folder: Path, model=None):
@@ -94,12 +108,21 @@ def reference_model(manifest: dict, folder: Path, model=None):
         model = qtale_export.load(manifest["checkpoint"])
     if manifest["precision"] not in ("int4", "int8", "fp8"):
         return model
-    if getattr(model, "quantization_info", None):  # the quantized checkpoint itself (fake quant)
-        return model.eval()
     weights = dequantized_weights(folder / manifest["graphs"]["prefill"]["file"])
+    tables = {k: weights.pop(k) for k in ("embed", "lm_head") if k in weights}  # int4 tables (ort-cpu)
+    if getattr(model, "quantization_info", None):  # the quantized checkpoint itself (fake quant)
+        weights = {}
+        if not tables:
+            return model.eval()
     ref = copy.deepcopy(model)
-    layers = ref.causal_lm.model.layers
-    for name, w in weights.items():
+    lm = ref.causal_lm
+    with torch.no_grad():  # tied: the LM head is the embedding, one table in the export as well
+        if "embed" in tables:
+            lm.model.embed_tokens.weight.copy_(torch.from_numpy(tables["embed"]))
+        if "lm_head" in tables:
+            lm.lm_head.weight.copy_(torch.from_numpy(tables["lm_head"]))
+    layers = lm.model.layers
+    for name, w in _split_fused(weights, layers).items():
         _, i, proj = name.split(".")
         layer = layers[int(i)]
         mod = getattr(layer.self_attn, proj, None) or getattr(layer.mlp, proj)
@@ -108,6 +131,22 @@ def reference_model(manifest: dict, folder: Path, model=None):
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(w))
     return ref.eval()
+
+
+def _split_fused(weights: dict, layers) -> dict:
+    """layers.i.qkv_proj / gate_up_proj (the ort-cpu form) -> their parts, by the parts' row counts."""
+    from .graphs import PARTS
+
+    out = {}
+    for name, w in weights.items():
+        prefix, _, proj = name.rpartition(".")
+        if proj not in PARTS:
+            out[name] = w
+            continue
+        layer = layers[int(prefix.split(".")[1])]
+        rows = [(getattr(layer.self_attn, p, None) or getattr(layer.mlp, p)).weight.shape[0] for p in PARTS[proj]]
+        out.update(zip((f"{prefix}.{p}" for p in PARTS[proj]), np.split(w, np.cumsum(rows)[:-1], 0)))
+    return out
 
 
 def _thetas(manifest: dict, extra=None) -> list[float]:
