@@ -68,6 +68,9 @@ def check_listing(folder: Path, data: dict, meta_name: str, what: str, allow: tu
     unchecked = data.get("unchecked") or []
     if not isinstance(unchecked, list):
         raise QtaleError(f"corrupt {meta_path}: 'unchecked' is not a list")
+    if "files_sha256" not in data:
+        raise QtaleError(f"corrupt {meta_path}: no 'files_sha256' (the checksum of its file listing); if it "
+                         f"was written by an older QTALE: python -m qtale_export.checkpoint upgrade {folder}")
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
         name = rel.as_posix()
@@ -78,9 +81,6 @@ def check_listing(folder: Path, data: dict, meta_name: str, what: str, allow: tu
         if any(safe_write.is_ours(part) for part in rel.parts):  # an unfinished write's temporary
             continue
         raise QtaleError(f"corrupt {what} {folder}: {name} is not listed in {meta_name}")
-    if "files_sha256" not in data:
-        raise QtaleError(f"corrupt {meta_path}: no 'files_sha256' (the checksum of its file listing; "
-                         "written by an older QTALE? write it again)")
     if data["files_sha256"] != listing_sha256(data):
         raise QtaleError(f"corrupt {meta_path}: its file listing does not match 'files_sha256' (edited or damaged)")
     for name, digest in files.items():
@@ -191,3 +191,38 @@ def load_routers(folder: Path) -> dict:
         return load_file(folder / ROUTERS)
     except (SafetensorError, OSError, ValueError) as exc:
         raise QtaleError(f"corrupt {folder / ROUTERS}: {exc}") from None
+
+
+def upgrade(folder: str | os.PathLike) -> Path:
+    """Seal a checkpoint or export written before listings were sealed (no "files_sha256"): every
+    listed file must match its sha256, the logs become "unchecked" (train_log.jsonl; an export's
+    build logs and caches), any other unlisted file is refused. Returns the rewritten JSON file."""
+    from .export.manifest import BYPRODUCTS, MANIFEST, read_manifest
+
+    folder = Path(folder)
+    if (folder / META).is_file():
+        path, data = folder / META, read_meta(folder)
+        logs = [n for n in ("train_log.jsonl",) if (folder / n).is_file()]  # train.LOG (train imports torch)
+    else:
+        path, data, logs = folder / MANIFEST, read_manifest(folder, verify=False), list(BYPRODUCTS)
+    if "files_sha256" in data:
+        raise QtaleError(f"{path} already has 'files_sha256': nothing to upgrade")
+    data["unchecked"] = sorted(set(data.get("unchecked") or []) | set(logs))
+    check_listing(folder, seal(data), path.name, "folder")
+    with safe_write.locked(folder):
+        write_json_atomic(path, data)
+    return path
+
+
+if __name__ == "__main__":  # python -m qtale_export.checkpoint upgrade DIR...
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "upgrade":
+        print("usage: python -m qtale_export.checkpoint upgrade DIR...", file=sys.stderr)
+        sys.exit(2)
+    for d in sys.argv[2:]:
+        try:
+            print(f"sealed {upgrade(d)}")
+        except QtaleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def token_compact(hidden: np.ndarray, gate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """TokenCompact(hidden [B,T,H], gate [B,T] bool) -> (compact [B,N,H], index [B,N], count [B], n []).
+INDEX_DTYPE = np.int32  # gate, index, count and n: int32, a type TensorRT 10 allows for plugin I/O
 
-    index[b] is the stable partition of 0..T-1 (executed positions ascending, then skipped
-    ones ascending) truncated to N = max(1, max_b count[b]) columns.
+
+def token_compact(hidden: np.ndarray, gate: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """TokenCompact(hidden [B,T,H], gate [B,T] int32) -> (compact [B,N,H], index [B,N], count [B], n []).
+
+    gate: nonzero = execute (int32 in the op contract; bool is accepted here too). index[b] is the
+    stable partition of 0..T-1 (executed positions ascending, then skipped ones ascending)
+    truncated to N = max(1, max_b count[b]) columns; index, count and n are int32.
     """
     hidden = np.asarray(hidden)
     gate = np.asarray(gate)
@@ -22,15 +26,15 @@ def token_compact(hidden: np.ndarray, gate: np.ndarray) -> tuple[np.ndarray, np.
         raise ValueError(f"TokenCompact: need hidden [B,T,H] and gate [B,T], got {hidden.shape} and {gate.shape}")
     if gate.shape[1] == 0:
         raise ValueError("TokenCompact: T must be >= 1 (N is at least 1 and at most T)")
-    gate = gate.astype(bool, copy=False)
-    count = gate.sum(axis=1, dtype=np.int64)
+    gate = gate != 0
+    count = gate.sum(axis=1, dtype=INDEX_DTYPE)
     n = max(1, int(count.max(initial=0)))
     # Sorting the key (not gate) stably puts executed tokens (key False) first, each group in
     # ascending position order: exactly the stable partition.
-    order = np.argsort(~gate, axis=1, kind="stable").astype(np.int64)
+    order = np.argsort(~gate, axis=1, kind="stable").astype(INDEX_DTYPE)
     index = np.ascontiguousarray(order[:, :n])
     compact = np.take_along_axis(hidden, index[:, :, None], axis=1)
-    return compact, index, count, np.array(n, dtype=np.int64)
+    return compact, index, count, np.array(n, dtype=INDEX_DTYPE)
 
 
 def token_scatter(residual: np.ndarray, update: np.ndarray, index: np.ndarray, count: np.ndarray) -> np.ndarray:

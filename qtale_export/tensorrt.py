@@ -259,11 +259,9 @@ def trtexec_command(plan: BuildPlan) -> list[str]:
 
 
 def import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError:
-        raise QtaleError(f"TensorRT is not installed: {INSTALL_HINT}") from None
-    return tensorrt
+    from qtale_export.optional import require
+
+    return require("tensorrt", INSTALL_HINT, "TensorRT")
 
 
 def build_engine_bytes(plan: BuildPlan) -> tuple[bytes, str]:

@@ -50,7 +50,7 @@ def build() -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {"cases": np.array(sorted(CASES))}
     for name in sorted(CASES):
         batch, tokens, width, dtype, rule = CASES[name]
-        gate = make_gate(rng, batch, tokens, rule)
+        gate = make_gate(rng, batch, tokens, rule).astype(np.int32)  # the op contract: int32 gate
         hidden = rng.standard_normal((batch, tokens, width)).astype(dtype)
         compact, index, count, n = token_compact(hidden, gate)
         residual = rng.standard_normal((batch, tokens, width)).astype(dtype)

@@ -18,14 +18,14 @@ def naive_compact(hidden, gate):
     batch, tokens, _ = hidden.shape
     counts = [int(sum(1 for t in range(tokens) if gate[b][t])) for b in range(batch)]
     n = max([1] + counts)
-    index = np.zeros((batch, n), dtype=np.int64)
+    index = np.zeros((batch, n), dtype=np.int32)
     compact = np.zeros((batch, n, hidden.shape[2]), dtype=hidden.dtype)
     for b in range(batch):
         order = [t for t in range(tokens) if gate[b][t]] + [t for t in range(tokens) if not gate[b][t]]
         for i in range(n):
             index[b, i] = order[i]
             compact[b, i] = hidden[b, order[i]]
-    return compact, index, np.array(counts, dtype=np.int64), np.array(n, dtype=np.int64)
+    return compact, index, np.array(counts, dtype=np.int32), np.array(n, dtype=np.int32)
 
 
 def naive_scatter(residual, update, index, count):
@@ -67,7 +67,9 @@ def test_compact_matches_vectors_and_naive(name):
         assert got_a.shape == want.shape, field
         np.testing.assert_array_equal(got_a, want, err_msg=field)
         np.testing.assert_array_equal(got_a, loop, err_msg=field)
-    assert got[3].ndim == 0 and got[3].dtype == np.int64
+    # gate, index, count, n: int32 (TensorRT plugins take no BOOL; size tensors are INT32)
+    assert c["gate"].dtype == np.int32 and all(a.dtype == np.int32 for a in got[1:])
+    assert got[3].ndim == 0
     assert 1 <= int(got[3]) <= c["gate"].shape[1]
 
 

@@ -23,7 +23,7 @@ def make_export(root: Path, *, ops: str = "plugin", precision: str = "int4", man
     ]
     nodes = [helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
              helper.make_node("Unsqueeze", ["ids_f", "axis"], ["hidden"]),
-             helper.make_node("Cast", ["attention_mask"], ["gate"], to=TensorProto.BOOL)]
+             helper.make_node("Cast", ["attention_mask"], ["gate"], to=TensorProto.INT32)]
     opsets = [helper.make_opsetid("", 17)]
     if ops == "plugin":
         nodes.append(helper.make_node("TokenCompact", ["hidden", "gate"], ["compact", "index", "count", "n"],

@@ -49,12 +49,12 @@ __device__ __forceinline__ int blockExclusiveScan(int flag, int* warpSums, int& 
 }
 
 __global__ void __launch_bounds__(kScanThreads)
-    partitionKernel(const uint8_t* __restrict__ gate, int64_t tokens, int32_t* __restrict__ perm,
-        int64_t* __restrict__ count)
+    partitionKernel(const int32_t* __restrict__ gate, int64_t tokens, int32_t* __restrict__ perm,
+        int32_t* __restrict__ count)
 {
     __shared__ int warpSums[32];
     const int64_t b = blockIdx.x;
-    const uint8_t* row = gate + b * tokens;
+    const int32_t* row = gate + b * tokens;
     int32_t* permRow = perm + b * tokens;
 
     // Pass 1: executed count of the row (the skipped tokens are placed after all executed ones).
@@ -84,13 +84,13 @@ __global__ void __launch_bounds__(kScanThreads)
     }
     if (threadIdx.x == 0)
     {
-        count[b] = total;
+        count[b] = static_cast<int32_t>(total); // total <= T <= INT32_MAX (checked by the entry point)
     }
 }
 
-__device__ __forceinline__ int64_t deviceN(const int64_t* count, int64_t batch)
+__device__ __forceinline__ int32_t deviceN(const int32_t* count, int64_t batch)
 {
-    int64_t m = 1;
+    int32_t m = 1;
     for (int64_t b = 0; b < batch; ++b)
     {
         m = max(m, count[b]);
@@ -100,10 +100,10 @@ __device__ __forceinline__ int64_t deviceN(const int64_t* count, int64_t batch)
 
 template <typename W>
 __global__ void gatherKernel(const W* __restrict__ hidden, const int32_t* __restrict__ perm,
-    const int64_t* __restrict__ count, int64_t batch, int64_t tokens, int64_t rowWords, W* __restrict__ compact,
-    int64_t* __restrict__ index, int32_t* nI32, int64_t* nI64)
+    const int32_t* __restrict__ count, int64_t batch, int64_t tokens, int64_t rowWords, W* __restrict__ compact,
+    int32_t* __restrict__ index, int32_t* nOut)
 {
-    __shared__ int64_t sN;
+    __shared__ int32_t sN;
     if (threadIdx.x == 0)
     {
         sN = deviceN(count, batch);
@@ -111,20 +111,13 @@ __global__ void gatherKernel(const W* __restrict__ hidden, const int32_t* __rest
     __syncthreads();
     const int64_t n = sN;
     const int64_t b = blockIdx.y;
-    if (b == 0 && blockIdx.x == 0 && threadIdx.x == 0)
+    if (b == 0 && blockIdx.x == 0 && threadIdx.x == 0 && nOut != nullptr)
     {
-        if (nI32 != nullptr)
-        {
-            *nI32 = static_cast<int32_t>(n);
-        }
-        if (nI64 != nullptr)
-        {
-            *nI64 = n;
-        }
+        *nOut = static_cast<int32_t>(n);
     }
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x)
     {
-        const int64_t src = perm[b * tokens + i];
+        const int32_t src = perm[b * tokens + i];
         if (threadIdx.x == 0)
         {
             index[b * n + i] = src;
@@ -133,10 +126,10 @@ __global__ void gatherKernel(const W* __restrict__ hidden, const int32_t* __rest
     }
 }
 
-__global__ void maxCountKernel(const int64_t* count, int64_t batch, int32_t* nI32, int64_t* nI64)
+__global__ void maxCountKernel(const int32_t* count, int64_t batch, int32_t* nOut)
 {
-    __shared__ int64_t partial[256];
-    int64_t m = 1;
+    __shared__ int32_t partial[256];
+    int32_t m = 1;
     for (int64_t b = threadIdx.x; b < batch; b += blockDim.x)
     {
         m = max(m, count[b]);
@@ -151,26 +144,19 @@ __global__ void maxCountKernel(const int64_t* count, int64_t batch, int32_t* nI3
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0)
+    if (threadIdx.x == 0 && nOut != nullptr)
     {
-        if (nI32 != nullptr)
-        {
-            *nI32 = static_cast<int32_t>(partial[0]);
-        }
-        if (nI64 != nullptr)
-        {
-            *nI64 = partial[0];
-        }
+        *nOut = partial[0];
     }
 }
 
 template <typename W>
-void launchGather(const void* hidden, const int32_t* perm, const int64_t* count, int64_t batch, int64_t tokens,
-    int64_t rowBytes, void* compact, int64_t* index, int32_t* nI32, int64_t* nI64, cudaStream_t stream)
+void launchGather(const void* hidden, const int32_t* perm, const int32_t* count, int64_t batch, int64_t tokens,
+    int64_t rowBytes, void* compact, int32_t* index, int32_t* n, cudaStream_t stream)
 {
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(tokens, kMaxRowBlocks)), static_cast<unsigned>(batch));
     gatherKernel<W><<<grid, kCopyThreads, 0, stream>>>(static_cast<const W*>(hidden), perm, count, batch, tokens,
-        rowBytes / static_cast<int64_t>(sizeof(W)), static_cast<W*>(compact), index, nI32, nI64);
+        rowBytes / static_cast<int64_t>(sizeof(W)), static_cast<W*>(compact), index, n);
 }
 
 } // namespace
@@ -199,9 +185,9 @@ size_t qtale_token_compact_workspace_size(int64_t batch, int64_t tokens)
     return (bytes + 255) / 256 * 256;
 }
 
-cudaError_t qtale_token_compact(const void* hidden, const uint8_t* gate, int64_t batch, int64_t tokens,
-    int64_t hidden_size, int dtype, void* compact, int64_t* index, int64_t* count, int32_t* n_i32, int64_t* n_i64,
-    void* workspace, cudaStream_t stream)
+cudaError_t qtale_token_compact(const void* hidden, const int32_t* gate, int64_t batch, int64_t tokens,
+    int64_t hidden_size, int dtype, void* compact, int32_t* index, int32_t* count, int32_t* n, void* workspace,
+    cudaStream_t stream)
 {
     const size_t elem = qtale_dtype_size(dtype);
     // int32 partition entries and a 16-bit grid.y bound the problem size.
@@ -214,24 +200,24 @@ cudaError_t qtale_token_compact(const void* hidden, const uint8_t* gate, int64_t
     if (batch == 0)
     {
         // No rows: N is 1 by definition; only the scalar output has content.
-        return qtale_compute_n_device(count, 0, n_i32, n_i64, stream);
+        return qtale_compute_n_device(count, 0, n, stream);
     }
     auto* perm = static_cast<int32_t*>(workspace);
     qtale::partitionKernel<<<static_cast<unsigned>(batch), qtale::kScanThreads, 0, stream>>>(gate, tokens, perm, count);
     const int64_t rowBytes = hidden_size * static_cast<int64_t>(elem);
     switch (qtale::copyWordBytes(rowBytes, hidden, compact))
     {
-    case 16: qtale::launchGather<uint4>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n_i32, n_i64, stream); break;
-    case 8: qtale::launchGather<uint2>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n_i32, n_i64, stream); break;
-    case 4: qtale::launchGather<uint32_t>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n_i32, n_i64, stream); break;
-    default: qtale::launchGather<uint16_t>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n_i32, n_i64, stream); break;
+    case 16: qtale::launchGather<uint4>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n, stream); break;
+    case 8: qtale::launchGather<uint2>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n, stream); break;
+    case 4: qtale::launchGather<uint32_t>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n, stream); break;
+    default: qtale::launchGather<uint16_t>(hidden, perm, count, batch, tokens, rowBytes, compact, index, n, stream); break;
     }
     return cudaGetLastError();
 }
 
-int64_t qtale_compute_n_host(const int64_t* count, int64_t batch)
+int32_t qtale_compute_n_host(const int32_t* count, int64_t batch)
 {
-    int64_t n = 1;
+    int32_t n = 1;
     for (int64_t b = 0; b < batch; ++b)
     {
         n = std::max(n, count[b]);
@@ -239,13 +225,13 @@ int64_t qtale_compute_n_host(const int64_t* count, int64_t batch)
     return n;
 }
 
-cudaError_t qtale_compute_n_device(const int64_t* count, int64_t batch, int32_t* n_i32, int64_t* n_i64, cudaStream_t stream)
+cudaError_t qtale_compute_n_device(const int32_t* count, int64_t batch, int32_t* n, cudaStream_t stream)
 {
     if (batch < 0 || (batch > 0 && count == nullptr))
     {
         return cudaErrorInvalidValue;
     }
-    qtale::maxCountKernel<<<1, 256, 0, stream>>>(count, batch, n_i32, n_i64);
+    qtale::maxCountKernel<<<1, 256, 0, stream>>>(count, batch, n);
     return cudaGetLastError();
 }
 

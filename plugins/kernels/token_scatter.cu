@@ -8,11 +8,11 @@ namespace qtale {
 namespace {
 
 template <typename W>
-__global__ void scatterKernel(const W* __restrict__ update, const int64_t* __restrict__ index,
-    const int64_t* __restrict__ count, int64_t tokens, int64_t n, int64_t rowWords, W* __restrict__ out)
+__global__ void scatterKernel(const W* __restrict__ update, const int32_t* __restrict__ index,
+    const int32_t* __restrict__ count, int64_t tokens, int64_t n, int64_t rowWords, W* __restrict__ out)
 {
     const int64_t b = blockIdx.y;
-    const int64_t used = min(count[b], n);
+    const int64_t used = min(static_cast<int64_t>(count[b]), n);
     for (int64_t i = blockIdx.x; i < used; i += gridDim.x)
     {
         const int64_t dst = index[b * n + i];
@@ -25,7 +25,7 @@ __global__ void scatterKernel(const W* __restrict__ update, const int64_t* __res
 }
 
 template <typename W>
-void launchScatter(const void* update, const int64_t* index, const int64_t* count, int64_t batch, int64_t tokens,
+void launchScatter(const void* update, const int32_t* index, const int32_t* count, int64_t batch, int64_t tokens,
     int64_t n, int64_t rowBytes, void* out, cudaStream_t stream)
 {
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(n, kMaxRowBlocks)), static_cast<unsigned>(batch));
@@ -36,8 +36,8 @@ void launchScatter(const void* update, const int64_t* index, const int64_t* coun
 } // namespace
 } // namespace qtale
 
-extern "C" cudaError_t qtale_token_scatter(const void* residual, const void* update, const int64_t* index,
-    const int64_t* count, int64_t batch, int64_t tokens, int64_t n, int64_t hidden_size, int dtype, void* out,
+extern "C" cudaError_t qtale_token_scatter(const void* residual, const void* update, const int32_t* index,
+    const int32_t* count, int64_t batch, int64_t tokens, int64_t n, int64_t hidden_size, int dtype, void* out,
     cudaStream_t stream)
 {
     const size_t elem = qtale_dtype_size(dtype);

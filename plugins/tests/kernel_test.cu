@@ -49,7 +49,7 @@ bool runCase(const Case& c, std::mt19937_64& rng)
     const size_t rowBytes = static_cast<size_t>(H) * elem;
 
     // Gate and hidden on the host.
-    std::vector<uint8_t> gate(B * T);
+    std::vector<int32_t> gate(B * T);
     std::bernoulli_distribution coin(std::max(0.0, c.executeProb));
     for (int64_t b = 0; b < B; ++b)
     {
@@ -70,24 +70,24 @@ bool runCase(const Case& c, std::mt19937_64& rng)
     for (auto& x : residual) x = static_cast<uint8_t>(rng());
 
     // CPU loop reference.
-    std::vector<int64_t> count(B, 0);
-    int64_t n = 1;
+    std::vector<int32_t> count(B, 0);
+    int32_t n = 1;
     std::vector<std::vector<int64_t>> order(B);
     for (int64_t b = 0; b < B; ++b)
     {
         for (int64_t t = 0; t < T; ++t)
             if (gate[b * T + t]) order[b].push_back(t);
-        count[b] = static_cast<int64_t>(order[b].size());
+        count[b] = static_cast<int32_t>(order[b].size());
         for (int64_t t = 0; t < T; ++t)
             if (!gate[b * T + t]) order[b].push_back(t);
         n = std::max(n, count[b]);
     }
-    std::vector<int64_t> wantIndex(B * n);
+    std::vector<int32_t> wantIndex(B * n);
     std::vector<uint8_t> wantCompact(B * n * rowBytes);
     for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < n; ++i)
         {
-            wantIndex[b * n + i] = order[b][i];
+            wantIndex[b * n + i] = static_cast<int32_t>(order[b][i]);
             std::memcpy(&wantCompact[(b * n + i) * rowBytes], &hidden[(b * T + order[b][i]) * rowBytes], rowBytes);
         }
     // Scatter the compacted rows (as "update") back into the residual.
@@ -99,41 +99,38 @@ bool runCase(const Case& c, std::mt19937_64& rng)
             std::memcpy(&wantOut[(b * T + wantIndex[b * n + i]) * rowBytes], &update[(b * n + i) * rowBytes], rowBytes);
 
     // Device run. Outputs sized for the upper bound N = T, as a TensorRT engine does.
-    DeviceBuffer<uint8_t> dHidden(B * T * rowBytes), dGate(B * T), dCompact(B * T * rowBytes);
-    DeviceBuffer<int64_t> dIndex(B * T), dCount(B), dN64(1), dN64b(1);
-    DeviceBuffer<int32_t> dN32(1);
+    DeviceBuffer<uint8_t> dHidden(B * T * rowBytes), dCompact(B * T * rowBytes);
+    DeviceBuffer<int32_t> dGate(B * T), dIndex(B * T), dCount(B), dN(1), dN2(1);
     DeviceBuffer<uint8_t> dWork(qtale_token_compact_workspace_size(B, T));
     DeviceBuffer<uint8_t> dResidual(B * T * rowBytes), dUpdate(B * n * rowBytes), dOut(B * T * rowBytes);
     CHECK_CUDA(cudaMemcpy(dHidden.ptr, hidden.data(), hidden.size(), cudaMemcpyHostToDevice));
-    CHECK_CUDA(cudaMemcpy(dGate.ptr, gate.data(), gate.size(), cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dGate.ptr, gate.data(), gate.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(dResidual.ptr, residual.data(), residual.size(), cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(dUpdate.ptr, update.data(), update.size(), cudaMemcpyHostToDevice));
     cudaStream_t stream;
     CHECK_CUDA(cudaStreamCreate(&stream));
     CHECK_CUDA(qtale_token_compact(dHidden.ptr, dGate.ptr, B, T, H, c.dtype, dCompact.ptr, dIndex.ptr, dCount.ptr,
-        dN32.ptr, dN64.ptr, dWork.ptr, stream));
-    CHECK_CUDA(qtale_compute_n_device(dCount.ptr, B, nullptr, dN64b.ptr, stream));
+        dN.ptr, dWork.ptr, stream));
+    CHECK_CUDA(qtale_compute_n_device(dCount.ptr, B, dN2.ptr, stream));
     CHECK_CUDA(qtale_token_scatter(dResidual.ptr, dUpdate.ptr, dIndex.ptr, dCount.ptr, B, T, n, H, c.dtype, dOut.ptr, stream));
     // In-place variant (out aliases residual), as used for the KV-cache scatter.
     CHECK_CUDA(qtale_token_scatter(dResidual.ptr, dUpdate.ptr, dIndex.ptr, dCount.ptr, B, T, n, H, c.dtype, dResidual.ptr, stream));
     CHECK_CUDA(cudaStreamSynchronize(stream));
     CHECK_CUDA(cudaStreamDestroy(stream));
 
-    int32_t gotN32 = 0;
-    int64_t gotN64 = 0, gotN64b = 0;
-    std::vector<int64_t> gotCount(B), gotIndex(B * n);
+    int32_t gotN = 0, gotN2 = 0;
+    std::vector<int32_t> gotCount(B), gotIndex(B * n);
     std::vector<uint8_t> gotCompact(B * n * rowBytes), gotOut(B * T * rowBytes), gotInPlace(B * T * rowBytes);
-    CHECK_CUDA(cudaMemcpy(&gotN32, dN32.ptr, sizeof(gotN32), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(&gotN64, dN64.ptr, sizeof(gotN64), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(&gotN64b, dN64b.ptr, sizeof(gotN64b), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(gotCount.data(), dCount.ptr, B * sizeof(int64_t), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(gotIndex.data(), dIndex.ptr, B * n * sizeof(int64_t), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(&gotN, dN.ptr, sizeof(gotN), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(&gotN2, dN2.ptr, sizeof(gotN2), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(gotCount.data(), dCount.ptr, B * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(gotIndex.data(), dIndex.ptr, B * n * sizeof(int32_t), cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(gotCompact.data(), dCompact.ptr, gotCompact.size(), cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(gotOut.data(), dOut.ptr, gotOut.size(), cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(gotInPlace.data(), dResidual.ptr, gotInPlace.size(), cudaMemcpyDeviceToHost));
 
     std::string failed;
-    if (gotN32 != n || gotN64 != n || gotN64b != n || qtale_compute_n_host(count.data(), B) != n) failed += " n";
+    if (gotN != n || gotN2 != n || qtale_compute_n_host(count.data(), B) != n) failed += " n";
     if (gotCount != count) failed += " count";
     if (gotIndex != wantIndex) failed += " index";
     if (gotCompact != wantCompact) failed += " compact";
@@ -174,7 +171,7 @@ int main()
         ok = runCase(c, rng) && ok;
     }
     // Argument validation must reject unknown dtypes without touching memory.
-    if (qtale_token_compact(nullptr, nullptr, 1, 1, 1, 7, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0)
+    if (qtale_token_compact(nullptr, nullptr, 1, 1, 1, 7, nullptr, nullptr, nullptr, nullptr, nullptr, 0)
         != cudaErrorInvalidValue)
     {
         std::printf("argument validation FAILED\n");

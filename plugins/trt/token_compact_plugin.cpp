@@ -22,15 +22,16 @@ nvinfer1::IPluginV3* TokenCompactPlugin::clone() noexcept
 int32_t TokenCompactPlugin::getOutputDataTypes(
     DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    if (nbInputs != 2 || nbOutputs != 4 || !isFloatType(inputTypes[0]) || inputTypes[1] != DataType::kBOOL)
+    // Plugin I/O stays within what TensorRT 10 documents: PluginTensorDesc excludes kBOOL and kUINT8, and
+    // getOutputDataTypes requires size-tensor outputs to be kINT32 (docs/tensorrt.md, plugin I/O table).
+    if (nbInputs != 2 || nbOutputs != 4 || !isFloatType(inputTypes[0]) || inputTypes[1] != DataType::kINT32)
     {
-        logError("qtale: TokenCompact needs hidden FP32/FP16/BF16 and gate BOOL");
+        logError("qtale: TokenCompact needs hidden FP32/FP16/BF16 and gate INT32");
         return -1;
     }
     outputTypes[kCOMPACT] = inputTypes[0];
-    outputTypes[kINDEX] = DataType::kINT64;
-    outputTypes[kCOUNT] = DataType::kINT64;
-    // TensorRT 10 requires size-tensor outputs to be INT32 (the ONNX contract says int64; see docs/ops.md).
+    outputTypes[kINDEX] = DataType::kINT32;
+    outputTypes[kCOUNT] = DataType::kINT32;
     outputTypes[kN] = DataType::kINT32;
     return 0;
 }
@@ -89,11 +90,8 @@ bool TokenCompactPlugin::supportsFormatCombination(
     switch (pos)
     {
     case 0: return isFloatType(desc.type);                         // hidden
-    case 1: return desc.type == DataType::kBOOL;                   // gate
     case 2: return desc.type == inOut[0].desc.type;                // compact
-    case 3:                                                        // index
-    case 4: return desc.type == DataType::kINT64;                  // count
-    default: return desc.type == DataType::kINT32;                 // n (size tensor)
+    default: return desc.type == DataType::kINT32;                 // gate, index, count, n (size tensor)
     }
 }
 
@@ -109,7 +107,7 @@ size_t TokenCompactPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc co
 }
 
 int32_t TokenCompactPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
-    nvinfer1::PluginTensorDesc const* outputDesc, void const* const* inputs, void* const* outputs, void* workspace,
+    nvinfer1::PluginTensorDesc const* /*outputDesc*/, void const* const* inputs, void* const* outputs, void* workspace,
     cudaStream_t stream) noexcept
 {
     nvinfer1::Dims const& dims = inputDesc[0].dims;
@@ -119,11 +117,9 @@ int32_t TokenCompactPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
         logError("qtale: TokenCompact got an unsupported hidden tensor at enqueue");
         return -1;
     }
-    bool const nIsInt32 = outputDesc[kN].type == DataType::kINT32;
-    cudaError_t const status = qtale_token_compact(inputs[0], static_cast<uint8_t const*>(inputs[1]), dims.d[0],
-        dims.d[1], dims.d[2], dtype, outputs[kCOMPACT], static_cast<int64_t*>(outputs[kINDEX]),
-        static_cast<int64_t*>(outputs[kCOUNT]), nIsInt32 ? static_cast<int32_t*>(outputs[kN]) : nullptr,
-        nIsInt32 ? nullptr : static_cast<int64_t*>(outputs[kN]), workspace, stream);
+    cudaError_t const status = qtale_token_compact(inputs[0], static_cast<int32_t const*>(inputs[1]), dims.d[0],
+        dims.d[1], dims.d[2], dtype, outputs[kCOMPACT], static_cast<int32_t*>(outputs[kINDEX]),
+        static_cast<int32_t*>(outputs[kCOUNT]), static_cast<int32_t*>(outputs[kN]), workspace, stream);
     if (status != cudaSuccess)
     {
         logError(cudaGetErrorString(status));

@@ -60,7 +60,7 @@ bool TokenScatterPlugin::supportsFormatCombination(
     {
     case kRESIDUAL: return isFloatType(desc.type);
     case kINDEX:
-    case kCOUNT: return desc.type == DataType::kINT64;
+    case kCOUNT: return desc.type == DataType::kINT32; // kBOOL/kUINT8 are not plugin types; INT32 is
     default: return desc.type == inOut[kRESIDUAL].desc.type; // update and out
     }
 }
@@ -78,7 +78,7 @@ int32_t TokenScatterPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
     }
     // N comes from the (already resolved) index shape; rows i >= count[b] are skipped by the kernel.
     cudaError_t const status = qtale_token_scatter(inputs[kRESIDUAL], inputs[kUPDATE],
-        static_cast<int64_t const*>(inputs[kINDEX]), static_cast<int64_t const*>(inputs[kCOUNT]), dims.d[0], dims.d[1],
+        static_cast<int32_t const*>(inputs[kINDEX]), static_cast<int32_t const*>(inputs[kCOUNT]), dims.d[0], dims.d[1],
         inputDesc[kINDEX].dims.d[1], dims.d[2], dtype, outputs[0], stream);
     if (status != cudaSuccess)
     {

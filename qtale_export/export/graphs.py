@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx
@@ -51,6 +52,7 @@ class Spec:
     keep_initial: int
     eos_token_id: int | list | None
     tied: bool
+    max_positions: int = 0  # max_position_embeddings (0: unknown)
 
 
 @dataclass
@@ -89,7 +91,8 @@ def extract(model) -> Weights:
         scaling=float(getattr(layer0.self_attn, "scaling", hd ** -0.5)), window=window,
         qk_norm=hasattr(layer0.self_attn, "q_norm"), hidden_act=act, routed=list(model.layer_ids),
         keep_initial=int(model.router_config.keep_initial), eos_token_id=cfg.eos_token_id,
-        tied=lm.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr())
+        tied=lm.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr(),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0))
     w = Weights(spec)
     t = w.tensors
     info = getattr(model, "quantization_info", None) or {}
@@ -274,8 +277,8 @@ class Builder:
 # the decoder math
 # ---------------------------------------------------------------------------------------------
 class Lowering:
-    def __init__(self, b: Builder, w: Weights, ops: str):
-        self.b, self.w, self.s, self.ops = b, w, w.spec, ops
+    def __init__(self, b: Builder, w: Weights, ops: str, target: str = "ort-cpu"):
+        self.b, self.w, self.s, self.ops, self.target = b, w, w.spec, ops, target
         self._w_inits: dict[str, str] = {}
 
     # -- weights --
@@ -286,6 +289,10 @@ class Lowering:
             dt = np.dtype(dtype or self.b.act)
             self._w_inits[key] = self.b.init(name if dt == self.b.act else f"{name}.{dt.name}", arr.astype(dt))
         return self._w_inits[key]
+
+    def proj(self, h, p, n):
+        """Projection `n` (q_proj, ..., down_proj) of layer prefix `p` on h."""
+        return self.linear(h, f"{p}.{n}")
 
     def linear(self, x, name):
         y = self.b.weight_fn(self.b, x, name, self.w.tensors[f"{name}.weight"])
@@ -305,9 +312,17 @@ class Lowering:
         """attention_mask int64 [B, S] -> (valid bool, pos int64 = clamp(cumsum - 1, 0))."""
         b = self.b
         valid = b.cast(mask, TensorProto.BOOL)
-        cs = b.op("CumSum", [mask, b.const(1)])
+        cs = self.cumsum(mask)
         pos = b.op("Max", [b.op("Sub", [cs, b.const(1)]), b.const(0)])
         return valid, pos
+
+    def cumsum(self, x):
+        """CumSum along axis 1 of an int64 0/1 tensor [B, T]. onnx-tensorrt documents CumSum for
+        FP32/FP16/BF16 only (docs/tensorrt.md), so for TensorRT it runs in fp32: exact below 2**24."""
+        b = self.b
+        if self.target != "tensorrt":
+            return b.op("CumSum", [x, b.const(1)])
+        return b.cast(b.op("CumSum", [b.cast(x, TensorProto.FLOAT), b.const(1)]), TensorProto.INT64)
 
     def rope(self, pos):
         """cos, sin [B, 1, T, hd] (act dtype) for int64 positions [B, T]."""
@@ -349,9 +364,9 @@ class Lowering:
         p = f"layers.{i}"
         nh, kv, hd = s.heads, s.kv_heads, s.head_dim
         h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
-        q = b.op("Reshape", [self.linear(h, f"{p}.q_proj"), b.const([0, 0, nh, hd])])
-        k = b.op("Reshape", [self.linear(h, f"{p}.k_proj"), b.const([0, 0, kv, hd])])
-        v = b.op("Reshape", [self.linear(h, f"{p}.v_proj"), b.const([0, 0, kv, hd])])
+        q = b.op("Reshape", [self.proj(h, p, "q_proj"), b.const([0, 0, nh, hd])])
+        k = b.op("Reshape", [self.proj(h, p, "k_proj"), b.const([0, 0, kv, hd])])
+        v = b.op("Reshape", [self.proj(h, p, "v_proj"), b.const([0, 0, kv, hd])])
         if s.qk_norm:
             q = self.rmsnorm(q, f"{p}.q_norm.weight", s.eps)
             k = self.rmsnorm(k, f"{p}.k_norm.weight", s.eps)
@@ -371,11 +386,11 @@ class Lowering:
         o = b.op("MatMul", [probs, b.unsq(vv, [2])])  # [B, kv, rep, T, hd]
         o = b.op("Reshape", [o, b.const([0, nh, -1, hd])])
         o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd])])
-        x = b.op("Add", [x, self.linear(o, f"{p}.o_proj")])
+        x = b.op("Add", [x, self.proj(o, p, "o_proj")])
         h = self.rmsnorm(x, f"{p}.ln2.weight", s.eps)
-        g = self.linear(h, f"{p}.gate_proj")
+        g = self.proj(h, p, "gate_proj")
         g = b.op("Mul", [g, b.op("Sigmoid", [g])])
-        m = self.linear(b.op("Mul", [g, self.linear(h, f"{p}.up_proj")]), f"{p}.down_proj")
+        m = self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")
         return b.op("Add", [x, m]), k, v
 
     def router_gate(self, i, x, theta, valid, keep):
@@ -388,16 +403,20 @@ class Lowering:
             y = b.op("MatMul", [t, self.tensor_f32_t(f"{p}.{n}.weight")], name=f"{p}.{n}/MatMul")
             return b.op("Add", [y, self.tensor(f"{p}.{n}.bias", np.float32)])
 
-        h = lin(xf, "down")
-        var = b.reduce("ReduceMean", b.op("Mul", [h, h]), [-1])
-        eps = float(self.w.tensors[f"{p}.eps"])
-        h = b.op("Mul", [b.op("Mul", [h, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])]),
-                         self.tensor(f"{p}.norm.weight", np.float32)])
+        h = self.router_norm(lin(xf, "down"), p)
         h = b.op("Mul", [h, b.op("Sigmoid", [h])])
         prob = b.op("Softmax", [lin(h, "out")], axis=-1)
         p_exec = b.op("Squeeze", [b.op("Slice", [prob, b.const([0]), b.const([1]), b.const([-1])]), b.const([-1])])
         on = b.op("GreaterOrEqual", [p_exec, b.unsq(theta, [1])])
         return b.op("Or", [b.op("And", [on, valid]), keep])
+
+    def router_norm(self, h, p):
+        """The router's RMSNorm (fp32)."""
+        b = self.b
+        var = b.reduce("ReduceMean", b.op("Mul", [h, h]), [-1])
+        eps = float(self.w.tensors[f"{p}.eps"])
+        return b.op("Mul", [b.op("Mul", [h, b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])]),
+                            self.tensor(f"{p}.norm.weight", np.float32)])
 
     def tensor_f32_t(self, name):
         key = (name, "T")
@@ -429,21 +448,23 @@ class Lowering:
         """-> (xc [B,N,H], index [B,N], count [B], ok [B,N] bool)."""
         b = self.b
         if self.ops == "plugin":
-            xc, index, count, n = b.op("TokenCompact", [x, gate], n_out=4, domain=QTALE_DOMAIN, **PLUGIN_ATTRS)
-            elem = NP2ONNX[b.act]
+            # gate, index, count and n are int32: TensorRT 10 plugins take no BOOL tensors, and size
+            # tensors must be INT32 (docs/ops.md)
+            i32 = TensorProto.INT32
+            xc, index, count, n = b.op("TokenCompact", [x, b.cast(gate, i32)], n_out=4, domain=QTALE_DOMAIN,
+                                       **PLUGIN_ATTRS)
             nm = self.b.nodes[-1].name
-            b.value_info += [helper.make_tensor_value_info(xc, elem, None),
-                             helper.make_tensor_value_info(index, TensorProto.INT64, ["batch", f"{nm}_n"]),
-                             helper.make_tensor_value_info(count, TensorProto.INT64, ["batch"]),
-                             helper.make_tensor_value_info(n, TensorProto.INT64, [])]
-            # TensorRT makes the size tensor n INT32 (docs/ops.md, TensorRT notes); Range below takes
-            # int64 bounds, so cast explicitly (a no-op in ONNX Runtime)
-            n = b.cast(n, TensorProto.INT64)
+            b.value_info += [helper.make_tensor_value_info(xc, NP2ONNX[b.act], None),
+                             helper.make_tensor_value_info(index, i32, ["batch", f"{nm}_n"]),
+                             helper.make_tensor_value_info(count, i32, ["batch"]),
+                             helper.make_tensor_value_info(n, i32, [])]
+            rows = b.op("Range", [b.const(0, np.int32), n, b.const(1, np.int32)])
+            return xc, index, count, b.op("Less", [b.unsq(rows, [0]), b.unsq(count, [1])])
         else:
             g = b.cast(gate, TensorProto.INT64)
             count = b.reduce("ReduceSum", g, [1], keepdims=0)
-            first = b.op("Sub", [b.op("CumSum", [g, b.const(1)]), b.const(1)])  # rank among executed
-            later = b.op("Add", [b.op("CumSum", [b.op("Sub", [b.const(1), g]), b.const(1)]),
+            first = b.op("Sub", [self.cumsum(g), b.const(1)])  # rank among executed
+            later = b.op("Add", [self.cumsum(b.op("Sub", [b.const(1), g])),
                                  b.op("Sub", [b.unsq(count, [1]), b.const(1)])])  # count + rank among skipped
             dest = b.op("Where", [gate, first, later])  # destination slot of every position
             ar = b.op("Range", [b.const(0), b.op("Squeeze", [b.op("Slice", [b.op("Shape", [g]), b.const([1]),
@@ -486,10 +507,13 @@ def _io_common(b: Builder, s: Spec, seq: str):
     b.add_input("theta", TensorProto.FLOAT, ["batch"])
 
 
-def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str = "ort-cpu",
+                  lowering=None) -> onnx.ModelProto:
+    """The prompt graph; `lowering` makes the Lowering (default: the plain one for `target`,
+    OrtLowering for the ort-cpu contrib-op form)."""
     s = w.spec
     b = Builder(opset, act, weight_fn)
-    L = Lowering(b, w, ops)
+    L = lowering(b, w, ops) if lowering else Lowering(b, w, ops, target)
     _io_common(b, s, "seq")
     valid, pos = L.positions("attention_mask")
     keep = L.keep_mask(valid, pos)
@@ -570,6 +594,68 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
             x, k, v = L.layer(i, x, pos, full_pos, k_ok, past=past)
         b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
         b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        execs.append(b.unsq(gate, [0]))  # [1, B, 1]
+    b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
+    b.op("Identity", [L.head(x)], outputs=["logits"])
+    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
+    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    return b.model("qtale_decode")
+
+
+# ---------------------------------------------------------------------------------------------
+# --target tensorrt: decode without If
+# ---------------------------------------------------------------------------------------------
+def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+    """decode.onnx for TensorRT: every routed layer goes through the same compaction as prefill
+    (TokenCompact/TokenScatter or their standard-op form) instead of an `If`. With one new token per
+    row N is 1, so this is a gate-select: the layer runs on every row and TokenScatter keeps its
+    output only where the gate is on (skipped rows: hidden state passed through, zero K/V). Why:
+    which ops and types TensorRT accepts inside If branches that hold DequantizeLinear weights is
+    not documented (docs/tensorrt.md, "Decode without If"); the compaction path is plain
+    documented ops. Inputs, outputs and results are those of `build_decode`."""
+    s = w.spec
+    b = Builder(opset, act, weight_fn)
+    L = Lowering(b, w, ops, "tensorrt")
+    elem = NP2ONNX[b.act]
+    _io_common(b, s, "one")
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
+    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
+    full_valid, full_pos = L.positions("attention_mask")
+    end = b.const([np.iinfo(np.int64).max])
+    valid = b.op("Slice", [full_valid, b.const([-1]), end, b.const([1])])
+    pos = b.op("Slice", [full_pos, b.const([-1]), end, b.const([1])])
+    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
+    past_pos = b.op("Slice", [full_pos, b.const([0]), b.const([-1]), b.const([1])])
+    keep = L.keep_mask(valid, pos)
+    x = L.embed("input_ids")
+    zeros = None
+    execs = []
+    for i in range(s.num_layers):
+        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
+        past_ok = b.op("And", [pe, past_valid])
+        past = (f"past.{i}.key", f"past.{i}.value")
+        if i in s.routed:
+            gate = L.router_gate(i, x, "theta", valid, keep)
+            xc, index, count, ok = L.compact(x, gate)
+            pc = b.op("GatherElements", [pos, index], axis=1)
+            k_pos = b.op("Concat", [past_pos, pc], axis=1)
+            y, k, v = L.layer(i, xc, pc, k_pos, b.op("Concat", [past_ok, ok], axis=1), past=past)
+            x = L.scatter(x, y, index, count, ok, xc)
+            if zeros is None:
+                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
+                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
+            k = L.kv_full(k, index, count, ok, zeros)
+            v = L.kv_full(v, index, count, ok, zeros)
+        else:
+            gate = valid
+            x, k, v = L.layer(i, x, pos, full_pos, b.op("Concat", [past_ok, gate], axis=1), past=past)
+        b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
+        b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
         execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
     b.op("Concat", execs, outputs=["exec_mask"], axis=0)
     b.op("Identity", [L.head(x)], outputs=["logits"])
@@ -581,6 +667,13 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
     return b.model("qtale_decode")
 
 
+def graph_builders(target: str) -> list:
+    """[(kind, build(w, ops, opset, act, weight_fn))] of the two graphs of an export for `target`."""
+    if target == "tensorrt":
+        return [("prefill", partial(build_prefill, target=target)), ("decode", build_decode_compacted)]
+    return [("prefill", build_prefill), ("decode", build_decode)]
+
+
 def io_description(m: onnx.ModelProto) -> dict:
     def desc(vis):
         out = {}
@@ -590,3 +683,252 @@ def io_description(m: onnx.ModelProto) -> dict:
                             "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
         return out
     return {"inputs": desc(m.graph.input), "outputs": desc(m.graph.output)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the ONNX Runtime CPU form (--target ort-cpu, fp32 activations)
+# ---------------------------------------------------------------------------------------------
+# q/k/v and gate/up are one matmul each (blocks run along K, so a fused MatMulNBits holds the same
+# codes as the separate ones); RMSNorm is written in the exact pattern ORT's SimplifiedLayerNormFusion
+# and SkipSimplifiedLayerNormFusion turn into the fused kernels (standard ops on disk, so the ONNX
+# checker and other runtimes still read the graph); decode attention is com.microsoft
+# GroupQueryAttention (rotary inside, KV cache in place), written by hand because the
+# onnxruntime.transformers fusions do not match attention under per-layer exec masks or inside If.
+PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED = {part: fused for fused, parts in PARTS.items() for part in parts}
+NEG = float(np.finfo(np.float32).min)  # attention bias of a hidden key (finite: no NaN rows)
+
+
+class OrtLowering(Lowering):
+    """Lowering for ONNX Runtime on CPU.
+
+    fuse: q/k/v and gate/up as one projection each (float checkpoints; a quantized checkpoint keeps
+    its per-projection grids). table_bits: 4 stores the embedding (GatherBlockQuantized) and the
+    LM head (MatMulNBits) as one block-quantized table; tied weights share its bytes on disk."""
+
+    def __init__(self, b: Builder, w: Weights, ops: str, fuse: bool = True, table_bits: int | None = None):
+        super().__init__(b, w, ops)
+        self.fuse, self.table_bits = fuse, table_bits
+        self._fused: dict = {}
+        self._split: dict = {}
+        self._tables: dict = {}
+
+    def fused_proj(self, h, p, fused):
+        """The fused projection `fused` (qkv_proj, gate_up_proj) of h: (y [.., sum of outs], outs)."""
+        key = (h, p, fused)
+        if key not in self._fused:
+            t = self.w.tensors
+            parts = PARTS[fused]
+            ws = [t[f"{p}.{m}.weight"] for m in parts]
+            y = self.b.weight_fn(self.b, h, f"{p}.{fused}", np.concatenate(ws, 0))
+            if all(f"{p}.{m}.bias" in t for m in parts):
+                name = f"{p}.{fused}.bias"
+                t.setdefault(name, np.concatenate([t[f"{p}.{m}.bias"] for m in parts]))
+                y = self.b.op("Add", [y, self.tensor(name)])
+            elif any(f"{p}.{m}.bias" in t for m in parts):
+                raise QtaleError(f"{p}: some of {', '.join(parts)} have a bias, others not")
+            self._fused[key] = (y, [a.shape[0] for a in ws])
+        return self._fused[key]
+
+    def proj(self, h, p, n):
+        if not self.fuse or n not in FUSED:
+            return super().proj(h, p, n)
+        fused = FUSED[n]
+        key = (h, p, fused)
+        if key not in self._split:
+            y, outs = self.fused_proj(h, p, fused)
+            self._split[key] = dict(zip(PARTS[fused], self.b.op("Split", [y, self.b.const(outs)],
+                                                                 n_out=len(outs), axis=-1)))
+        return self._split[key][n]
+
+    def rmsnorm(self, x, wname, eps):
+        """x / sqrt(mean(x^2) + eps) * w, the pattern of ORT's SimplifiedLayerNormFusion."""
+        b = self.b
+        var = b.reduce("ReduceMean", b.op("Pow", [x, b.const(2.0, np.float32)]), [-1])
+        d = b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])
+        return b.op("Mul", [d, self.tensor(wname)])
+
+    def router_norm(self, h, p):
+        """The router's RMSNorm in the pattern ORT fuses (one SimplifiedLayerNormalization)."""
+        b = self.b
+        var = b.reduce("ReduceMean", b.op("Pow", [h, b.const(2.0, np.float32)]), [-1])
+        eps = float(self.w.tensors[f"{p}.eps"])
+        d = b.op("Div", [h, b.op("Sqrt", [b.op("Add", [var, b.const(eps, np.float32)])])])
+        return b.op("Mul", [d, self.tensor(f"{p}.norm.weight", np.float32)])
+
+    def table(self, name: str):
+        """(packed uint8 [V, K/2], scales [V, K/block], block) of an int4 table, made once."""
+        if name not in self._tables:
+            from .precision import int4_table
+
+            self._tables[name] = int4_table(self.w.tensors[name])
+        return self._tables[name]
+
+    def embed(self, ids):
+        if not self.table_bits:
+            return super().embed(ids)
+        data, scales, bs = self.table("embed")
+        b = self.b
+        return b.op("GatherBlockQuantized", [b.init("embed.q4", data), ids, b.init("embed.q4_scales", scales)],
+                    name="embed/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                    bits=4, block_size=bs)
+
+    def head(self, x):
+        if not self.table_bits:
+            return super().head(x)
+        b, s = self.b, self.s
+        h = self.rmsnorm(x, "norm.weight", s.eps)
+        src = "embed" if s.tied else "lm_head.weight"
+        data, scales, bs = self.table(src)
+        n, k = data.shape[0], data.shape[1] * 2
+        # the same bytes as the embedding's table (weights.SharedWeights stores them once)
+        bn = b.init(f"{src}.q4.nbits", data.reshape(n, k // bs, bs // 2))
+        sn = b.init(f"{src}.q4_scales.nbits", scales.reshape(-1))
+        y = b.op("MatMulNBits", [h, bn, sn], name="lm_head/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,
+                 block_size=bs, accuracy_level=4)
+        if "lm_head.bias" in self.w.tensors:
+            y = b.op("Add", [y, self.tensor("lm_head.bias")])
+        return y
+
+    def rope_tables(self):
+        """cos, sin [positions, head_dim / 2] for GroupQueryAttention, as `rope` computes them. Made
+        in the graph from inv_freq (ORT folds the constants once at load), so nothing is stored."""
+        if "rope.cos" not in self._tables:
+            b, s = self.b, self.s
+            if "rope.inv_freq" not in b.inits:
+                b.init("rope.inv_freq", s.inv_freq.astype(np.float32))
+            n = s.max_positions or 4096
+            pos = b.cast(b.op("Range", [b.const(0), b.const(n), b.const(1)]), TensorProto.FLOAT)
+            freqs = b.op("Mul", [b.unsq(pos, [1]), b.unsq("rope.inv_freq", [0])])
+            out = []
+            for f in ("Cos", "Sin"):
+                t = b.op(f, [freqs])
+                out.append(b.op("Mul", [t, b.const(s.rope_scale, np.float32)]) if s.rope_scale != 1.0 else t)
+            self._tables["rope.cos"] = tuple(out)
+        return self._tables["rope.cos"]
+
+    def key_bias(self, k_ok, q_pos, k_pos):
+        """attention_bias [B, 1, 1, total]: 0 where the new token may attend, NEG elsewhere."""
+        b = self.b
+        if self.s.window:
+            near = b.op("Greater", [k_pos, b.op("Sub", [q_pos, b.const(self.s.window)])])
+            k_ok = b.op("And", [k_ok, near])
+        return b.op("Where", [b.unsq(k_ok, [1, 2]), b.const(0.0, np.float32), b.const(NEG, np.float32)])
+
+    def qkv_packed(self, i, x, gate=None):
+        """ln1 + q/k/v of x [B, 1, H] -> [B, 1, (nh + 2 kv) hd], zero rows where `gate` is off."""
+        b, s = self.b, self.s
+        p = f"layers.{i}"
+        h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
+        if self.fuse and not s.qk_norm:  # GroupQueryAttention takes the fused output as it is
+            qkv = self.fused_proj(h, p, "qkv_proj")[0]
+            return qkv if gate is None else b.op("Where", [b.unsq(gate, [2]), qkv, b.const(0.0, np.float32)])
+        q, k, v = (self.proj(h, p, n) for n in ("q_proj", "k_proj", "v_proj"))
+        if s.qk_norm:
+            q = b.op("Reshape", [self.rmsnorm(b.op("Reshape", [q, b.const([0, 0, s.heads, s.head_dim])]),
+                                              f"{p}.q_norm.weight", s.eps), b.const([0, 0, -1])])
+            k = b.op("Reshape", [self.rmsnorm(b.op("Reshape", [k, b.const([0, 0, s.kv_heads, s.head_dim])]),
+                                              f"{p}.k_norm.weight", s.eps), b.const([0, 0, -1])])
+        qkv = b.op("Concat", [q, k, v], axis=-1)
+        return qkv if gate is None else b.op("Where", [b.unsq(gate, [2]), qkv, b.const(0.0, np.float32)])
+
+    def attention(self, i, qkv, bias, pos, seqlens, total):
+        """GroupQueryAttention of the new token; writes present.{i}.* (past.{i}.* in place when bound
+        to the same buffer)."""
+        b, s = self.b, self.s
+        cos, sin = self.rope_tables()
+        return b.op("GroupQueryAttention", [qkv, "", "", f"past.{i}.key", f"past.{i}.value", seqlens, total,
+                                            cos, sin, pos, bias],
+                    name=f"layers.{i}/GroupQueryAttention", domain=MS_DOMAIN, n_out=3,
+                    outputs=[f"layers.{i}/attn", f"present.{i}.key", f"present.{i}.value"],
+                    num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)[0]
+
+    def mlp_block(self, i, x, attn):
+        """o_proj + residual, ln2, SiLU MLP + residual."""
+        b, s = self.b, self.s
+        p = f"layers.{i}"
+        x = b.op("Add", [x, self.proj(attn, p, "o_proj")])
+        h = self.rmsnorm(x, f"{p}.ln2.weight", s.eps)
+        g = self.proj(h, p, "gate_proj")
+        g = b.op("Mul", [g, b.op("Sigmoid", [g])])
+        return b.op("Add", [x, self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")])
+
+
+def build_prefill_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bits=None) -> onnx.ModelProto:
+    fuse = bool(getattr(weight_fn, "fusable", True))
+    return build_prefill(w, ops, opset, act, weight_fn,
+                         lowering=lambda b, w_, o: OrtLowering(b, w_, o, fuse=fuse, table_bits=table_bits))
+
+
+def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bits=None) -> onnx.ModelProto:
+    """Decode for ONNX Runtime on CPU: the inputs and outputs of `build_decode`, and past.{i}.* may
+    also be a preallocated buffer of any length >= total that is bound as present.{i}.* too (the
+    runtime's IO binding): GroupQueryAttention then writes the new K/V in place and nothing is copied.
+
+    A routed layer is two Ifs on "some row executes it" around GroupQueryAttention: ln1 + q/k/v
+    (else zeros) and o_proj + MLP (else the hidden state passes). A row whose gate is off gets zero
+    K/V and exec false, as in `build_decode`; a skipped layer costs the attention of one token."""
+    s = w.spec
+    if act != np.float32:
+        raise QtaleError("the ort-cpu decode graph takes fp32 activations")
+    b = Builder(opset, act, weight_fn)
+    L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_bits=table_bits)
+    elem = NP2ONNX[b.act]
+    _io_common(b, s, "one")
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
+    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
+    full_valid, full_pos = L.positions("attention_mask")
+    end = np.iinfo(np.int64).max
+    valid = b.op("Slice", [full_valid, b.const([-1]), b.const([end]), b.const([1])])
+    pos = b.op("Slice", [full_pos, b.const([-1]), b.const([end]), b.const([1])])
+    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
+    keep = L.keep_mask(valid, pos)
+    # GroupQueryAttention's lengths: every row holds `total` slots (left padding is masked by the bias)
+    total = b.op("Shape", ["attention_mask"], start=1, end=2)
+    seqlens = b.cast(b.op("Expand", [b.op("Sub", [total, b.const([1])]), b.op("Shape", ["input_ids"], end=1)]),
+                     TensorProto.INT32)
+    total32 = b.cast(b.op("Squeeze", [total, b.const([0])]), TensorProto.INT32)
+    x = L.embed("input_ids")
+    width = (s.heads + 2 * s.kv_heads) * s.head_dim
+    zqkv = None
+    execs = []
+    for i in range(s.num_layers):
+        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
+        routed = i in s.routed
+        gate = L.router_gate(i, x, "theta", valid, keep) if routed else valid
+        k_ok = b.op("Concat", [b.op("And", [pe, past_valid]), gate], axis=1)
+        bias = L.key_bias(k_ok, pos, full_pos)
+        if routed:
+            if zqkv is None:
+                shape = b.op("Concat", [b.op("Shape", [x], end=1), b.const([1, width])], axis=0)
+                zqkv = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+            cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1], keepdims=0),
+                          TensorProto.BOOL)
+            with b.subgraph() as run1:
+                qkv_run = L.qkv_packed(i, x, gate)
+            with b.subgraph() as skip1:
+                qkv_skip = b.op("Identity", [zqkv])
+            qkv = b.op("If", [cond], name=f"layers.{i}/If_qkv",
+                       then_branch=b.branch(run1, f"layers.{i}.qkv", [qkv_run], [elem]),
+                       else_branch=b.branch(skip1, f"layers.{i}.qkv_skip", [qkv_skip], [elem]))
+            attn = L.attention(i, qkv, bias, pos, seqlens, total32)
+            with b.subgraph() as run2:
+                y = b.op("Where", [b.unsq(gate, [2]), L.mlp_block(i, x, attn), x])
+            with b.subgraph() as skip2:
+                y_skip = b.op("Identity", [x])
+            x = b.op("If", [cond], name=f"layers.{i}/If",
+                     then_branch=b.branch(run2, f"layers.{i}.run", [y], [elem]),
+                     else_branch=b.branch(skip2, f"layers.{i}.skip", [y_skip], [elem]))
+        else:
+            x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
+        execs.append(b.unsq(gate, [0]))  # [1, B, 1]
+    b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
+    b.op("Identity", [L.head(x)], outputs=["logits"])
+    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
+    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    return b.model("qtale_decode")

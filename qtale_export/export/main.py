@@ -6,6 +6,7 @@ run_verify returns the report with "ok" false when out of tolerance (the CLI exi
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import time
@@ -45,8 +46,14 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("dir", help="export folder (with manifest.json)")
     parser.add_argument("--theta", type=arg(validate.theta, "--theta"), action="append", default=None,
                         help="theta in [0, 1] to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
-    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
-                        help="decode steps compared per theta (>= 1)")
+    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=None,
+                        help="decode steps compared per theta (>= 1; default: those stored, 4 against live PyTorch)")
+    parser.add_argument("--trt", action="store_true",
+                        help="check the TensorRT engines recorded in the manifest instead of ONNX Runtime")
+    parser.add_argument("--plugin-lib", default=None,
+                        help="libqtale_trt_plugins.so for --trt (default: the library recorded with the engine)")
+    parser.add_argument("--pytorch", action="store_true",
+                        help="compare against the checkpoint run now in PyTorch instead of the stored reference")
     return parser
 
 
@@ -96,7 +103,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     from . import graphs
     from .manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
     from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
-    from .verify import verify_export
+    from .trt_conformance import check as check_tensorrt_conformance
+    from .verify import store_reference, verify_export
     from .weights import SharedWeights
 
     qprec = _quant_precision(getattr(model, "quantization_info", None))
@@ -115,8 +123,14 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     tmp = safe_write.staging_dir(out)  # pid-tagged; becomes `out` only after the verification passed
     try:
         described = {}
+        builders = graphs.graph_builders(target)
+        ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
+        if ort_form:
+            bits = 4 if precision == "int4" else None  # int4 embedding / LM head table
+            builders = (("prefill", functools.partial(graphs.build_prefill_ort, table_bits=bits)),
+                        ("decode", functools.partial(graphs.build_decode_ort, table_bits=bits)))
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
-            for kind, build in (("prefill", graphs.build_prefill), ("decode", graphs.build_decode)):
+            for kind, build in builders:
                 m = build(w, ops, int(opset), act, weight_fn)
                 if precision == "int4" and target == "ort-cpu":
                     ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
@@ -124,10 +138,16 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                 onnx.checker.check_model(m)
                 name = f"{kind}.onnx"
                 described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
+                if ort_form and kind == "decode":  # past.* may be bound as present.* (docs/export.md)
+                    described[kind]["kv_cache"] = "in-place"
                 store.save(m, tmp / name)
                 del m
+                if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
+                    check_tensorrt_conformance(tmp / name)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
+        # reference inputs + PyTorch outputs, so `qtale verify` works without PyTorch (Polygraphy)
+        reference_entry = store_reference(tmp, model, precision, described, theta)
         t_build = time.time() - t0
         ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
         eos = s.eos_token_id
@@ -138,6 +158,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             "ratio": float(ratio), "theta": theta, "theta_table": model.theta_table,
             "router": model.router_config.to_dict(),
             "graphs": described,
+            "reference": reference_entry,
             "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
                       "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": eos,
                       "max_position_embeddings": int(getattr(model.hf_config, "max_position_embeddings", 0) or 0)
@@ -146,6 +167,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       "activation_dtype": np.dtype(act).name,
                       "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
                                   "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
+                      "embedding": "int4" if ort_form and precision == "int4" else "float",
                       "int4_block": (matmul_nbits_block([s.hidden, s.heads * s.head_dim]) if precision == "int4"
                                      else None),
                       # a quantized checkpoint keeps its own groups per layer type (qtale quantize)
@@ -189,12 +211,16 @@ def run_export(args) -> dict:
 
 
 def run_verify(args) -> dict:
-    from .verify import verify_export
+    """Polygraphy against the stored reference outputs (see verify.verify_with_polygraphy)."""
+    from .verify import verify_with_polygraphy
 
     for t in args.theta or []:
         validate.theta(t, "--theta")
-    validate.positive_int(args.decode_steps, "--decode-steps")
-    return verify_export(args.dir, thetas=args.theta, decode_steps=args.decode_steps)
+    if args.decode_steps is not None:
+        validate.positive_int(args.decode_steps, "--decode-steps")
+    return verify_with_polygraphy(args.dir, thetas=args.theta, decode_steps=args.decode_steps,
+                                  backend="tensorrt" if args.trt else "onnxrt", plugin_lib=args.plugin_lib,
+                                  live=args.pytorch)
 
 
 if __name__ == "__main__":  # python -m qtale_export.export.main: the same program as qtale-export

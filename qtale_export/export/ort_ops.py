@@ -39,9 +39,9 @@ def register() -> None:
         def scatter(residual, update, index, count, **_):
             return token_scatter(residual, update, index, count)
 
-        onnx_op(op_type=f"TokenCompact{suffix}", inputs=[dt, D.dt_bool],
-                outputs=[dt, D.dt_int64, D.dt_int64, D.dt_int64], attrs=attrs)(compact)
-        onnx_op(op_type=f"TokenScatter{suffix}", inputs=[dt, dt, D.dt_int64, D.dt_int64],
+        onnx_op(op_type=f"TokenCompact{suffix}", inputs=[dt, D.dt_int32],
+                outputs=[dt, D.dt_int32, D.dt_int32, D.dt_int32], attrs=attrs)(compact)
+        onnx_op(op_type=f"TokenScatter{suffix}", inputs=[dt, dt, D.dt_int32, D.dt_int32],
                 outputs=[dt], attrs=attrs)(scatter)
     _REGISTERED = True
 
@@ -93,11 +93,14 @@ def _all_nodes(graph):
                 yield from _all_nodes(g)
 
 
-def session(path: str | os.PathLike, providers=None, threads: int | None = None, exact: bool = False):
+def session(path: str | os.PathLike, providers=None, threads: int | None = None, exact: bool = False,
+            spin: bool = True):
     """An onnxruntime.InferenceSession for an exported graph, with the qtale ops when it uses them.
 
     exact: compute quantized matmuls in fp32 (MatMulNBits accuracy_level 0, no int8-activation
     fusion of DequantizeLinear -> MatMul), as verification does; the default keeps ORT's fast path.
+    spin: False stops idle intra-op threads from busy-waiting (ORT's allow_spinning), which wins
+    on a CPU shared with other work (docs/benchmarks.md).
     """
     import onnxruntime as ort
 
@@ -108,6 +111,8 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None,
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
     model = onnx.load(str(path), load_external_data=False)
     rewrite = uses_qtale_ops(model)

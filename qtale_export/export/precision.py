@@ -160,6 +160,20 @@ def pack_matmul_nbits(codes: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
 
 
+def int4_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """An embedding / LM head table W [V, K] fp32 -> (uint8 [V, K/2], fp32 scales [V, K/block], block):
+    symmetric round-to-nearest 4 bit per block of K, packed as MatMulNBits and GatherBlockQuantized
+    both read it (code + 8, low nibble first), so one copy serves the gather and the LM head."""
+    v, k = w.shape
+    bs = matmul_nbits_block([k])
+    if k % bs:
+        raise QtaleError(f"hidden size {k} is not a multiple of 32: no int4 table")
+    blocks = w.reshape(v, k // bs, bs)
+    scale = _scale_from(np.abs(blocks).max(-1), 7.0)  # [V, K/bs]
+    codes = np.clip(np.rint(blocks / scale[..., None]), -8, 7).reshape(v, k)
+    return pack_matmul_nbits(codes, bs).reshape(v, k // 2), scale, bs
+
+
 def _lower_grid(b: Builder, x: str, name: str, grid: dict, target: str) -> str:
     n, k = grid["codes"].shape
     bs = grid["block"]
@@ -222,6 +236,7 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
         wn = b.init(f"{name}.weight_t", wt.astype(act))
         return b.op("MatMul", [x, wn], name=node)
 
+    fn.fusable = not fmts  # a quantized checkpoint's grids are lowered per projection
     return fn
 
 

@@ -8,6 +8,11 @@ DequantizeLinear / MatMulNBits on an identity matrix), so the comparison isolate
 the quantization error; fp16 exports are compared with the fp32 model under a relative tolerance.
 Exec masks must be identical except where the reference P(execute) lies within `tie` of theta
 (such a case is reported and its logits are not compared: the paths diverge legitimately).
+
+Two entry points with these criteria: `verify_export` (at export: ONNX Runtime against the live
+PyTorch model, decode chained on ORT's own K/V) and `verify_with_polygraphy` (`qtale verify`:
+Polygraphy's runners and Comparator against the reference outputs stored in the export by
+`store_reference`, so no PyTorch is needed; TensorRT engines with the same command).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..errors import QtaleError
 from . import ort_ops
 from .graphs import quantizable
 from .manifest import read_manifest
@@ -44,10 +50,10 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
     nodes, outs, ins, used = [], [], {}, set()
     for n in m.graph.node:
         name = n.name.split("/")[0]
-        if n.op_type not in ("MatMul", "MatMulNBits") or not quantizable(name):
+        if n.op_type not in ("MatMul", "MatMulNBits") or not (quantizable(name) or name == "lm_head"):
             continue
         deps = [producer[x] for x in n.input[1:] if x in producer]
-        if n.op_type == "MatMul" and not deps:
+        if n.op_type == "MatMul" and (not deps or name == "lm_head"):
             continue  # a float weight
         if n.op_type == "MatMulNBits":
             k = next(a.i for a in n.attribute if a.name == "K")
@@ -63,10 +69,21 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
         outs.append(node.output[0])
         for nd in deps + [n]:
             used.update(i for i in nd.input if i in inits)
+    gathers = []  # the int4 embedding table (OrtLowering): gather every row
+    for n in m.graph.node:
+        if n.op_type == "GatherBlockQuantized":
+            node = copy.deepcopy(n)
+            node.input[1] = "all_ids"
+            node.output[0] = "T:embed"
+            nodes.append(node)
+            outs.append(node.output[0])
+            used.update(i for i in n.input if i in inits)
+            gathers.append(int(inits[n.input[0]].dims[0]))
     if not nodes:
         return {}
     g = onnx.helper.make_graph(
-        nodes, "dequant", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [k, k]) for x, k in ins.items()],
+        nodes, "dequant", [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [k, k]) for x, k in ins.items()]
+        + [onnx.helper.make_tensor_value_info("all_ids", onnx.TensorProto.INT64, [None]) for _ in gathers[:1]],
         [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outs],
         [inits[u] for u in sorted(used)])
     mm = onnx.helper.make_model(g, opset_imports=list(m.opset_import))
@@ -74,8 +91,11 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    res = sess.run(outs, {x: np.eye(k, dtype=np.float32) for x, k in ins.items()})
-    return {o[2:]: r.T.copy() for o, r in zip(outs, res)}
+    feeds = {x: np.eye(k, dtype=np.float32) for x, k in ins.items()}
+    if gathers:
+        feeds["all_ids"] = np.arange(gathers[0], dtype=np.int64)
+    res = sess.run(outs, feeds)
+    return {o[2:]: (r if o.startswith("T:") else r.T).copy() for o, r in zip(outs, res)}
 
 
 def reference_model(manifest: dict, folder: Path, model=None):
@@ -88,12 +108,21 @@ def reference_model(manifest: dict, folder: Path, model=None):
         model = qtale_export.load(manifest["checkpoint"])
     if manifest["precision"] not in ("int4", "int8", "fp8"):
         return model
-    if getattr(model, "quantization_info", None):  # the quantized checkpoint itself (fake quant)
-        return model.eval()
     weights = dequantized_weights(folder / manifest["graphs"]["prefill"]["file"])
+    tables = {k: weights.pop(k) for k in ("embed", "lm_head") if k in weights}  # int4 tables (ort-cpu)
+    if getattr(model, "quantization_info", None):  # the quantized checkpoint itself (fake quant)
+        weights = {}
+        if not tables:
+            return model.eval()
     ref = copy.deepcopy(model)
-    layers = ref.causal_lm.model.layers
-    for name, w in weights.items():
+    lm = ref.causal_lm
+    with torch.no_grad():  # tied: the LM head is the embedding, one table in the export as well
+        if "embed" in tables:
+            lm.model.embed_tokens.weight.copy_(torch.from_numpy(tables["embed"]))
+        if "lm_head" in tables:
+            lm.lm_head.weight.copy_(torch.from_numpy(tables["lm_head"]))
+    layers = lm.model.layers
+    for name, w in _split_fused(weights, layers).items():
         _, i, proj = name.split(".")
         layer = layers[int(i)]
         mod = getattr(layer.self_attn, proj, None) or getattr(layer.mlp, proj)
@@ -102,6 +131,22 @@ def reference_model(manifest: dict, folder: Path, model=None):
         with torch.no_grad():
             mod.weight.copy_(torch.from_numpy(w))
     return ref.eval()
+
+
+def _split_fused(weights: dict, layers) -> dict:
+    """layers.i.qkv_proj / gate_up_proj (the ort-cpu form) -> their parts, by the parts' row counts."""
+    from .graphs import PARTS
+
+    out = {}
+    for name, w in weights.items():
+        prefix, _, proj = name.rpartition(".")
+        if proj not in PARTS:
+            out[name] = w
+            continue
+        layer = layers[int(prefix.split(".")[1])]
+        rows = [(getattr(layer.self_attn, p, None) or getattr(layer.mlp, p)).weight.shape[0] for p in PARTS[proj]]
+        out.update(zip((f"{prefix}.{p}" for p in PARTS[proj]), np.split(w, np.cumsum(rows)[:-1], 0)))
+    return out
 
 
 def _thetas(manifest: dict, extra=None) -> list[float]:
@@ -208,11 +253,21 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
 
 
 def _compare(case, kind, out, r, valid, routed, theta, tie, atol, rtol, min_top1, new_only=False) -> str:
-    """Fill `case` with the metrics of one run: "ok", "tie" (exec masks differ only where the
-    reference P(execute) is within `tie` of theta) or "fail"."""
-    ref_logits = r.logits.float().numpy()
+    """`compare` with the PyTorch model's RoutedOutput `r` as the reference."""
+    probs = np.stack([rl.softmax(-1)[..., 0].numpy() for rl in r.router_logits]) if r.router_logits else None
+    ref = {"logits": r.logits.float().numpy(), "exec_mask": np.stack([p[2].numpy() for p in r.past_key_values])}
+    return compare(case, kind, out, ref, probs, valid, routed, theta, tie, atol, rtol, min_top1, new_only)
+
+
+def compare(case, kind, out, ref, probs, valid, routed, theta, tie, atol, rtol, min_top1, new_only=False,
+            logits_ok=None) -> str:
+    """Fill `case` with the metrics of one run (outputs `out` against reference arrays `ref`, P(execute)
+    `probs` [L_routed, B, T]): "ok", "tie" (exec masks differ only where the reference P(execute) is
+    within `tie` of theta) or "fail". `logits_ok(bound)` decides closeness instead of diff <= bound
+    (the Polygraphy comparator)."""
+    ref_logits = ref["logits"]
     lo = out["logits"]
-    ref_exec = np.stack([p[2].numpy() for p in r.past_key_values])
+    ref_exec = ref["exec_mask"]
     ex = out["exec_mask"]
     if new_only:  # decode: compare the new column; the past was checked before
         ref_exec, ex = ref_exec[:, :, -1:], ex[:, :, -1:]
@@ -220,7 +275,6 @@ def _compare(case, kind, out, r, valid, routed, theta, tie, atol, rtol, min_top1
     pre = "" if kind == "prefill" else "decode_"
     case[f"{pre}exec_agreement"] = 1.0 - float(mism.sum()) / max(int(valid.sum()) * ex.shape[0], 1)
     if mism.any():
-        probs = [rl.softmax(-1)[..., 0].numpy() for rl in r.router_logits]
         ties = 0
         for layer, bb, t in zip(*np.nonzero(mism)):
             if int(layer) in routed:
@@ -237,4 +291,210 @@ def _compare(case, kind, out, r, valid, routed, theta, tie, atol, rtol, min_top1
     case[f"{pre}max_abs_diff"] = diff
     case[f"{pre}top1"] = top1
     case[f"{pre}bound"] = bound
-    return "ok" if diff <= bound and top1 >= min_top1 else "fail"
+    close = diff <= bound if logits_ok is None else logits_ok(bound)
+    return "ok" if close and top1 >= min_top1 else "fail"
+
+
+# ---------------------------------------------------------------------------------------------
+# stored references and Polygraphy (`qtale verify`)
+# ---------------------------------------------------------------------------------------------
+def store_reference(folder: Path, model, precision: str, graphs_desc: dict, theta: float) -> dict | None:
+    """Write reference.npz (PyTorch outputs at theta 0 and the export's theta) into an export being
+    built; returns its manifest entry (None without a tokenizer)."""
+    from . import reference
+    from .precision import activation_dtype
+
+    if model.tokenizer is None:
+        return None
+    ref = reference_model({"precision": precision, "graphs": graphs_desc}, Path(folder), model)
+    thetas = [0.0] + ([float(theta)] if round(float(theta), 6) != 0.0 else [])
+    prompts = PROMPTS[:reference.PROMPTS]
+    cases = reference.compute(ref, model.tokenizer, thetas, prompts, reference.STEPS, activation_dtype(precision))
+    reference.save(folder, cases, prompts)
+    return {"file": reference.FILE, "thetas": thetas, "prompts": len(prompts), "decode_steps": reference.STEPS}
+
+
+def _quiet():
+    from polygraphy.logger import G_LOGGER
+
+    return G_LOGGER.verbosity(G_LOGGER.ERROR)  # Polygraphy logs to stdout; `--json` owns stdout
+
+
+def _batch_axis(name: str) -> int:
+    return 1 if name in ("past_exec", "exec_mask") else 0
+
+
+def _infer(runner, feeds_list: list[dict], max_batch: int | None) -> list[dict]:
+    """Polygraphy's Comparator.run over every feed dict (rows one at a time where the batch exceeds an
+    engine profile's max batch); returns logits and exec_mask per feed dict."""
+    from polygraphy.comparator import Comparator
+
+    items, owner = [], []
+    for k, feeds in enumerate(feeds_list):
+        batch = feeds["input_ids"].shape[0]
+        if max_batch is None or batch <= max_batch:
+            items.append(feeds)
+            owner.append(k)
+            continue
+        for row in range(batch):
+            items.append({n: np.take(a, [row], axis=_batch_axis(n)) for n, a in feeds.items()})
+            owner.append(k)
+    with _quiet():
+        results = Comparator.run([runner], data_loader=items)
+    parts: list[list] = [[] for _ in feeds_list]
+    for k, it in zip(owner, results[0][1]):
+        parts[k].append({n: np.asarray(it[n]) for n in ("logits", "exec_mask")})
+    return [{n: np.concatenate([p[n] for p in ps], axis=_batch_axis(n)) for n in ("logits", "exec_mask")}
+            for ps in parts]
+
+
+def _polygraphy_close(runner_name: str, got: dict, want: dict, valid: np.ndarray, new_only: bool):
+    """logits_ok(bound) for `compare`: Polygraphy's Comparator with SimpleCompareFunc(atol=bound, rtol=0)
+    on the real tokens' logits (padding zeroed on both sides) and on the exec mask (exactly)."""
+    from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
+
+    def view(o):
+        ex = o["exec_mask"][:, :, -1:] if new_only else o["exec_mask"]
+        return {"logits": np.where(valid[..., None], o["logits"], 0.0).astype(np.float32),
+                "exec_mask": ex.astype(np.int32)}
+
+    def ok(bound: float) -> bool:
+        rr = RunResults()
+        rr.append((runner_name, [IterationResult(view(got), runner_name=runner_name)]))
+        rr.append(("pytorch", [IterationResult(view(want), runner_name="pytorch")]))
+        with _quiet(), np.errstate(divide="ignore", invalid="ignore"):  # relative errors of zeroed padding
+            return bool(Comparator.compare_accuracy(
+                rr, compare_func=SimpleCompareFunc(atol={"logits": bound, "exec_mask": 0.0}, rtol=0.0)))
+    return ok
+
+
+def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
+    """{graph: (Polygraphy runner, max batch or None)} for the backend."""
+    if backend == "onnxrt":
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        return {g: (OnnxrtRunner(lambda g=g: ort_ops.session(folder / manifest["graphs"][g]["file"], exact=True),
+                                 name=f"onnxrt:{g}"), None) for g in ("prefill", "decode")}
+    from ..optional import require
+    from ..tensorrt import INSTALL_HINT
+
+    require("tensorrt", INSTALL_HINT, "TensorRT")
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
+
+    out = {}
+    for e in manifest.get("engines", []):
+        lib = plugin_lib or (e.get("plugin_library") or {}).get("path")
+        if manifest.get("ops") == "plugin" and not lib:
+            raise QtaleError(f"{e['file']} uses the qtale plugins: pass --plugin-lib libqtale_trt_plugins.so")
+        loader = EngineFromBytes(BytesFromPath(str(folder / e["file"])))
+        if lib:
+            if not Path(lib).is_file():
+                raise QtaleError(f"plugin library {lib} not found")
+            loader = LoadPlugins(plugins=[str(lib)], obj=loader)
+        out[e["graph"]] = (TrtRunner(loader, name=f"trt:{e['graph']}"), int(e["profile"]["batch"][2]))
+    if "prefill" not in out:
+        raise QtaleError(f"{folder} has no TensorRT engine for prefill.onnx: build one first (build_engine.sh / qtale build)")
+    return out
+
+
+def verify_with_polygraphy(folder, *, thetas=None, decode_steps: int | None = None, backend: str = "onnxrt",
+                           plugin_lib=None, live: bool = False, model=None) -> dict:
+    """`qtale verify`: Polygraphy's runners (ONNX Runtime, or the TensorRT engines recorded in the
+    manifest) on the reference inputs, Polygraphy's Comparator against the PyTorch outputs, with the
+    per-precision tolerances of `verify_export`. The reference is the export's reference.npz (no
+    PyTorch needed) unless `live`, or thetas / decode steps it does not hold are asked for: then it
+    is computed from the checkpoint (needs PyTorch). Returns verify_export's report plus "verifier"."""
+    from ..optional import require
+    from . import reference
+
+    require("polygraphy", "pip install polygraphy (part of the [export] extra)", "Polygraphy")
+    import polygraphy
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, verify=True)
+    precision = manifest["precision"]
+    stored = None if live or not (folder / reference.FILE).is_file() else reference.load(folder)
+    want = [float(t) for t in thetas] if thetas is not None else None
+    if stored is not None:
+        have = {round(c["theta"], 6): c for c in stored[1]}
+        steps = min(len(c["runs"]) for c in stored[1]) - 1
+        if (want is None or all(round(t, 6) in have for t in want)) and (decode_steps is None or decode_steps <= steps):
+            cases = [have[round(t, 6)] for t in want] if want is not None else stored[1]
+            n_steps = steps if decode_steps is None else decode_steps
+            cases = [{"theta": c["theta"], "runs": c["runs"][:1 + n_steps]} for c in cases]
+            source = f"stored {reference.FILE} ({len(stored[0]['prompts'])} prompts)"
+        else:
+            stored = None
+    if stored is None:
+        require("torch", "verifying against a live PyTorch model needs the training extra "
+                "(or use the thetas/decode steps stored in reference.npz)", "PyTorch")
+        ref = reference_model(manifest, folder, model)
+        tok = ref.tokenizer
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(folder)
+        n_steps = 4 if decode_steps is None else decode_steps
+        act = np.float16 if manifest["model"]["activation_dtype"] == "float16" else np.float32
+        cases = reference.compute(ref, tok, want if want is not None else _thetas(manifest), PROMPTS, n_steps, act)
+        source = f"live pytorch ({len(PROMPTS)} prompts)"
+    runners = _runners(folder, manifest, backend, plugin_lib)
+    got = {}
+    for g, (runner, max_batch) in runners.items():
+        runs = [r for c in cases for r in c["runs"] if r["graph"] == g]
+        got[g] = iter(_infer(runner, [r["feeds"] for r in runs], max_batch)) if runs else iter(())
+    atol, rtol = TOLERANCE[precision]
+    tie, min_top1 = TIE[precision], MIN_TOP1[precision]
+    routed = list(manifest["model"]["routed_layers"])
+    report_cases = []
+    for c in cases:
+        case = {"theta": c["theta"]}
+        pre = c["runs"][0]
+        out = next(got["prefill"])
+        valid = pre["feeds"]["attention_mask"].astype(bool)
+        status = compare(case, "prefill", out, pre["outputs"], pre["prob"], valid, routed, c["theta"], tie, atol,
+                         rtol, min_top1, logits_ok=_polygraphy_close(runners["prefill"][0].name, out,
+                                                                      pre["outputs"], valid, False))
+        ok_case = status != "fail"
+        dcase = {"max_abs_diff": 0.0, "top1": [], "steps": 0}
+        decode_runs = c["runs"][1:] if "decode" in got else []
+        for run in decode_runs:
+            out = next(got["decode"])  # consumed in order even after a stop, to stay aligned
+            if status != "ok" or "stopped" in dcase:
+                continue
+            step = {}
+            ones = np.ones((run["feeds"]["input_ids"].shape[0], 1), bool)
+            st = compare(step, "decode", out, run["outputs"], run["prob"], ones, routed, c["theta"], tie, atol,
+                         rtol, min_top1, new_only=True,
+                         logits_ok=_polygraphy_close(runners["decode"][0].name, out, run["outputs"], ones, True))
+            if st != "ok":
+                dcase["stopped"] = st
+                dcase.update({k: v for k, v in step.items() if "exec" in k or "ties" in k})
+                ok_case = ok_case and st == "tie"
+                continue
+            dcase["max_abs_diff"] = max(dcase["max_abs_diff"], step["decode_max_abs_diff"])
+            dcase["top1"].append(step["decode_top1"])
+            dcase["steps"] += 1
+        dcase["top1"] = float(np.mean(dcase["top1"])) if dcase["top1"] else None
+        case["decode"] = dcase
+        case["ok"] = bool(ok_case)
+        report_cases.append(case)
+    diffs = [c["max_abs_diff"] for c in report_cases if c.get("max_abs_diff") is not None]
+    diffs += [c["decode"]["max_abs_diff"] for c in report_cases if c["decode"]["steps"]]
+    top1 = [c["top1"] for c in report_cases if c.get("top1") is not None]
+    first = cases[0]["runs"][0]["feeds"]["attention_mask"]
+    return {
+        "ok": all(c["ok"] for c in report_cases),
+        "precision": precision, "ops": manifest["ops"],
+        "reference": source,
+        "verifier": {"tool": "polygraphy", "version": polygraphy.__version__,
+                     "runners": [r.name for r, _ in runners.values()]},
+        "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": min_top1},
+        "prompts": int(first.shape[0]), "tokens": int(first.sum()), "decode_steps": int(n_steps),
+        "max_abs_diff": float(max(diffs)) if diffs else None,
+        "top1_agreement": float(min(top1)) if top1 else None,
+        "exec_mask_agreement": float(min(c["exec_agreement"] for c in report_cases)),
+        "tie_cases": int(sum(1 for c in report_cases if c.get("ties") or c["decode"].get("stopped") == "tie")),
+        "cases": report_cases,
+    }

@@ -2,7 +2,7 @@
 
 prefill.onnx and decode.onnx carry the same weights. `onnx.save_model(save_as_external_data=True)`
 writes one data file per graph, so an export used to hold every weight twice. SharedWeights writes
-each distinct tensor once (keyed by its bytes, dtype and shape; offsets aligned to 4 KiB so ONNX
+each distinct tensor once (keyed by its bytes and dtype, so two shapes of one table share it; offsets aligned to 4 KiB so ONNX
 Runtime can memory-map them) and points every graph at it through ONNX's standard external-data
 fields (location, offset, length), which ONNX Runtime, `onnx.load` and TensorRT's ONNX parser read.
 onnx has no writer that shares one file between models, hence this small one.
@@ -63,7 +63,8 @@ class SharedWeights:
             if t.data_location == TensorProto.EXTERNAL or not t.HasField("raw_data") or len(t.raw_data) < THRESHOLD:
                 continue
             data = t.raw_data
-            key = (t.data_type, tuple(t.dims), hashlib.sha256(data).digest())
+            # bytes and dtype, not dims: the tied embedding table and the LM head read one copy
+            key = (t.data_type, hashlib.sha256(data).digest())
             offset, length = self._put(data, key)
             set_external_data(t, self.name, offset, length)
             t.ClearField("raw_data")

@@ -30,7 +30,7 @@ class OrtBackend:
     kind = "ort"
 
     def __init__(self, folder: str | os.PathLike, manifest: dict, device: str = "cpu",
-                 threads: int | None = None, exact: bool = False):
+                 threads: int | None = None, exact: bool = False, spin: bool = True):
         import onnxruntime as ort
 
         from ..export import ort_ops  # torch-free: onnx + onnxruntime(-extensions)
@@ -51,13 +51,64 @@ class OrtBackend:
             if not info:
                 raise QtaleError(f"export {folder} has no {g} graph")
             self.sessions[g] = ort_ops.session(self.folder / info["file"], providers=self.providers,
-                                               threads=threads, exact=exact)
+                                               threads=threads, exact=exact, spin=spin)
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.name = f"onnxruntime:{device}:{manifest.get('precision')}"
+
+        self.in_place = manifest["graphs"]["decode"].get("kv_cache") == "in-place"
 
     def run(self, graph: str, feeds: dict) -> dict:
         sess = self.sessions[graph]
         return dict(zip(self.outputs[graph], sess.run(None, feeds)))
+
+    def decoder(self, prefill_out: dict, num_layers: int, capacity: int) -> "InPlaceDecoder | None":
+        """An in-place KV decoder for exports whose decode graph allows it (manifest "kv_cache":
+        "in-place"); None otherwise (the caller feeds present.* back as past.*)."""
+        if not self.in_place:
+            return None
+        return InPlaceDecoder(self.sessions["decode"], prefill_out, num_layers, capacity)
+
+
+class InPlaceDecoder:
+    """Decode steps on one preallocated KV buffer per layer and K/V, bound as both past.{i}.* and
+    present.{i}.* (ONNX Runtime IO binding): GroupQueryAttention writes the new token's K/V into
+    its slot, so a step copies no cache. Slots not yet written are zero."""
+
+    def __init__(self, sess, prefill_out: dict, num_layers: int, capacity: int):
+        import onnxruntime as ort
+
+        self.sess, self.io = sess, sess.io_binding()
+        first = prefill_out["present.0.key"]
+        b, kv, n, hd = first.shape
+        if capacity < n + 1:
+            raise QtaleError(f"KV capacity {capacity} leaves no room after a {n}-token prompt")
+        self.buffers = []  # kept alive: ORT reads and writes them in place
+        for i in range(num_layers):
+            for name in ("key", "value"):
+                buf = np.zeros((b, kv, capacity, hd), first.dtype)
+                buf[:, :, :n] = prefill_out[f"present.{i}.{name}"]
+                ov = ort.OrtValue.ortvalue_from_numpy(buf)
+                self.io.bind_ortvalue_input(f"past.{i}.{name}", ov)
+                self.buffers.append((f"present.{i}.{name}", buf, ov))
+        self.capacity = capacity
+
+    def step(self, feeds: dict) -> dict:
+        """feeds: input_ids [B, 1], attention_mask [B, total], theta [B], past_exec [L, B, total - 1]
+        -> {"logits", "exec_mask"}."""
+        if feeds["attention_mask"].shape[1] > self.capacity:
+            raise QtaleError(f"the KV buffers hold {self.capacity} tokens")
+        for name, value in feeds.items():
+            self.io.bind_cpu_input(name, np.ascontiguousarray(value))
+        # fresh output bindings each step (exec_mask grows), logits first: io.get_outputs() lists
+        # them in binding order
+        self.io.clear_binding_outputs()
+        self.io.bind_output("logits")
+        self.io.bind_output("exec_mask")
+        for name, _, ov in self.buffers:
+            self.io.bind_ortvalue_output(name, ov)
+        self.sess.run_with_iobinding(self.io)
+        got = self.io.get_outputs()
+        return {"logits": got[0].numpy(), "exec_mask": got[1].numpy()}
 
 
 def _import_tensorrt():
@@ -161,9 +212,10 @@ class TensorRTBackend:
 
 
 def make_backend(folder, manifest: dict, backend: str = "ort", device: str = "cpu", threads=None,
-                 precision: str | None = None, plugin_library: str | None = None, exact: bool = False):
+                 precision: str | None = None, plugin_library: str | None = None, exact: bool = False,
+                 spin: bool = True):
     if backend == "ort":
-        return OrtBackend(folder, manifest, device=device, threads=threads, exact=exact)
+        return OrtBackend(folder, manifest, device=device, threads=threads, exact=exact, spin=spin)
     if backend == "tensorrt":
         return TensorRTBackend(folder, manifest, precision=precision, plugin_library=plugin_library)
     raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

@@ -164,8 +164,9 @@ class Runtime:
     def open(cls, export_dir: str | os.PathLike, backend: str = "ort", device: str = "cpu",
              threads: int | None = None, verify: bool = True, max_length: int | None = None,
              ratio_mode: str = "interpolate", precision: str | None = None,
-             plugin_library: str | None = None, exact: bool = False) -> "Runtime":
-        """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer."""
+             plugin_library: str | None = None, exact: bool = False, spin: bool = True) -> "Runtime":
+        """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer.
+        spin=False: ONNX Runtime's idle threads sleep instead of busy-waiting (a shared CPU)."""
         from ..export.manifest import read_manifest
 
         folder = Path(export_dir)
@@ -173,7 +174,7 @@ class Runtime:
         if ratio_mode not in _select.MODES:
             raise QtaleError(f"unknown ratio mode '{ratio_mode}' (choose from {', '.join(_select.MODES)})")
         be = make_backend(folder, manifest, backend=backend, device=device, threads=threads,
-                          precision=precision, plugin_library=plugin_library, exact=exact)
+                          precision=precision, plugin_library=plugin_library, exact=exact, spin=spin)
         tok = Tokenizer(folder)
         m = manifest["model"]
         limit = max_length or m.get("max_position_embeddings") or m.get("max_length") or tok.max_length \
@@ -244,6 +245,9 @@ class Runtime:
         prefill_ratio = self._exec_ratio(out["exec_mask"])
         exec_mask = out["exec_mask"]
         logits = out["logits"][0, -1]
+        decoder = None  # an in-place KV decoder where the backend has one (no cache copy per step)
+        if hasattr(self.backend, "decoder") and max_new_tokens > 1:
+            decoder = self.backend.decoder(out, self.num_layers, min(self.max_length, n_prompt + int(max_new_tokens)))
         gen: list[int] = []
         emitted = 0
         reason = "length"
@@ -274,12 +278,14 @@ class Runtime:
             if total >= self.max_length:
                 reason = "max_length"
                 break
-            feeds = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
-                     for kv in ("key", "value")}
-            feeds.update({"past_exec": out["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
-                          "attention_mask": np.ones((1, total), np.int64),
-                          "theta": np.full((1,), th, np.float32)})
-            out = self.backend.run("decode", feeds)
+            feeds = {"past_exec": out["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
+                     "attention_mask": np.ones((1, total), np.int64), "theta": np.full((1,), th, np.float32)}
+            if decoder is not None:
+                out = decoder.step(feeds)
+            else:
+                feeds.update({f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
+                              for kv in ("key", "value")})
+                out = self.backend.run("decode", feeds)
             exec_mask = out["exec_mask"]
             logits = out["logits"][0, -1]
         t_end = time.perf_counter()

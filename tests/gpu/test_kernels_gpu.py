@@ -85,7 +85,7 @@ class Cuda:
 def load_kernels(build_dir: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build_dir / "libqtale_kernels.so"))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qtale_token_compact.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.qtale_token_compact.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.qtale_token_scatter.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr]
     lib.qtale_token_compact_workspace_size.argtypes = [i64, i64]
     lib.qtale_token_compact_workspace_size.restype = ctypes.c_size_t
@@ -104,21 +104,23 @@ def test_c_abi_matches_golden_vectors(build_dir):
             dtype = DTYPES[hidden.dtype]
             # Outputs sized for the upper bound N = T, packed with the actual N by the kernel.
             compact = cuda.alloc(hidden.nbytes)
-            index, count, n64 = cuda.alloc(batch * tokens * 8), cuda.alloc(batch * 8), cuda.alloc(8)
+            # gate, index, count and n are int32 (docs/ops.md)
+            index, count, n32 = cuda.alloc(batch * tokens * 4), cuda.alloc(batch * 4), cuda.alloc(4)
             work = cuda.alloc(lib.qtale_token_compact_workspace_size(batch, tokens))
-            status = lib.qtale_token_compact(cuda.upload(hidden), cuda.upload(c["gate"].astype(np.uint8)), batch,
-                                             tokens, width, dtype, compact, index, count, None, n64, work, None)
+            status = lib.qtale_token_compact(cuda.upload(hidden), cuda.upload(c["gate"].astype(np.int32)), batch,
+                                             tokens, width, dtype, compact, index, count, n32, work, None)
             assert status == 0, name
-            n = int(cuda.download(n64, (), np.int64))
+            n = int(cuda.download(n32, (), np.int32))
             assert n == int(c["n"]), name
-            np.testing.assert_array_equal(cuda.download(count, (batch,), np.int64), c["count"], err_msg=name)
-            np.testing.assert_array_equal(cuda.download(index, (batch, n), np.int64), c["index"], err_msg=name)
+            np.testing.assert_array_equal(cuda.download(count, (batch,), np.int32), c["count"], err_msg=name)
+            np.testing.assert_array_equal(cuda.download(index, (batch, n), np.int32), c["index"], err_msg=name)
             np.testing.assert_array_equal(cuda.download(compact, (batch, n, width), hidden.dtype), c["compact"],
                                           err_msg=name)
 
             out = cuda.alloc(hidden.nbytes)
             status = lib.qtale_token_scatter(cuda.upload(c["residual"]), cuda.upload(c["update"]),
-                                             cuda.upload(c["index"]), cuda.upload(c["count"]), batch, tokens, n,
+                                             cuda.upload(c["index"].astype(np.int32)),
+                                             cuda.upload(c["count"].astype(np.int32)), batch, tokens, n,
                                              width, dtype, out, None)
             assert status == 0, name
             np.testing.assert_array_equal(cuda.download(out, hidden.shape, hidden.dtype), c["out"], err_msg=name)

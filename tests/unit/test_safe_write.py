@@ -231,3 +231,30 @@ def test_update_meta_keeps_the_seal_and_merges(ckpt):
     meta = checkpoint.read_meta(ckpt)
     checkpoint.verify_files(ckpt, meta)
     assert set(meta["theta_table"]) == {"0.6", "0.7"}
+
+
+def test_upgrade_seals_a_checkpoint_written_before(ckpt):
+    (ckpt / "train_log.jsonl").write_text('{"step": 1}\n')
+    edit_meta(ckpt, lambda m: [m.pop("files_sha256"), m.pop("unchecked")])  # as the old writer left it
+    with pytest.raises(QtaleError, match="qtale_export.checkpoint upgrade"):
+        qtale_export.load(ckpt)
+    r = subprocess.run([sys.executable, "-m", "qtale_export.checkpoint", "upgrade", str(ckpt)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    meta = checkpoint.read_meta(ckpt)
+    assert meta["unchecked"] == ["train_log.jsonl"]
+    checkpoint.verify_files(ckpt, meta)
+    with pytest.raises(QtaleError, match="nothing to upgrade"):
+        checkpoint.upgrade(ckpt)
+
+
+def test_upgrade_refuses_a_damaged_or_unlisted_folder(ckpt):
+    edit_meta(ckpt, lambda m: m.pop("files_sha256"))
+    (ckpt / "stray.bin").write_bytes(b"x")
+    with pytest.raises(QtaleError, match="stray.bin is not listed"):
+        checkpoint.upgrade(ckpt)
+    (ckpt / "stray.bin").unlink()
+    (ckpt / "routers.safetensors").write_bytes(b"damaged")
+    with pytest.raises(QtaleError, match="does not match its sha256"):
+        checkpoint.upgrade(ckpt)
+    assert "files_sha256" not in json.loads((ckpt / "qtale.json").read_text())
