@@ -323,12 +323,64 @@ def _train_done(folder: Path, steps: int) -> bool:
         return False
 
 
+def kept_dir(run: Run, m: str) -> Path:
+    """Where `--only keep` commits a finished training run of this recipe (routers + LoRA + log)."""
+    return REPO / "recipes" / "trained" / run.r["name"] / m
+
+
+KEPT_NOTE = ("trained by `qtale experiment` for this recipe; committed with --only keep (no optimizer "
+             "state: finished runs only). The train stage of a new run folder starts from this copy.")
+
+
+def stage_keep(run: Run) -> None:
+    """Commit-sized copies of the finished training runs (router and LoRA weights, the trainer's
+    state and log; no optimizer state), so a later session or machine continues the experiment
+    without retraining."""
+    import shutil
+
+    from . import checkpoint
+    from .safe_write import staging_dir
+    from .train import LOG, STATE
+
+    for m in run.trained():
+        src = run.train_dir(m)
+        if not _train_done(src, run.r["train"]["steps"]):
+            raise QtaleError(f"keep: {src} has not finished training")
+        meta = checkpoint.read_meta(src)
+        checkpoint.verify_files(src, meta)
+        dest = kept_dir(run, m)
+        names = [checkpoint.ROUTERS, STATE] + [k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/")
+                                              and k.endswith((".safetensors", ".json"))]
+        tmp = staging_dir(dest)
+        try:
+            for k in names:
+                (tmp / k).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / k, tmp / k)
+            shutil.copy2(src / LOG, tmp / LOG)
+            kept = {k: v for k, v in meta.items() if k not in ("files", "unchecked", "files_sha256")}
+            kept["files"] = {k: checkpoint.file_sha256(tmp / k) for k in names}
+            kept["unchecked"] = [LOG]
+            kept["kept"] = KEPT_NOTE
+            checkpoint.write_json_atomic(tmp / checkpoint.META, checkpoint.seal(kept))
+            checkpoint.replace_dir(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        run.say(f"  kept {src} -> {dest}")
+
+
 def stage_train(run: Run) -> None:
+    import shutil
+
     from .train import STATE, TrainConfig, train
 
     t = run.r["train"]
     for m in run.trained():
         out = run.train_dir(m)
+        kept = kept_dir(run, m)
+        if not out.exists() and _train_done(kept, t["steps"]):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(kept, out)
+            run.say(f"  train {m}: from the committed run {kept}")
         if _train_done(out, t["steps"]):
             run.say(f"  train {m}: done ({out})")
             continue
@@ -703,6 +755,8 @@ def headline(run: Run, results: list[dict]) -> dict:
         if not f.startswith("int3"):
             continue
         for m in run.r["methods"]:
+            if not any(f"{m}/{f}/{_key(r)}" in ids for r in run.r["ratios"]):
+                continue  # not evaluated yet: no claim either way
             closes = None
             for r in run.r["ratios"]:
                 e = ids.get(f"{m}/{f}/{_key(r)}")
@@ -1145,7 +1199,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--docs", default="docs", help="where results.json/.md/.png go (default: docs)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an existing run folder: finished stages are skipped")
-    parser.add_argument("--only", choices=STAGES + ("ship",), default=None,
+    parser.add_argument("--only", choices=STAGES + ("ship", "keep"), default=None,
                         help="run one stage (its inputs must exist): " + ", ".join(STAGES) + "; or 'ship': "
                              "copy the trained QTALE routers into the package (qtale_export/pretrained/<model>/)")
     parser.add_argument("--ship-dir", default=None,
@@ -1218,6 +1272,8 @@ def run_experiment(args) -> dict:
         console.rule(f"[{k}/{len(stages)}] {stage}")
         if stage == "report":
             res = stage_report(run, command)
+        elif stage == "keep":
+            stage_keep(run)
         elif stage == "ship":
             ship_dir = getattr(args, "ship_dir", None)
             shipped = stage_ship(run, Path(ship_dir) if ship_dir else None, command)

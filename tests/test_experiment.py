@@ -9,6 +9,8 @@ import time
 import pytest
 import yaml
 
+import qtale_export
+
 from qtale_export import checkpoint
 from qtale_export import evaluate as E
 from qtale_export import experiment as X
@@ -358,3 +360,27 @@ def test_configs_subset_reports_the_rest_as_pending(tiny_dir, tmp_path, fake_doc
     assert "dense/fp" in res["pending"] and "qtale/int3/0.6" in res["pending"]
     assert "vs_quant_only" in {c["id"]: c for c in res["configs"]}["dllm/int3/0.6"]
     assert "Not evaluated yet" in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_path, fake_docs, monkeypatch):
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
+    monkeypatch.setattr(X, "kept_dir", lambda run, m: tmp_path / "kept" / m)
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", "train"))
+    X.run_experiment(args_for(recipe, tmp_path, "--only", "keep"))
+    kept = tmp_path / "kept" / "qtale"
+    assert sorted(p.name for p in kept.iterdir()) == ["qtale.json", "routers.safetensors", "train_log.jsonl",
+                                                       "train_state.json"]  # no optimizer state
+    import qtale_export.train as T
+
+    monkeypatch.setattr(T, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    p = argparse.ArgumentParser()
+    X.add_experiment_arguments(p)
+    args = p.parse_args([recipe, "--out", str(tmp_path / "run2"), "--docs", str(tmp_path / "docs2"),
+                         "--only", "train", "--no-progress"])
+    X.run_experiment(args)
+    model = qtale_export.load(tmp_path / "run2" / "train" / "qtale")
+    import torch
+
+    ref = qtale_export.load(tmp_path / "run" / "train" / "qtale")
+    for k, v in model.routers.state_dict().items():
+        assert torch.equal(v, ref.routers.state_dict()[k])

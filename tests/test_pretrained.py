@@ -28,7 +28,7 @@ def test_default_model_ships_routers_only():
     adapter = sorted(k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/"))
     assert sorted(meta["files"]) == sorted([checkpoint.ROUTERS] + adapter) and bool(adapter) == lora
     for name in adapter:  # LoRA factors only: safetensors + config, small
-        assert name.endswith((".safetensors", ".json")) and (SHIPPED / name).stat().st_size < 16 << 20
+        assert name.endswith((".safetensors", ".json")) and (SHIPPED / name).stat().st_size < 32 << 20
     assert (SHIPPED / checkpoint.ROUTERS).stat().st_size < 8 << 20
     from safetensors import safe_open
 
