@@ -90,6 +90,7 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
     model.theta_table = dict(meta.get("theta_table") or {})
     model.threshold = float(meta.get("threshold", 0.5))
     model.training_info = meta.get("training")
+    model.recommended = meta.get("recommended")
     model.quantization_info = meta.get("quantization")
     if model.quantization_info:
         from .quantize import restore  # modelopt is imported only for quantized checkpoints

@@ -1118,6 +1118,20 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def recommended_ratio(res: dict) -> dict | None:
+    """The lowest evaluated ratio at which QTALE + INT4 is within CLOSE_POINTS of INT4 all-layers
+    (paired, in the task average): the default of qtale-export for the shipped model."""
+    rows = next((v for k, v in res.get("headline", {}).items() if k.startswith("qtale_int4")
+                 and isinstance(v, list)), [])
+    ok = [r for r in rows if r["gap_vs_quant_only"]["diff"] >= -CLOSE_POINTS / 100]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["ratio"])
+    return {"ratio": best["ratio"], "gap_vs_quant_only": best["gap_vs_quant_only"],
+            "rule": f"lowest ratio <= {HEADLINE_MAX_RATIO:g} whose QTALE+INT4 task-average gap to INT4 all-layers is "
+                    f">= -{CLOSE_POINTS:g} points (paired)", "subset": res.get("subset"), "limit": res.get("limit")}
+
+
 def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
     """Copy the QTALE routers and their fp theta table (no optimizer state, no base weights) to
     `dest` (default: the package's pretrained/<model>/, what load(<model>) picks up), with a
@@ -1180,6 +1194,7 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
             shutil.copy2(src / k, tmp / k)
         shipped["files"] = {k: meta["files"][k] for k in [checkpoint.ROUTERS] + adapter}
         shipped["unchecked"] = ["provenance.json"]  # written after qtale.json, it records its tables
+        shipped["recommended"] = recommended_ratio(res)
         checkpoint.write_json_atomic(tmp / checkpoint.META, checkpoint.seal(shipped))
         checkpoint.write_json_atomic(tmp / "provenance.json", provenance)
         checkpoint.replace_dir(tmp, dest)

@@ -95,6 +95,7 @@ class RoutedModel(nn.Module):
         # provenance, filled by api.new_routed / load_checkpoint and written by checkpoint.save
         self.base_info: dict = {"id": getattr(cfg, "name_or_path", "") or "custom", "sha256": None}
         self.training_info: dict | None = None
+        self.recommended: dict | None = None  # {"ratio", "rule", "results"} of a shipped checkpoint
         self.quantization_info: dict | None = None
         self.tokenizer = None
         self.checkpoint_dir = None

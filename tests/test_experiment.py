@@ -384,3 +384,12 @@ def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_
     ref = qtale_export.load(tmp_path / "run" / "train" / "qtale")
     for k, v in model.routers.state_dict().items():
         assert torch.equal(v, ref.routers.state_dict()[k])
+
+
+def test_recommended_ratio_is_the_lowest_within_half_a_point():
+    row = lambda r, d: {"ratio": r, "gap_vs_quant_only": {"diff": d, "stderr": 0.01}}  # noqa: E731
+    res = {"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.5, -0.02), row(0.6, -0.004), row(0.7, 0.003)]},
+           "subset": True, "limit": 100}
+    rec = X.recommended_ratio(res)
+    assert rec["ratio"] == 0.6 and rec["subset"] is True and "0.5 points" in rec["rule"]
+    assert X.recommended_ratio({"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.6, -0.02)]}}) is None

@@ -24,8 +24,9 @@ DEFAULT_OPSET = 21
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", nargs="?", default="smollm2-135m",
                         help="QTALE checkpoint folder, HF model folder or embedded model name (default smollm2-135m)")
-    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6,
-                        help="execution ratio whose calibrated theta becomes the default (0 < r <= 1; 1.0 = theta 0)")
+    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
+                        help="execution ratio whose calibrated theta becomes the default (0 < r <= 1; 1.0 = "
+                             "theta 0; default: the checkpoint's recommended ratio, else 0.6)")
     parser.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
                         help="default theta to record instead of the calibrated one for --ratio")
     parser.add_argument("--precision", default=None,
@@ -198,14 +199,21 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     return data
 
 
+FALLBACK_RATIO = 0.6  # a checkpoint without a recommended ratio (one not shipped by the experiment)
+
+
 def run_export(args) -> dict:
-    precision, _ = check_options(args.ratio, getattr(args, "precision", None), args.ops, args.target,
+    precision, _ = check_options(args.ratio if args.ratio is not None else FALLBACK_RATIO,
+                                 getattr(args, "precision", None), args.ops, args.target,
                                  args.opset, args.out, args.force, getattr(args, "theta", None))
     safe_write.check_output(args.out, force=args.force, sources=[args.checkpoint])
     import qtale_export
 
     model = qtale_export.load(args.checkpoint)
-    return export(model, args.out, checkpoint=args.checkpoint, ratio=args.ratio, theta=getattr(args, "theta", None),
+    ratio = args.ratio
+    if ratio is None:  # the experiment's recommendation, recorded when the checkpoint shipped
+        ratio = float((model.recommended or {}).get("ratio") or FALLBACK_RATIO)
+    return export(model, args.out, checkpoint=args.checkpoint, ratio=ratio, theta=getattr(args, "theta", None),
                   precision=args.precision, ops=args.ops, target=args.target, opset=args.opset,
                   force=args.force, decode_steps=getattr(args, "decode_steps", 4))
 
