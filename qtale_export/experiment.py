@@ -1089,7 +1089,11 @@ def render_readme_block(res: dict, results_sha256: str) -> str:
         lines.append(f"| {e['id']} | {_fmt(e.get('realized_ratio'), '.3f')} | {_fmt(e.get('flops_fraction'), '.3f')} "
                      f"| {_pct(e.get('avg7', e['avg']))} | {_diff(delta['avg'] if delta else None)} "
                      f"| {_diff(e['vs_dllm']['avg'] if e.get('vs_dllm') else None)} | {_fmt(e.get('kl'), '.4f')} |")
-    lines += [""] + render_headline(res) + [README_END]
+    lines += [""] + [f"- **{x}**" for x in res.get("training_ratio_failures") or []] + render_headline(res)
+    if res.get("pending"):
+        lines += [f"- Not evaluated yet ({len(res['pending'])} configurations): "
+                  + ", ".join(res["pending"])]
+    lines += [README_END]
     return "\n".join(lines)
 
 
