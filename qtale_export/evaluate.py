@@ -143,9 +143,13 @@ def _mlp_width(path) -> int | None:
     for t in g.initializer:
         if t.name in ("layers.0.gate_proj.weight_t", "layers.0.gate_proj.weight_q") and len(t.dims) == 2:
             return int(t.dims[1])
+        if t.name in ("layers.0.gate_up_proj.weight_t", "layers.0.gate_up_proj.weight_q") and len(t.dims) == 2:
+            return int(t.dims[1]) // 2  # the ort-cpu form fuses gate and up
     for n in g.node:
-        if n.op_type == "MatMulNBits" and n.name.startswith("layers.0.gate_proj/"):
-            return next((int(a.i) for a in n.attribute if a.name == "N"), None)
+        fused = n.name.startswith("layers.0.gate_up_proj/")
+        if n.op_type == "MatMulNBits" and (fused or n.name.startswith("layers.0.gate_proj/")):
+            width = next((int(a.i) for a in n.attribute if a.name == "N"), None)
+            return width // 2 if fused and width else width
     return None
 
 
