@@ -391,6 +391,9 @@ def test_default_model_export(tmp_path):
     size = lambda p: sum(f.stat().st_size for f in p.iterdir())  # noqa: E731
     # one copy of the weights per export; int4 ort-cpu stores the tied embedding/lm_head as one int4
     # table too (4.5 bits per weight with its scales, like the projections): the whole folder stays
-    # under onnxruntime-genai's own INT4 build of this model (86 MB, docs/benchmarks.md)
+    # under onnxruntime-genai's own INT4 build of this model (86 MB, docs/benchmarks.md); the stored
+    # verification reference (reference.npz, PyTorch logits for torch-free `qtale verify`) comes on top
     assert size(tmp_path / "fp32") < 1.1 * sum(p.numel() * 4 for p in model.causal_lm.parameters())
-    assert size(tmp_path / "int4") < 86e6
+    reference = (tmp_path / "int4" / "reference.npz").stat().st_size
+    assert size(tmp_path / "int4") - reference < 86e6
+    assert reference < 16e6
