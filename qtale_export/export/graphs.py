@@ -507,6 +507,18 @@ def _io_common(b: Builder, s: Spec, seq: str):
     b.add_input("theta", TensorProto.FLOAT, ["batch"])
 
 
+def _logits_and_cache_outputs(b: Builder, s: Spec, logits: str, new, total) -> None:
+    """The graph outputs every graph of an export shares (graph contract): logits of the `new`
+    positions, present.{i}.key/value and exec_mask over all `total` positions."""
+    b.op("Identity", [logits], outputs=["logits"])
+    b.add_output("logits", TensorProto.FLOAT, ["batch", new, s.vocab])
+    elem = NP2ONNX[b.act]
+    for i in range(s.num_layers):
+        for kv in ("key", "value"):
+            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, total, s.head_dim])
+    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", total])
+
+
 def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str = "ort-cpu",
                   lowering=None) -> onnx.ModelProto:
     """The prompt graph; `lowering` makes the Lowering (default: the plain one for `target`,
@@ -520,7 +532,6 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
     x = L.embed("input_ids")
     zeros = None
     execs = []
-    elem = NP2ONNX[b.act]
     for i in range(s.num_layers):
         if i in s.routed:
             gate = L.router_gate(i, x, "theta", valid, keep)
@@ -540,12 +551,7 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
         b.op("Identity", [v], outputs=[f"present.{i}.value"])
         execs.append(b.unsq(gate, [0]))
     b.op("Concat", execs, outputs=["exec_mask"], axis=0)
-    b.op("Identity", [L.head(x)], outputs=["logits"])
-    b.add_output("logits", TensorProto.FLOAT, ["batch", "seq", s.vocab])
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "seq", s.head_dim])
-    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "seq"])
+    _logits_and_cache_outputs(b, s, L.head(x), "seq", "seq")
     return b.model("qtale_prefill")
 
 
@@ -596,12 +602,7 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
         b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
         execs.append(b.unsq(gate, [0]))  # [1, B, 1]
     b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
-    b.op("Identity", [L.head(x)], outputs=["logits"])
-    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
-    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    _logits_and_cache_outputs(b, s, L.head(x), 1, "total")
     return b.model("qtale_decode")
 
 
@@ -658,12 +659,7 @@ def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> 
         b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
         execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
     b.op("Concat", execs, outputs=["exec_mask"], axis=0)
-    b.op("Identity", [L.head(x)], outputs=["logits"])
-    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
-    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    _logits_and_cache_outputs(b, s, L.head(x), 1, "total")
     return b.model("qtale_decode")
 
 
@@ -925,10 +921,5 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bit
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
         execs.append(b.unsq(gate, [0]))  # [1, B, 1]
     b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
-    b.op("Identity", [L.head(x)], outputs=["logits"])
-    b.add_output("logits", TensorProto.FLOAT, ["batch", 1, s.vocab])
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, "total", s.head_dim])
-    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", "total"])
+    _logits_and_cache_outputs(b, s, L.head(x), 1, "total")
     return b.model("qtale_decode")
