@@ -323,6 +323,21 @@ def _train_done(folder: Path, steps: int) -> bool:
         return False
 
 
+def _copy_trained(src: Path, meta: dict, dest: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """Copy a checkpoint's router weights, its LoRA adapter's safetensors + config (peft also writes
+    a model-card README, left behind) and `extra` files into `dest`; returns the names copied."""
+    import shutil
+
+    from . import checkpoint
+
+    names = [checkpoint.ROUTERS, *extra] + [k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/")
+                                            and k.endswith((".safetensors", ".json"))]
+    for k in names:
+        (dest / k).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / k, dest / k)
+    return names
+
+
 def kept_dir(run: Run, m: str) -> Path:
     """Where `--only keep` commits a finished training run of this recipe (routers + LoRA + log)."""
     return REPO / "recipes" / "trained" / run.r["name"] / m
@@ -349,13 +364,9 @@ def stage_keep(run: Run) -> None:
         meta = checkpoint.read_meta(src)
         checkpoint.verify_files(src, meta)
         dest = kept_dir(run, m)
-        names = [checkpoint.ROUTERS, STATE] + [k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/")
-                                              and k.endswith((".safetensors", ".json"))]
         tmp = staging_dir(dest)
         try:
-            for k in names:
-                (tmp / k).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src / k, tmp / k)
+            names = _copy_trained(src, meta, tmp, (STATE,))
             shutil.copy2(src / LOG, tmp / LOG)
             kept = {k: v for k, v in meta.items() if k not in ("files", "unchecked", "files_sha256")}
             kept["files"] = {k: checkpoint.file_sha256(tmp / k) for k in names}
@@ -1188,15 +1199,8 @@ def stage_ship(run: Run, dest: Path | None = None, command: str = "") -> Path:
 
     tmp = staging_dir(dest)
     try:
-        shutil.copy2(src / checkpoint.ROUTERS, tmp / checkpoint.ROUTERS)
         shipped = {k: v for k, v in meta.items() if k not in ("files", "unchecked", "files_sha256")}
-        # LoRA: its safetensors and config only (peft also writes a model-card README)
-        adapter = [k for k in meta["files"] if k.startswith(checkpoint.ADAPTER + "/")
-                   and k.endswith((".safetensors", ".json"))]
-        for k in adapter:
-            (tmp / k).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / k, tmp / k)
-        shipped["files"] = {k: meta["files"][k] for k in [checkpoint.ROUTERS] + adapter}
+        shipped["files"] = {k: meta["files"][k] for k in _copy_trained(src, meta, tmp)}
         shipped["unchecked"] = ["provenance.json"]  # written after qtale.json, it records its tables
         shipped["recommended"] = recommended_ratio(res)
         checkpoint.write_json_atomic(tmp / checkpoint.META, checkpoint.seal(shipped))
