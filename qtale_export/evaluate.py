@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -298,14 +299,21 @@ def summarize(per_item: list[dict]) -> dict:
 
 def evaluate_tasks(model, tasks: list[str], *, style: str = "harness", limit: int | None = None,
                    batch_size: int = 64, theta=None, progress: bool = True, tokenizer=None,
-                   batch_tokens: int = 4096) -> dict:
-    """Per-task metrics, per-item scores, avg7 and the execution statistics of these forwards."""
+                   batch_tokens: int = 4096, done: dict[str, dict] | None = None,
+                   on_task: Callable[[str, dict], None] | None = None) -> dict:
+    """Per-task metrics, per-item scores, avg7 and the execution statistics of these forwards.
+
+    A long run survives being stopped: `on_task(task, part)` gets each task's finished part (metrics,
+    items, seconds, raw execution counters) as soon as it is scored, and `done` (task -> such a part)
+    skips the tasks a stopped run already finished; the totals are the same as one uninterrupted run."""
     tokenizer = tokenizer or model.tokenizer
     docs = {t: load_docs(t, limit) for t in tasks}  # fail on missing data before any compute
-    model.reset_stats()
-    results, items_out, seconds = {}, {}, {}
+    parts = dict(done or {})
     for t in tasks:
+        if t in parts:
+            continue
         t0 = time.time()
+        model.reset_stats()
         items = build_items(t, docs[t], style)
         reqs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
         lls = [ll for ll, _ in loglikelihood(model, tokenizer, reqs, batch_size, theta=theta,
@@ -313,11 +321,17 @@ def evaluate_tasks(model, tasks: list[str], *, style: str = "harness", limit: in
         per_item = score_items(items, lls)
         for k, p in enumerate(per_item):
             p["idx"] = k
-        results[t] = {**summarize(per_item), "primary": PRIMARY[t]}
-        items_out[t] = per_item
-        seconds[t] = round(time.time() - t0, 2)
+        parts[t] = {"result": {**summarize(per_item), "primary": PRIMARY[t]}, "items": per_item,
+                    "seconds": round(time.time() - t0, 2), "stats": model.stats.state()}
+        if on_task is not None:
+            on_task(t, parts[t])
+    model.reset_stats()
+    for t in tasks:
+        model.stats.merge(parts[t]["stats"])
     stats = model.execution_stats()
-    out = {"tasks": results, "style": style, "limit": limit, "items": items_out, "seconds": seconds,
+    results = {t: parts[t]["result"] for t in tasks}
+    out = {"tasks": results, "style": style, "limit": limit, "items": {t: parts[t]["items"] for t in tasks},
+           "seconds": {t: parts[t]["seconds"] for t in tasks},
            "realized_ratio": stats["execution_ratio"], "flops_fraction": stats["flops_fraction"],
            "layer_ratio": stats["layer_ratio"], "tokens": stats["tokens"]}
     if all(t in results for t in AVG7):

@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import tempfile
 import time
 from argparse import Namespace
@@ -326,7 +327,6 @@ def _train_done(folder: Path, steps: int) -> bool:
 def _copy_trained(src: Path, meta: dict, dest: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """Copy a checkpoint's router weights, its LoRA adapter's safetensors + config (peft also writes
     a model-card README, left behind) and `extra` files into `dest`; returns the names copied."""
-    import shutil
 
     from . import checkpoint
 
@@ -569,6 +569,23 @@ def _eval_file(run: Run, cid: str) -> Path:
     return run.eval_dir() / (cid.replace("/", "__") + ".json.gz")
 
 
+def _partial_dir(run: Run, cid: str) -> Path:
+    """Finished tasks of a configuration still being evaluated (committed like the eval files, so a
+    stopped session's next one continues with the task it was on)."""
+    return run.eval_dir() / "partial" / cid.replace("/", "__")
+
+
+def _read_partials(run: Run, cid: str, key: dict) -> dict[str, dict]:
+    """Finished task parts of `cid` evaluated with exactly this setting (`key`); others are ignored."""
+    out = {}
+    d = _partial_dir(run, cid)
+    for f in sorted(d.glob("*.json.gz")) if d.is_dir() else []:
+        part = _read_json(f)
+        if part.get("key") == key:
+            out[part["task"]] = part
+    return out
+
+
 def _load_model(source: str, dtype: str = "float32"):
     from .api import load
 
@@ -633,9 +650,19 @@ def stage_eval(run: Run) -> None:
             model.static_skip = frozenset(dropped) if dropped is not None else None
             run.say(f"  eval {c['id']}  theta={theta:.4f}" + (f"  dropped layers {dropped}" if dropped else ""))
             t0 = time.time()
+            key = {"source": c["source"], "theta": theta, "dropped_layers": dropped, "style": ev["style"],
+                   "limit": ev["limit"], "dtype": ev["dtype"]}
+            done = _read_partials(run, c["id"], key)
+            if done:
+                run.say(f"    continuing: {', '.join(t for t in ev['tasks'] if t in done)} already scored")
+
+            def save_part(task: str, part: dict, cid: str = c["id"], key: dict = key) -> None:
+                _write_gz_json(_partial_dir(run, cid) / f"{task}.json.gz", {**part, "task": task, "key": key})
+
             res = E.evaluate_tasks(model, ev["tasks"], style=ev["style"], limit=ev["limit"],
                                    batch_size=ev["batch_size"], theta=theta, progress=run.progress,
-                                   batch_tokens=ev["batch_tokens"])
+                                   batch_tokens=ev["batch_tokens"], done=done, on_task=save_part)
+            t_rest = time.time()
             out = {**c, "theta": theta, "tasks_requested": ev["tasks"], "style": ev["style"], "limit": ev["limit"],
                    "dtype": ev["dtype"], "dropped_layers": dropped, **res}
             if ppl_text is not None:
@@ -648,8 +675,9 @@ def stage_eval(run: Run) -> None:
                 out["ppl_file"] = ppl_source
                 out["kl_reference"] = "dense/fp (all layers, unquantized)"
             model.static_skip = None
-            out["seconds_total"] = round(time.time() - t0, 2)
+            out["seconds_total"] = round(sum(res["seconds"].values()) + time.time() - t_rest, 2)  # resumed too
             _write_gz_json(_eval_file(run, c["id"]), out)
+            shutil.rmtree(_partial_dir(run, c["id"]), ignore_errors=True)  # the whole result replaces its parts
             run.timed("eval", time.time() - t0)
         del model
 

@@ -68,6 +68,20 @@ class ExecutionStats:
             routed += proj * g.sum() + per_key * ((g.cumsum(1) + pe[:, None]) * g).sum() + router * n_tok
         self.flops += (routed, dense)
 
+    def state(self) -> dict:
+        """The raw counters, JSON-ready: saved with a finished part of a run and merged on resume."""
+        return {"layer_ids": self.layer_ids, "executed": self.executed.tolist(), "tokens": self.tokens,
+                "flops": self.flops.tolist()}
+
+    def merge(self, state: dict) -> None:
+        """Add the counters of state() (same routed layers) as if its forwards had run here."""
+        if list(state["layer_ids"]) != self.layer_ids:
+            raise ValueError(f"execution statistics of routed layers {state['layer_ids']} cannot be merged "
+                             f"into {self.layer_ids}")
+        self.executed += np.asarray(state["executed"], dtype=np.float64)
+        self.tokens += int(state["tokens"])
+        self.flops += np.asarray(state["flops"], dtype=np.float64)
+
     def summary(self) -> dict:
         """Per-layer executed fraction, overall execution ratio, and routed / dense FLOPs."""
         tokens = max(self.tokens, 1)

@@ -135,6 +135,30 @@ def test_evaluate_tasks_on_fixed_items(model, monkeypatch):
     assert 0.0 < res["realized_ratio"] < 1.0 and 0.0 < res["flops_fraction"] < 1.0
 
 
+def test_evaluate_tasks_resumes_from_finished_tasks(model, monkeypatch):
+    """A run stopped after some tasks continues from their saved parts with the same totals."""
+    monkeypatch.setattr(E, "load_docs", lambda task, limit=None: [DOCS[task]] * 2)
+    tasks = ["arc_e", "boolq", "piqa"]
+    parts = {}
+    whole = E.evaluate_tasks(model, tasks, batch_size=3, theta=0.5, progress=False,
+                             on_task=lambda t, part: parts.setdefault(t, json.loads(json.dumps(part))))
+    assert list(parts) == tasks and all(parts[t]["stats"]["tokens"] > 0 for t in tasks)
+    real, scored = E.loglikelihood, []
+
+    def counting(m, tok, reqs, *a, desc="score", **k):
+        scored.append(desc)
+        return real(m, tok, reqs, *a, desc=desc, **k)
+
+    monkeypatch.setattr(E, "loglikelihood", counting)
+    again = E.evaluate_tasks(model, tasks, batch_size=3, theta=0.5, progress=False,
+                             done={t: parts[t] for t in tasks[:2]})
+    assert scored == ["piqa"]  # the finished tasks are not scored again
+    for key in ("tasks", "items", "tokens", "layer_ratio", "avg7"):
+        assert again.get(key) == whole.get(key), key
+    assert again["realized_ratio"] == pytest.approx(whole["realized_ratio"])
+    assert again["flops_fraction"] == pytest.approx(whole["flops_fraction"])
+
+
 def _eval_args(ckpt, *extra):
     p = argparse.ArgumentParser()
     E.add_eval_arguments(p)

@@ -230,6 +230,41 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path, fake_docs, monkeypatch
     assert state["step"] == 2
 
 
+def test_interrupted_eval_resumes_from_its_finished_tasks(tiny_dir, tmp_path, fake_docs, monkeypatch):
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path, methods=["qtale"]))
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "3", "--only", "train"))
+    for stage in ("calibrate", "quantize", "recalibrate"):
+        X.run_experiment(args_for(recipe, tmp_path, "--limit", "3", "--only", stage, "--resume"))
+    real, scored, killed = E.loglikelihood, [], []
+
+    def dying(m, tok, reqs, *a, desc="score", **k):
+        if desc == "boolq" and not killed:
+            killed.append(desc)
+            raise Killed  # stopped inside the second task of the first configuration
+        scored.append(desc)
+        return real(m, tok, reqs, *a, desc=desc, **k)
+
+    monkeypatch.setattr(E, "loglikelihood", dying)
+    args = ("--limit", "3", "--only", "eval", "--resume", "--configs", "qtale/int3/0.6")
+    with pytest.raises(Killed):
+        X.run_experiment(args_for(recipe, tmp_path, *args))
+    docs_eval = tmp_path / "docs" / "eval" / "tiny" / "harness-limit3"
+    assert [f.name for f in (docs_eval / "partial" / "qtale__int3__0.6").iterdir()] == ["arc_e.json.gz"]
+    assert scored == ["arc_e"] and killed == ["boolq"]
+    scored.clear()
+    X.run_experiment(args_for(recipe, tmp_path, *args))
+    assert scored == ["boolq"]  # arc_e came from its saved part
+    assert not (docs_eval / "partial" / "qtale__int3__0.6").exists()
+    resumed = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
+    (docs_eval / "qtale__int3__0.6.json.gz").unlink()
+    scored.clear()
+    X.run_experiment(args_for(recipe, tmp_path, *args))
+    assert scored == ["arc_e", "boolq"]
+    fresh = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
+    for key in ("tasks", "items", "tokens", "realized_ratio", "theta"):
+        assert resumed[key] == fresh[key], key
+
+
 def test_paired_difference_by_hand():
     a = {"arc_e": [{"idx": i, "acc_norm": v} for i, v in enumerate([1, 1, 0, 1])]}
     b = {"arc_e": [{"idx": i, "acc_norm": v} for i, v in enumerate([1, 0, 0, 0])]}
