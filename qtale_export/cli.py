@@ -52,6 +52,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    help="LoRA learning rate (default: --lr)")
     p.add_argument("--max-examples", type=arg(validate.positive_int, "--max-examples"), default=None)
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base model (FSDP2)")
+    p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="keep the distillation teacher's outputs per batch in DIR and reuse them (another "
+                        "method or a rerun on the same data, batch shape and seed skips the teacher's forward)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="base weights (bfloat16 for large models on GPUs; routers stay float32)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -399,7 +399,8 @@ def stage_train(run: Run) -> None:
         method = m
         if m == "reference":  # LoRA fine-tuned the same way, every layer wanted: no ratio/entropy pull
             method, kw["target_ratio"], kw["lambda1"], kw["lambda2"] = "dllm", 1.0, 0.0, 0.0
-        cfg = TrainConfig(model=run.r["model"], out=str(out), method=method, seed=run.r["seed"], **kw)
+        cfg = TrainConfig(model=run.r["model"], out=str(out), method=method, seed=run.r["seed"],
+                          teacher_cache=str(run.root / "teacher"), **kw)  # shared: both methods see the same batches
         resume = (out / STATE).is_file()
         run.say(f"  train {m}: {'resuming' if resume else 'starting'} ({t['steps']} steps) -> {out}")
         t0 = time.time()

@@ -22,6 +22,7 @@ from . import checkpoint, safe_write, validate
 from .data import Example, collate, load_examples
 from .errors import QtaleError
 from .routing import RoutedModel, RouterConfig
+from .teacher import TeacherCache
 
 STATE = "train_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -56,6 +57,7 @@ class TrainConfig:
     router_hidden: int = 64
     fsdp: bool = False  # shard the base model across processes (torchrun) instead of replicating it
     dtype: str = "float32"  # base weights: float32 | bfloat16 (large models on GPUs); routers stay fp32
+    teacher_cache: str | None = None  # folder keeping the distillation teacher's outputs per batch (teacher.py)
 
     def validate(self) -> None:
         if self.method not in ("qtale", "dllm"):
@@ -245,6 +247,14 @@ def ratio_reached(log: Path, target: float, tail: float = 0.1) -> dict | None:
             "within": abs(mean - target) <= RATIO_TOLERANCE, "tolerance": RATIO_TOLERANCE}
 
 
+def teacher_key(cfg: TrainConfig, model: RoutedModel, world: int) -> dict:
+    """What the teacher's output for (step, micro-batch, rank) depends on: base weights and dtype,
+    the data (by content), the batch shape and order. Not the routers, LoRA or loss weights."""
+    return {"base": getattr(model, "base_info", None) or cfg.model, "dtype": cfg.dtype, "data": data_digests(cfg.data),
+            "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "max_examples": cfg.max_examples, "seed": cfg.seed, "world": world, "torch": torch.__version__}
+
+
 # ---- the loop -------------------------------------------------------------------------------
 def batch_for(examples: list[Example], step: int, micro: int, cfg: TrainConfig, rank: int, world: int,
               pad_id: int) -> dict[str, torch.Tensor]:
@@ -321,6 +331,7 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
     if resume:
         load_optimizer_state(model, optimizer, torch.load(out / OPTIMIZER, weights_only=True, map_location="cpu"),
                              sharded)
+    teachers = TeacherCache(cfg.teacher_cache, teacher_key(cfg, model, world))
     model.train()
     started = time.time()
     losses: dict = {}
@@ -341,8 +352,7 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
             if loss_kind == "task":
                 main = o.loss
             else:
-                with torch.no_grad(), _adapters_off(model):
-                    teacher = model(b["input_ids"], attention_mask=b["attention_mask"], execute_all=True).logits
+                teacher = model.head(teachers.hidden(model, b, step, micro, rank))
                 main = distill_loss(o.logits, teacher, vf)
             r_loss = ratio_loss(o.gates, vf, cfg.target_ratio)
             ent = router_entropy(o.router_logits, vf)
@@ -377,16 +387,3 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
         torch.distributed.barrier()
     model.eval()
     return out
-
-
-class _adapters_off:
-    """Context: LoRA adapters disabled (the teacher is the untouched base), a no-op without LoRA."""
-
-    def __init__(self, model: RoutedModel):
-        self.ctx = model.base.disable_adapter() if hasattr(model.base, "disable_adapter") else None
-
-    def __enter__(self):
-        return self.ctx.__enter__() if self.ctx else None
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc) if self.ctx else None

@@ -66,6 +66,34 @@ def test_resume_continues_from_saved_step(tiny_dir, text_file, tmp_path, monkeyp
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_teacher_cache_is_shared_by_methods_and_exact(tiny_dir, text_file, tmp_path, monkeypatch):
+    """The second method on the same data runs no teacher forward and trains exactly as without the cache."""
+    from qtale_export import teacher as teacher_mod
+
+    calls = []
+    real = teacher_mod.teacher_hidden
+    monkeypatch.setattr(teacher_mod, "teacher_hidden", lambda m, b: calls.append(1) or real(m, b))
+    cache = tmp_path / "teacher"
+    kw = dict(steps=4, lora_rank=4, save_every=2)
+    train(cfg_for(tiny_dir, text_file, tmp_path / "qtale", teacher_cache=str(cache), **kw), progress=False)
+    assert len(calls) == 4
+    [folder] = [d for d in cache.iterdir() if d.is_dir()]
+    assert len(list(folder.glob("step*.pt"))) == 4 and (folder / "key.json").is_file()
+    calls.clear()
+    cached = train(cfg_for(tiny_dir, text_file, tmp_path / "dllm", method="dllm", teacher_cache=str(cache), **kw),
+                   progress=False)
+    assert calls == []  # every teacher output came from the cache
+    plain = train(cfg_for(tiny_dir, text_file, tmp_path / "plain", method="dllm", **kw), progress=False)
+    assert len(calls) == 4
+    for a, b in zip(log(cached), log(plain)):
+        assert a["distill_loss"] == b["distill_loss"] and a["realized_ratio"] == b["realized_ratio"]
+    ra, rb = checkpoint.load_routers(cached), checkpoint.load_routers(plain)
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)
+    calls.clear()  # another seed means other batches: another folder, computed afresh
+    train(cfg_for(tiny_dir, text_file, tmp_path / "seed2", seed=2, teacher_cache=str(cache), **kw), progress=False)
+    assert len(calls) == 4 and len([d for d in cache.iterdir() if d.is_dir()]) == 2
+
+
 def test_instruction_data_task_loss_with_lora(tiny_dir, tmp_path):
     data = tmp_path / "tiny.json"
     data.write_text(json.dumps([{"instruction": f"Is {i} even? Answer format: true/false", "input": "",
