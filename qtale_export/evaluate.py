@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .data import pad as pad_tokens
 from . import validate
 from .errors import QtaleError
-from .stats import ExecutionStats, flop_terms
+from .stats import ExecutionStats, flop_terms, mean_stderr
 from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
 from .validate import arg
 
@@ -279,16 +279,6 @@ def score_items(items: list[Item], lls: list[float]) -> list[dict]:
         out.append({"gold": it.gold, "lls": [round(v, 6) for v in ll], "pred": pred, "pred_norm": pred_norm,
                     "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold)})
     return out
-
-
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error with the sample standard deviation (as the harness reports)."""
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, 0.0
-    var = sum((v - m) ** 2 for v in values) / (n - 1)
-    return m, math.sqrt(var / n)
 
 
 def summarize(per_item: list[dict]) -> dict:

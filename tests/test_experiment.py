@@ -179,7 +179,7 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
 
     monkeypatch.setattr(train_mod, "train", boom)
     monkeypatch.setattr(calib_mod, "calibrate", boom)
-    monkeypatch.setattr(quant_mod, "run_quantize", boom)
+    monkeypatch.setattr(quant_mod, "quantize_checkpoint", boom)
     monkeypatch.setattr(E, "evaluate_tasks", boom)
     (docs / "results.json").unlink()
     t0 = time.time()
@@ -399,7 +399,7 @@ def test_configs_subset_reports_the_rest_as_pending(tiny_dir, tmp_path, fake_doc
 
 def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_path, fake_docs, monkeypatch):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
-    monkeypatch.setattr(X, "kept_dir", lambda run, m: tmp_path / "kept" / m)
+    monkeypatch.setattr(X.Run, "kept_dir", lambda run, m: tmp_path / "kept" / m)
     X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", "train"))
     X.run_experiment(args_for(recipe, tmp_path, "--only", "keep"))
     kept = tmp_path / "kept" / "qtale"
