@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .data import pad as pad_tokens
 from . import validate
 from .errors import QtaleError
+from .optional import require
 from .stats import ExecutionStats, flop_terms, mean_stderr
 from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
 from .validate import arg
@@ -428,10 +429,7 @@ def _check_args(args) -> list[str]:
     if folder.is_dir() and not any((folder / n).is_file() for n in ("manifest.json", "qtale.json", "config.json")):
         raise QtaleError(f"{folder} is not an export folder (no manifest.json), a QTALE checkpoint (no "
                          "qtale.json) or a model folder (no config.json)")
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise QtaleError("evaluation needs the 'datasets' package: pip install datasets") from None
+    require("datasets", "pip install datasets (evaluation reads the task data with it)", "the 'datasets' package")
     from .tasks import data_root
 
     data_root()

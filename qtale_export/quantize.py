@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from . import validate
 from .errors import QtaleError
+from .optional import require
 from .validate import arg
 
 FORMATS = {
@@ -112,14 +113,11 @@ def group_sizes(linears: dict[str, nn.Linear], fmt: str, requested: int | None) 
 
 # ---- modelopt ------------------------------------------------------------------------------
 def _modelopt():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import modelopt
-            import modelopt.torch.quantization as mtq
-    except ImportError:
-        raise QtaleError("quantization needs NVIDIA Model Optimizer: pip install nvidia-modelopt") from None
-    return modelopt, mtq
+    """(modelopt, modelopt.torch.quantization), imported only for the modelopt formats."""
+    with warnings.catch_warnings():  # its import warns about optional extensions it does not need here
+        warnings.simplefilter("ignore")
+        mtq = require("modelopt.torch.quantization", "pip install nvidia-modelopt", "NVIDIA Model Optimizer")
+    return require("modelopt", "pip install nvidia-modelopt", "NVIDIA Model Optimizer"), mtq
 
 
 def _quiet():
