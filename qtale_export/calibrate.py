@@ -1,11 +1,32 @@
 """Post-training ratio control: find theta per target execution ratio by bisection."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from tqdm import tqdm
 
 from .ratios import ratio_key
 from .routing import RoutedModel
+
+
+@dataclass
+class TextCalibration:
+    """The text theta is calibrated on and how closely (the defaults of `qtale calibrate` and recipes)."""
+    data: str | None = None  # a text or instruction JSON file; None: the package's calibration text
+    seq_len: int = 256
+    max_tokens: int = 4096
+    tol: float = 0.01
+
+
+def text_batches_for(tokenizer, setting: TextCalibration) -> tuple[list[dict], Path, int]:
+    """(batches, the text file, its token count) of a calibration setting."""
+    from .data import CALIBRATION_TEXT, text_batches
+
+    data = Path(setting.data) if setting.data else CALIBRATION_TEXT
+    batches = text_batches(data, tokenizer, setting.seq_len, 4, setting.max_tokens)
+    return batches, data, int(sum(int(b["attention_mask"].sum()) for b in batches))
 
 
 @torch.no_grad()

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from .data import pad as pad_tokens
 from . import validate
 from .errors import QtaleError
-from .stats import ExecutionStats, flop_terms
+from .optional import require
+from .stats import ExecutionStats, flop_terms, mean_stderr
 from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
 from .validate import arg
 
@@ -281,16 +282,6 @@ def score_items(items: list[Item], lls: list[float]) -> list[dict]:
     return out
 
 
-def mean_stderr(values: list[float]) -> tuple[float, float]:
-    """Mean and its standard error with the sample standard deviation (as the harness reports)."""
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, 0.0
-    var = sum((v - m) ** 2 for v in values) / (n - 1)
-    return m, math.sqrt(var / n)
-
-
 def summarize(per_item: list[dict]) -> dict:
     acc, acc_se = mean_stderr([p["acc"] for p in per_item])
     accn, accn_se = mean_stderr([p["acc_norm"] for p in per_item])
@@ -438,10 +429,7 @@ def _check_args(args) -> list[str]:
     if folder.is_dir() and not any((folder / n).is_file() for n in ("manifest.json", "qtale.json", "config.json")):
         raise QtaleError(f"{folder} is not an export folder (no manifest.json), a QTALE checkpoint (no "
                          "qtale.json) or a model folder (no config.json)")
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise QtaleError("evaluation needs the 'datasets' package: pip install datasets") from None
+    require("datasets", "pip install datasets (evaluation reads the task data with it)", "the 'datasets' package")
     from .tasks import data_root
 
     data_root()

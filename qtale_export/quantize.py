@@ -31,6 +31,7 @@ import hashlib
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn as nn
 
 from . import validate
 from .errors import QtaleError
+from .optional import require
 from .validate import arg
 
 FORMATS = {
@@ -111,14 +113,11 @@ def group_sizes(linears: dict[str, nn.Linear], fmt: str, requested: int | None) 
 
 # ---- modelopt ------------------------------------------------------------------------------
 def _modelopt():
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import modelopt
-            import modelopt.torch.quantization as mtq
-    except ImportError:
-        raise QtaleError("quantization needs NVIDIA Model Optimizer: pip install nvidia-modelopt") from None
-    return modelopt, mtq
+    """(modelopt, modelopt.torch.quantization), imported only for the modelopt formats."""
+    with warnings.catch_warnings():  # its import warns about optional extensions it does not need here
+        warnings.simplefilter("ignore")
+        mtq = require("modelopt.torch.quantization", "pip install nvidia-modelopt", "NVIDIA Model Optimizer")
+    return require("modelopt", "pip install nvidia-modelopt", "NVIDIA Model Optimizer"), mtq
 
 
 def _quiet():
@@ -407,10 +406,12 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--calib-data", default=None,
                         help="calibration text (.txt: one sample per paragraph/line) or instruction "
                              "JSON (LLM-Adapters records); default: the package's calibration text")
-    parser.add_argument("--calib-samples", type=arg(validate.positive_int, "--calib-samples"), default=64,
-                        help="calibration samples (default 64)")
-    parser.add_argument("--calib-length", type=arg(validate.positive_int, "--calib-length"), default=512,
-                        help="max tokens per sample (default 512)")
+    parser.add_argument("--calib-samples", type=arg(validate.positive_int, "--calib-samples"),
+                        default=QuantizeConfig.calib_samples,
+                        help="calibration samples (default %(default)s)")
+    parser.add_argument("--calib-length", type=arg(validate.positive_int, "--calib-length"),
+                        default=QuantizeConfig.calib_length,
+                        help="max tokens per sample (default %(default)s)")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
@@ -434,29 +435,42 @@ def read_calibration(path: str | Path | None, samples: int) -> tuple[list[str], 
     return texts[:samples], name
 
 
-def run_quantize(args) -> dict:
+@dataclass
+class QuantizeConfig:
+    """One quantization of a checkpoint (the defaults of `qtale quantize` and recipes)."""
+    format: str
+    group_size: int | None = None  # None: choose_group's rule per layer
+    calib_data: str | None = None  # None: the package's calibration text (AWQ only)
+    calib_samples: int = 64
+    calib_length: int = 512
+
+
+PROBE = "The weather today is calm, and the river runs slowly past the town."
+
+
+def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantizeConfig, *, verify: bool = True,
+                        force: bool = False) -> dict:
+    """Quantize the checkpoint (or model name) `source` into the new checkpoint folder `out`;
+    returns the quantization description plus "out". Written and verified beside `out` (the
+    reloaded checkpoint must reproduce the quantized logits exactly); it replaces an existing
+    `out` (force) only once complete."""
     from . import checkpoint, safe_write
     from .api import load
 
-    force = getattr(args, "force", False)
-    out = safe_write.check_output(args.out, force=force, sources=[args.checkpoint])  # before any work
-    model = load(args.checkpoint)
+    out = safe_write.check_output(out, force=force, sources=[source])  # before any work
+    model = load(source)
     if model.quantization_info:
-        raise QtaleError(f"{args.checkpoint} is already quantized ({model.quantization_info.get('format')})")
-    fmt = args.format
-    texts, source = ([], None)
-    if FORMATS.get(fmt, ("", 0, "", ""))[3] == "awq_lite":  # the others are round-to-nearest
-        texts, source = read_calibration(getattr(args, "calib_data", None), getattr(args, "calib_samples", 64))
-    info = quantize(model, fmt, texts, model.tokenizer, getattr(args, "group_size", None),
-                    calib_source=source, max_length=getattr(args, "calib_length", 512))
+        raise QtaleError(f"{source} is already quantized ({model.quantization_info.get('format')})")
+    texts, calib_source = ([], None)
+    if FORMATS.get(config.format, ("", 0, "", ""))[3] == "awq_lite":  # the others are round-to-nearest
+        texts, calib_source = read_calibration(config.calib_data, config.calib_samples)
+    info = quantize(model, config.format, texts, model.tokenizer, config.group_size,
+                    calib_source=calib_source, max_length=config.calib_length)
     result = {"out": str(out), **info}
-    # written and verified beside --out; it replaces an existing --out only once complete
-    sources = [args.checkpoint, getattr(model, "checkpoint_dir", None)]
-    with safe_write.staged(out, force=force, sources=sources) as tmp:
+    with safe_write.staged(out, force=force, sources=[source, getattr(model, "checkpoint_dir", None)]) as tmp:
         checkpoint.save(model, tmp, quantization=info, extra_tensors=quantizer_tensors(model))
-        if not getattr(args, "no_verify", False):
-            probe = model.tokenizer(["The weather today is calm, and the river runs slowly past the town."],
-                                    return_tensors="pt")
+        if verify:
+            probe = model.tokenizer([PROBE], return_tensors="pt")
             with torch.no_grad():
                 ref = model(probe.input_ids, execute_all=True).logits
                 again = load(tmp)(probe.input_ids, execute_all=True).logits
@@ -464,9 +478,20 @@ def run_quantize(args) -> dict:
                 raise QtaleError(f"reloading {out} does not reproduce the quantized logits "
                                  f"(max diff {(ref - again).abs().max().item():.3g}); nothing was written")
             result["verified_identical_logits"] = True
+    return result
+
+
+def run_quantize(args) -> dict:
+    """`qtale quantize`: the arguments as a QuantizeConfig, one summary line unless --json."""
+    config = QuantizeConfig(format=args.format, group_size=getattr(args, "group_size", None),
+                            calib_data=getattr(args, "calib_data", None),
+                            calib_samples=getattr(args, "calib_samples", QuantizeConfig.calib_samples),
+                            calib_length=getattr(args, "calib_length", QuantizeConfig.calib_length))
+    result = quantize_checkpoint(args.checkpoint, args.out, config, verify=not getattr(args, "no_verify", False),
+                                 force=getattr(args, "force", False))
     if not getattr(args, "json", False):
-        wb = info["weight_bytes"]
-        print(f"{out}: {fmt} ({info['quantizer']}, {info['algorithm']}), groups {info['group_size']}, "
-              f"{wb['quantized'] / 2**20:.2f} MiB vs {wb['fp16'] / 2**20:.2f} MiB fp16 "
+        wb = result["weight_bytes"]
+        print(f"{result['out']}: {config.format} ({result['quantizer']}, {result['algorithm']}), groups "
+              f"{result['group_size']}, {wb['quantized'] / 2**20:.2f} MiB vs {wb['fp16'] / 2**20:.2f} MiB fp16 "
               f"({wb['bits_per_weight']} bits/weight)")
     return result

@@ -176,21 +176,35 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: str | os.PathLike, data: dict, indent: int | None = 2) -> None:
-    """Write JSON through a temporary file in the same folder and a rename (readers see old or new)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), dir=path.parent)
+@contextlib.contextmanager
+def temporary(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A new empty file beside `target`, named after it and this process (so a killed run's is swept);
+    removed on exit unless the block moved it into place."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(target), suffix=suffix, dir=target.parent)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent, sort_keys=False)
-            f.write("\n")
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write through a temporary file in the same folder, fsync and rename (readers see old or new)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with temporary(path) as tmp:
+        with open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_json(path: str | os.PathLike, data: dict, indent: int | None = 2) -> None:
+    """JSON through write_bytes (readers see the old or the new file, never a part)."""
+    write_bytes(path, (json.dumps(data, indent=indent, sort_keys=False) + "\n").encode())
 
 
 @contextlib.contextmanager

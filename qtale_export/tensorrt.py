@@ -17,7 +17,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from qtale_export.checkpoint import file_sha256
 from qtale_export.errors import QtaleError
 from qtale_export.export.manifest import write_manifest
-from qtale_export.safe_write import tmp_prefix
+from qtale_export.safe_write import write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 GRAPHS = ("prefill", "decode")
@@ -298,27 +297,11 @@ def build_engine_bytes(plan: BuildPlan) -> tuple[bytes, str]:
     if serialized is None:
         raise QtaleError("TensorRT engine build failed (see the TensorRT log above); try a smaller --max-tokens")
     if cache is not None:
-        atomic_write_bytes(plan.timing_cache, bytes(cache.serialize()))
+        write_bytes(plan.timing_cache, bytes(cache.serialize()))
     return bytes(serialized), trt.__version__
 
 
 # ---- manifest bookkeeping -----------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".tmp", dir=path.parent)  # pid-tagged: swept
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision: str,
@@ -370,7 +353,7 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
     sm = JETSON_ORIN_SM if args.jetson else gpu_sm()
     check_fp8(plan.precision, plan.jetson, sm)
     engine, version = build_engine_bytes(plan)
-    atomic_write_bytes(plan.engine_path, engine)
+    write_bytes(plan.engine_path, engine)
     return record_engine(plan.export_dir, plan.engine_path, graph=plan.graph, precision=plan.precision,
                          tensorrt_version=version, sm=sm, plugin_lib=plan.plugin_lib, batch=plan.batch,
                          tokens=plan.tokens, jetson=plan.jetson, strongly_typed=plan.strongly_typed,

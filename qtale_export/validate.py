@@ -53,58 +53,45 @@ def ratios(value, what: str = "--ratios") -> list[float]:
     return [ratio(v, what) for v in items]
 
 
-def theta(value, what: str = "theta") -> float:
-    """A router threshold in [0, 1]: a layer runs iff P(execute) >= theta."""
-    x = number(value, what)
-    if not 0.0 <= x <= 1.0:
-        raise QtaleError(f"{what} must be in [0, 1], got {value}")
+def _within(value, what: str, parse: Callable, ok: Callable[[float], bool], rule: str):
+    """`parse(value, what)` if `ok` holds for it, else QtaleError("<what> <rule>, got <value>")."""
+    x = parse(value, what)
+    if not ok(x):
+        raise QtaleError(f"{what} {rule}, got {value}")
     return x
 
 
+def theta(value, what: str = "theta") -> float:
+    """A router threshold in [0, 1]: a layer runs iff P(execute) >= theta."""
+    return _within(value, what, number, lambda x: 0.0 <= x <= 1.0, "must be in [0, 1]")
+
+
 def positive_int(value, what: str = "value") -> int:
-    n = integer(value, what)
-    if n < 1:
-        raise QtaleError(f"{what} must be a positive integer, got {value}")
-    return n
+    return _within(value, what, integer, lambda n: n >= 1, "must be a positive integer")
 
 
 def nonnegative_int(value, what: str = "value") -> int:
-    n = integer(value, what)
-    if n < 0:
-        raise QtaleError(f"{what} must be >= 0, got {value}")
-    return n
+    return _within(value, what, integer, lambda n: n >= 0, "must be >= 0")
 
 
 def positive(value, what: str = "value") -> float:
     """A finite float > 0 (learning rate, tolerance, tau)."""
-    x = number(value, what)
-    if x <= 0:
-        raise QtaleError(f"{what} must be > 0, got {value}")
-    return x
+    return _within(value, what, number, lambda x: x > 0, "must be > 0")
 
 
 def nonnegative(value, what: str = "value") -> float:
     """A finite float >= 0 (weight decay, loss weights)."""
-    x = number(value, what)
-    if x < 0:
-        raise QtaleError(f"{what} must be >= 0, got {value}")
-    return x
+    return _within(value, what, number, lambda x: x >= 0, "must be >= 0")
 
 
 def probability(value, what: str = "probability") -> float:
     """A probability in (0, 1] (top-p)."""
-    x = number(value, what)
-    if not 0.0 < x <= 1.0:
-        raise QtaleError(f"{what} must be in (0, 1], got {value}")
-    return x
+    return _within(value, what, number, lambda x: 0.0 < x <= 1.0, "must be in (0, 1]")
 
 
 def temperature(value, what: str = "temperature") -> float:
     """A sampling temperature: finite and >= 0 (0 = greedy)."""
-    x = number(value, what)
-    if x < 0:
-        raise QtaleError(f"{what} must be >= 0 (0 = greedy), got {value}")
-    return x
+    return _within(value, what, number, lambda x: x >= 0, "must be >= 0 (0 = greedy)")
 
 
 def path(value, what: str = "path") -> str:

@@ -179,7 +179,7 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
 
     monkeypatch.setattr(train_mod, "train", boom)
     monkeypatch.setattr(calib_mod, "calibrate", boom)
-    monkeypatch.setattr(quant_mod, "run_quantize", boom)
+    monkeypatch.setattr(quant_mod, "quantize_checkpoint", boom)
     monkeypatch.setattr(E, "evaluate_tasks", boom)
     (docs / "results.json").unlink()
     t0 = time.time()
@@ -263,6 +263,22 @@ def test_interrupted_eval_resumes_from_its_finished_tasks(tiny_dir, tmp_path, fa
     fresh = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
     for key in ("tasks", "items", "tokens", "realized_ratio", "theta"):
         assert resumed[key] == fresh[key], key
+
+
+def test_configs_are_evaluated_in_the_order_asked(tiny_dir, tmp_path, fake_docs, capsys):
+    """--configs order wins over sharing a model load: interleaved sources are loaded again."""
+    r = tiny_recipe(tiny_dir, tmp_path, methods=["qtale"])
+    r["eval"]["baselines"] = ["layer-drop"]  # on the same quantized base as quant-only
+    recipe = write_recipe(tmp_path, r)
+    for stage in ("train", "calibrate", "quantize", "recalibrate"):
+        X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", stage,
+                                  *(["--resume"] if stage != "train" else [])))
+    capsys.readouterr()
+    order = ["quant-only/int3", "qtale/int3/0.6", "layer-drop/int3/0.6"]
+    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", "eval", "--resume",
+                              "--configs", ",".join(order)))
+    said = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("eval ")]
+    assert said == order
 
 
 def test_paired_difference_by_hand():
@@ -399,7 +415,7 @@ def test_configs_subset_reports_the_rest_as_pending(tiny_dir, tmp_path, fake_doc
 
 def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_path, fake_docs, monkeypatch):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
-    monkeypatch.setattr(X, "kept_dir", lambda run, m: tmp_path / "kept" / m)
+    monkeypatch.setattr(X.Run, "kept_dir", lambda run, m: tmp_path / "kept" / m)
     X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", "train"))
     X.run_experiment(args_for(recipe, tmp_path, "--only", "keep"))
     kept = tmp_path / "kept" / "qtale"

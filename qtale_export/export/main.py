@@ -103,7 +103,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
 
     from . import graphs
     from .manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
-    from .precision import activation_dtype, make_weight_fn, matmul_nbits_block, to_matmul_nbits
+    from .precision import activation_dtype, int4_group, int4_group_sizes, make_weight_fn
     from .trt_conformance import check as check_tensorrt_conformance
     from .verify import store_reference, verify_export
     from .weights import SharedWeights
@@ -133,9 +133,6 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
             for kind, build in builders:
                 m = build(w, ops, int(opset), act, weight_fn)
-                if precision == "int4" and target == "ort-cpu":
-                    ks = sorted({s.hidden, s.heads * s.head_dim, w.tensors["layers.0.down_proj.weight"].shape[1]})
-                    m = to_matmul_nbits(m, ks)
                 onnx.checker.check_model(m)
                 name = f"{kind}.onnx"
                 described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
@@ -169,10 +166,11 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
                                   "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
                       "embedding": "int4" if ort_form and precision == "int4" else "float",
-                      "int4_block": (matmul_nbits_block([s.hidden, s.heads * s.head_dim]) if precision == "int4"
-                                     else None),
-                      # a quantized checkpoint keeps its own groups per layer type (qtale quantize)
-                      "group_sizes": (model.quantization_info or {}).get("group_size")},
+                      # the int4 embedding / LM-head table's block (int4 ort-cpu exports only)
+                      "int4_block": int4_group(s.hidden, "embedding") if ort_form and precision == "int4" else None,
+                      # group size per layer type: a quantized checkpoint's own, or quantize's rule (int4)
+                      "group_sizes": ((model.quantization_info or {}).get("group_size")
+                                      or (int4_group_sizes(w) if precision == "int4" else None))},
             "files": checksums(tmp),
             "unchecked": BYPRODUCTS,
             "engines": [],

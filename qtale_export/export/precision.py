@@ -1,23 +1,29 @@
-"""Weight precision policies: fp32, fp16, weight-only INT4/INT8/FP8 Q/DQ, and ORT MatMulNBits.
+"""Weight precision policies: how each precision's weights are lowered into ONNX.
 
 Only decoder projections (q/k/v/o, gate/up/down) are quantized; routers stay fp32, embeddings, norms
-and lm_head stay in the activation dtype. The DequantizeLinear forms are what TensorRT consumes:
-INT4 blocked along the input dim (block 128 where it divides, else 64, else 32; opset 21),
-INT8 and FP8 (E4M3FN) per output channel, all symmetric (no zero point). For ONNX Runtime on CPU
-INT4 becomes onnxruntime's MatMulNBits, made by onnxruntime's own MatMulNBitsQuantizer.
+and lm_head stay in the activation dtype (an int4 `ort-cpu` export stores the embedding / LM head as
+one int4 table, `int4_table`). The grids are quantize's (`qtale_export.quantize` owns formats, grids
+and group sizes); this module only lowers them:
 
-Quantized checkpoints (`qtale quantize`) are not re-quantized: `checkpoint_grid` recomputes the
-checkpoint's own integer codes and scales exactly as the PyTorch model applies them (modelopt:
-codes = clamp(round(w * qmax/amax), +-qmax) per block/channel, FP8: e4m3(w * 448/amax); INT3
-"qtale-rtn": the stored scales), and those codes are lowered as they are: INT4/INT3 into blocked
-DequantizeLinear (tensorrt) or MatMulNBits packed here (ort-cpu, block = the checkpoint's group
-size), INT8/FP8 into per-channel DequantizeLinear. AWQ's pre_quant_scale becomes a Mul on the input.
+* a quantized checkpoint (`qtale quantize`): `checkpoint_grid` recomputes the checkpoint's own
+  integer codes and scales exactly as the PyTorch model applies them (modelopt: codes =
+  clamp(round(w * qmax/amax), +-qmax) per group/channel, FP8: e4m3(w * 448/amax); INT3 "qtale-rtn":
+  the stored scales), never re-quantized.
+* a float checkpoint at int4: `float_int4_grid`, quantize's symmetric group-wise round-to-nearest
+  (`quantize.rtn_codes` at 4 bits, group size by `quantize.choose_group`: 128 where it divides the
+  input dimension, else 64) -- the grid `qtale quantize --format int3` uses at 3 bits, the same rule
+  for both targets; a dimension neither divides is refused with a hint to quantize first.
+* a float checkpoint at int8 / fp8: per-output-channel absmax scales (`quantize_weight`), the grid of
+  modelopt's `max` calibration that `qtale quantize --format int8/fp8` applies.
+
+Lowering: INT4/INT3 codes into blocked DequantizeLinear (tensorrt; opset 21) or MatMulNBits packed
+here (ort-cpu, block = the group size), INT8/FP8 into per-channel DequantizeLinear, all symmetric (no
+zero point). AWQ's pre_quant_scale becomes a Mul on the input.
 """
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-import onnx
 
 from ..errors import QtaleError
 from .graphs import MS_DOMAIN, Builder, quantizable
@@ -35,44 +41,15 @@ def min_opset(precision: str) -> int:
     return {"int4": 21, "fp8": 19}.get(precision, 18)
 
 
-def int4_block(k: int) -> int | None:
-    for bs in (128, 64, 32):
-        if k % bs == 0:
-            return bs
-    return None
-
-
-def matmul_nbits_block(ks) -> int:
-    for bs in (128, 64, 32):
-        if all(k % bs == 0 for k in ks):
-            return bs
-    return 32
-
-
 def _scale_from(absmax: np.ndarray, qmax: float) -> np.ndarray:
     s = (absmax / qmax).astype(np.float32)
     return np.where(s > 0, s, np.float32(1.0)).astype(np.float32)
 
 
 def quantize_weight(wt: np.ndarray, precision: str, amax: np.ndarray | None = None):
-    """wt [K, N] fp32 -> (q, scale, DequantizeLinear attrs, dequantized fp32 [K, N])."""
-    k, n = wt.shape
-    if precision == "int4":
-        bs = int4_block(k)
-        if bs is None:  # per output channel
-            absmax = np.abs(wt).max(0, keepdims=True)
-            scale = _scale_from(absmax, 7.0)
-            attrs = {"axis": 1}
-            q = np.clip(np.rint(wt / scale), -8, 7)
-            return q.astype(ml_dtypes.int4), scale[0], attrs, q.astype(np.float32) * scale
-        blocks = wt.reshape(k // bs, bs, n)
-        absmax = np.abs(blocks).max(1)  # [K/bs, N]
-        if amax is not None and amax.size == absmax.size:
-            absmax = amax.reshape(n, k // bs).T.astype(np.float32)  # modelopt: [N * K/bs] row-major per out
-        scale = _scale_from(absmax, 7.0)
-        full = np.repeat(scale, bs, axis=0)
-        q = np.clip(np.rint(wt / full), -8, 7)
-        return q.astype(ml_dtypes.int4), scale, {"axis": 0, "block_size": bs}, q.astype(np.float32) * full
+    """wt [K, N] fp32 -> (q, scale, DequantizeLinear attrs, dequantized fp32 [K, N]) per output
+    channel (int8, fp8); `amax` (a modelopt weight quantizer's) replaces the weight's own absmax."""
+    n = wt.shape[1]
     absmax = np.abs(wt).max(0)  # per output channel [N]
     if amax is not None and amax.size == n:
         absmax = amax.reshape(n).astype(np.float32)
@@ -85,6 +62,29 @@ def quantize_weight(wt: np.ndarray, precision: str, amax: np.ndarray | None = No
         q = np.clip(wt / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
         return q, scale, {"axis": 1}, q.astype(np.float32) * scale
     raise QtaleError(f"unknown weight quantization '{precision}'")
+
+
+def int4_group(k: int, name: str) -> int:
+    """quantize's group size for an input dimension `k` (128 where it divides, else 64), or a hint."""
+    from ..quantize import choose_group
+
+    try:
+        return choose_group(k, None, name)
+    except QtaleError:
+        raise QtaleError(f"{name}: no int4 group size of 128 or 64 divides its input dimension {k}; "
+                         "run qtale quantize --format int4-awq --group-size N first") from None
+
+
+def float_int4_grid(w: np.ndarray, name: str) -> dict:
+    """The int4 grid of a float W [N, K]: quantize's round-to-nearest with its group-size rule, as a
+    grid for `_lower_grid` and `int4_table` (see the module doc)."""
+    import torch
+
+    from ..quantize import rtn_codes
+
+    group = int4_group(w.shape[1], name)
+    codes, scale = rtn_codes(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), 4, group)
+    return {"codes": codes.numpy(), "scale": scale.numpy(), "block": group, "bits": 4, "fp8": False}
 
 
 # ---- quantized checkpoints: the checkpoint's own grid -----------------------------------------
@@ -162,16 +162,24 @@ def pack_matmul_nbits(codes: np.ndarray, block: int) -> np.ndarray:
 
 def int4_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """An embedding / LM head table W [V, K] fp32 -> (uint8 [V, K/2], fp32 scales [V, K/block], block):
-    symmetric round-to-nearest 4 bit per block of K, packed as MatMulNBits and GatherBlockQuantized
+    quantize's 4-bit round-to-nearest grid along K (`float_int4_grid`), packed as MatMulNBits and GatherBlockQuantized
     both read it (code + 8, low nibble first), so one copy serves the gather and the LM head."""
     v, k = w.shape
-    bs = matmul_nbits_block([k])
-    if k % bs:
-        raise QtaleError(f"hidden size {k} is not a multiple of 32: no int4 table")
-    blocks = w.reshape(v, k // bs, bs)
-    scale = _scale_from(np.abs(blocks).max(-1), 7.0)  # [V, K/bs]
-    codes = np.clip(np.rint(blocks / scale[..., None]), -8, 7).reshape(v, k)
-    return pack_matmul_nbits(codes, bs).reshape(v, k // 2), scale, bs
+    grid = float_int4_grid(w, "embedding")
+    return pack_matmul_nbits(grid["codes"], grid["block"]).reshape(v, k // 2), grid["scale"], grid["block"]
+
+
+def int4_group_sizes(weights) -> dict[str, int]:
+    """Group size per layer type of a float checkpoint's int4 export (quantize's rule, keyed as
+    `qtale quantize` records it: {"self_attn.q_proj": 64, ...})."""
+    parents = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    out = {}
+    for key, w in weights.tensors.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[0] == "layers" and parts[3] == "weight" and parts[2] in parents:
+            out.setdefault(f"{parents[parts[2]]}.{parts[2]}", int4_group(w.shape[1], key))
+    return out
 
 
 def _lower_grid(b: Builder, x: str, name: str, grid: dict, target: str) -> str:
@@ -206,16 +214,21 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
     it comes from `qtale quantize` (entries with "format") the checkpoint's grid is lowered as is."""
     quantized = quantized or {}
     act = np.dtype(activation_dtype(precision))
-    dq_form = precision in ("int8", "fp8") or (precision == "int4" and target == "tensorrt")
     fmts = {e["format"] for e in quantized.values() if "format" in e}
     if fmts:
         fams = {FORMAT_PRECISION.get(f) for f in fmts}
         if fams != {precision}:
             raise QtaleError(f"the checkpoint is quantized to {'/'.join(sorted(fmts))}; export it with "
                              f"--precision {'/'.join(sorted(str(f) for f in fams))}, not {precision}")
+    elif precision == "int4" and quantized:
+        raise QtaleError("the model carries modelopt weight quantizers but no quantization description; "
+                         "quantize it with qtale quantize and export that checkpoint")
 
     def fn(b: Builder, x: str, name: str, w: np.ndarray) -> str:
-        if fmts and quantizable(name):
+        if not quantizable(name) or precision in ("fp32", "fp16"):
+            return b.op("MatMul", [x, b.init(f"{name}.weight_t", np.ascontiguousarray(w.T).astype(act))],
+                        name=f"{name}/MatMul")
+        if fmts:
             entry = quantized.get(name)
             if entry is None:
                 raise QtaleError(f"the quantized checkpoint has no quantizer state for {name}")
@@ -224,44 +237,12 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
                 x = b.op("Mul", [x, b.init(f"{name}.pre_quant_scale", np.asarray(pqs, act).reshape(-1))],
                          name=f"{name}/PreQuantScale")
             return _lower_grid(b, x, name, checkpoint_grid(w, entry), target)
-        wt = np.ascontiguousarray(w.T)
-        node = f"{name}/MatMul"
-        if dq_form and quantizable(name):
-            amax = quantized.get(name, {}).get("amax")
-            q, scale, attrs, _ = quantize_weight(wt, precision, amax)
-            qn = b.init(f"{name}.weight_q", q)
-            sn = b.init(f"{name}.weight_scale", scale)
-            deq = b.op("DequantizeLinear", [qn, sn], name=f"{name}/DequantizeLinear", **attrs)
-            return b.op("MatMul", [x, deq], name=node)
-        wn = b.init(f"{name}.weight_t", wt.astype(act))
-        return b.op("MatMul", [x, wn], name=node)
+        if precision == "int4":
+            return _lower_grid(b, x, name, float_int4_grid(w, name), target)
+        q, scale, attrs, _ = quantize_weight(np.ascontiguousarray(w.T), precision, quantized.get(name, {}).get("amax"))
+        deq = b.op("DequantizeLinear", [b.init(f"{name}.weight_q", q), b.init(f"{name}.weight_scale", scale)],
+                   name=f"{name}/DequantizeLinear", **attrs)
+        return b.op("MatMul", [x, deq], name=f"{name}/MatMul")
 
     fn.fusable = not fmts  # a quantized checkpoint's grids are lowered per projection
     return fn
-
-
-def to_matmul_nbits(model: onnx.ModelProto, ks: list[int]) -> onnx.ModelProto:
-    """Replace the decoder projections' MatMuls by MatMulNBits (4 bit, symmetric) with ORT's tool."""
-    import logging
-
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-    nodes = [n.name for n in model.graph.node
-             if n.op_type == "MatMul" and quantizable(n.name.rsplit("/", 1)[0])]
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
-    if not nodes and any(n.op_type == "MatMulNBits" for n in model.graph.node):
-        return model  # a quantized checkpoint's grid, lowered by make_weight_fn already
-    block = matmul_nbits_block(ks)
-    level = logging.getLogger().level
-    try:
-        cfg = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4)
-        q = mnq.MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
-        q.process()
-    finally:
-        logging.getLogger().setLevel(level)
-    out = q.model.model
-    left = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name in nodes]
-    left += [n.name for n in out.graph.node if n.op_type == "MatMulNBits" and n.name.split("/")[0] + "/MatMul" in others]
-    if left:
-        raise QtaleError(f"MatMulNBits quantization skipped {len(left)} projections (e.g. {left[0]})")
-    return out

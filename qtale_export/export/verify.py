@@ -149,6 +149,38 @@ def _split_fused(weights: dict, layers) -> dict:
     return out
 
 
+def _tally_decode(dcase: dict, status: str, step: dict) -> bool:
+    """Add one compared decode step to `dcase`; False when the walk stops there (a mismatch or a
+    tie: the two sides would decode different tokens from then on)."""
+    if status != "ok":
+        dcase["stopped"] = status
+        dcase.update({k: v for k, v in step.items() if "exec" in k or "ties" in k})
+        return False
+    dcase["max_abs_diff"] = max(dcase["max_abs_diff"], step["decode_max_abs_diff"])
+    dcase["top1"].append(step["decode_top1"])
+    dcase["steps"] += 1
+    return True
+
+
+def _close_case(case: dict, dcase: dict, prefill_ok: bool) -> dict:
+    """The case with its decode walk; ok when prefill passed and decode did not stop on a mismatch."""
+    dcase["top1"] = float(np.mean(dcase["top1"])) if dcase["top1"] else None
+    case["decode"] = dcase
+    case["ok"] = bool(prefill_ok and dcase.get("stopped", "tie") == "tie")
+    return case
+
+
+def _agreement(cases: list[dict]) -> dict:
+    """The report's summary over every case: worst difference, top-1 and exec-mask agreement, ties."""
+    diffs = [c["max_abs_diff"] for c in cases if c.get("max_abs_diff") is not None]
+    diffs += [c["decode"]["max_abs_diff"] for c in cases if c["decode"]["steps"]]
+    top1 = [c["top1"] for c in cases if c.get("top1") is not None]
+    return {"max_abs_diff": float(max(diffs)) if diffs else None,
+            "top1_agreement": float(min(top1)) if top1 else None,
+            "exec_mask_agreement": float(min(c["exec_agreement"] for c in cases)),
+            "tie_cases": int(sum(1 for c in cases if c.get("ties") or c["decode"].get("stopped") == "tie"))}
+
+
 def _thetas(manifest: dict, extra=None) -> list[float]:
     out = [0.0, float(manifest["theta"]), 0.3, 0.7] + list(extra or [])
     seen = []
@@ -215,25 +247,13 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
             step = {}
             st = _compare(step, "decode", od, rd, np.ones((ids.shape[0], 1), bool), routed, th, tie,
                           atol, rtol, MIN_TOP1[precision], new_only=True)
-            if st != "ok":
-                dcase["stopped"] = st
-                dcase.update({k: v for k, v in step.items() if "exec" in k or "ties" in k})
-                ok_case = ok_case and st == "tie"
+            if not _tally_decode(dcase, st, step):
                 break
-            dcase["max_abs_diff"] = max(dcase["max_abs_diff"], step["decode_max_abs_diff"])
-            dcase["top1"].append(step["decode_top1"])
-            dcase["steps"] += 1
             feeds = {f"past.{i}.{kv}": od[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
             feeds["past_exec"] = od["exec_mask"]
             past_t = rd.past_key_values
             nxt = rd.logits[:, -1].argmax(-1, keepdim=True)
-        dcase["top1"] = float(np.mean(dcase["top1"])) if dcase["top1"] else None
-        case["decode"] = dcase
-        case["ok"] = bool(ok_case)
-        cases.append(case)
-    diffs = [c["max_abs_diff"] for c in cases if c.get("max_abs_diff") is not None]
-    diffs += [c["decode"]["max_abs_diff"] for c in cases if c["decode"]["steps"]]
-    top1 = [c["top1"] for c in cases if c.get("top1") is not None]
+        cases.append(_close_case(case, dcase, ok_case))
     report = {
         "ok": all(c["ok"] for c in cases),
         "precision": precision, "ops": manifest["ops"],
@@ -243,10 +263,7 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
                       else "pytorch fp32"),
         "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": MIN_TOP1[precision]},
         "prompts": int(ids.shape[0]), "tokens": int(mask.sum()), "decode_steps": decode_steps,
-        "max_abs_diff": float(max(diffs)) if diffs else None,
-        "top1_agreement": float(min(top1)) if top1 else None,
-        "exec_mask_agreement": float(min(c["exec_agreement"] for c in cases)),
-        "tie_cases": int(sum(1 for c in cases if c.get("ties") or c["decode"].get("stopped") == "tie")),
+        **_agreement(cases),
         "cases": cases,
     }
     return report
@@ -468,21 +485,8 @@ def verify_with_polygraphy(folder, *, thetas=None, decode_steps: int | None = No
             st = compare(step, "decode", out, run["outputs"], run["prob"], ones, routed, c["theta"], tie, atol,
                          rtol, min_top1, new_only=True,
                          logits_ok=_polygraphy_close(runners["decode"][0].name, out, run["outputs"], ones, True))
-            if st != "ok":
-                dcase["stopped"] = st
-                dcase.update({k: v for k, v in step.items() if "exec" in k or "ties" in k})
-                ok_case = ok_case and st == "tie"
-                continue
-            dcase["max_abs_diff"] = max(dcase["max_abs_diff"], step["decode_max_abs_diff"])
-            dcase["top1"].append(step["decode_top1"])
-            dcase["steps"] += 1
-        dcase["top1"] = float(np.mean(dcase["top1"])) if dcase["top1"] else None
-        case["decode"] = dcase
-        case["ok"] = bool(ok_case)
-        report_cases.append(case)
-    diffs = [c["max_abs_diff"] for c in report_cases if c.get("max_abs_diff") is not None]
-    diffs += [c["decode"]["max_abs_diff"] for c in report_cases if c["decode"]["steps"]]
-    top1 = [c["top1"] for c in report_cases if c.get("top1") is not None]
+            _tally_decode(dcase, st, step)
+        report_cases.append(_close_case(case, dcase, ok_case))
     first = cases[0]["runs"][0]["feeds"]["attention_mask"]
     return {
         "ok": all(c["ok"] for c in report_cases),
@@ -492,9 +496,6 @@ def verify_with_polygraphy(folder, *, thetas=None, decode_steps: int | None = No
                      "runners": [r.name for r, _ in runners.values()]},
         "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": min_top1},
         "prompts": int(first.shape[0]), "tokens": int(first.sum()), "decode_steps": int(n_steps),
-        "max_abs_diff": float(max(diffs)) if diffs else None,
-        "top1_agreement": float(min(top1)) if top1 else None,
-        "exec_mask_agreement": float(min(c["exec_agreement"] for c in report_cases)),
-        "tie_cases": int(sum(1 for c in report_cases if c.get("ties") or c["decode"].get("stopped") == "tie")),
+        **_agreement(report_cases),
         "cases": report_cases,
     }

@@ -1,0 +1,409 @@
+"""The results: paired statistics, the headline, and their renderings (results.md, results.png,
+the console table and the README block). Reads the eval stage's files; writes nothing but the plot
+and the README it is given."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+from .. import safe_write
+from ..errors import QtaleError
+from ..ratios import ratio_key
+from ..stats import mean_stderr
+from .layout import Run, configurations, read_json, write_text
+
+SCHEMA = "qtale-results/1"
+CLOSE_POINTS = 0.5  # "gap closed": within 0.5 accuracy points of the quant-only all-layers model
+HEADLINE_MAX_RATIO = 0.7  # the claim: QTALE+INT4 within CLOSE_POINTS of INT4 all-layers at ratio <= 0.7
+
+
+# ---- statistics ------------------------------------------------------------------------------
+def paired(items_a: dict, items_b: dict, tasks: list[str]) -> dict:
+    """Paired difference a - b of the primary metric on the same items, per task and averaged."""
+    from ..tasks import PRIMARY
+
+    per = {}
+    for t in tasks:
+        metric = PRIMARY[t]
+        a = {it["idx"]: it[metric] for it in items_a.get(t, [])}
+        b = {it["idx"]: it[metric] for it in items_b.get(t, [])}
+        common = sorted(set(a) & set(b))
+        diff, stderr = mean_stderr([a[i] - b[i] for i in common])
+        per[t] = {"diff": diff, "stderr": stderr, "n": len(common), "metric": metric}
+    diffs = [per[t]["diff"] for t in tasks]
+    avg = {"diff": sum(diffs) / len(diffs), "stderr": math.sqrt(sum(per[t]["stderr"] ** 2 for t in tasks)) / len(tasks)}
+    return {"tasks": per, "avg": avg}
+
+
+def _summary(res: dict, tasks: list[str]) -> dict:
+    from ..tasks import AVG7, PRIMARY
+
+    prim = [res["tasks"][t][PRIMARY[t]] for t in tasks]
+    ses = [res["tasks"][t][PRIMARY[t] + "_stderr"] for t in tasks]
+    out = {"avg": sum(prim) / len(prim), "avg_stderr": math.sqrt(sum(s * s for s in ses)) / len(ses),
+           "avg_tasks": len(tasks)}
+    if all(t in tasks for t in AVG7):
+        out["avg7"] = sum(res["tasks"][t][PRIMARY[t]] for t in AVG7) / len(AVG7)
+    return out
+
+
+RESULT_FIELDS = ("realized_ratio", "flops_fraction", "tokens", "ppl", "nll", "kl", "ppl_tokens",
+                 "ppl_realized_ratio", "ppl_flops_fraction", "kl_reference", "seconds", "seconds_total")
+
+
+def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
+    """Every configuration's result (without per-item scores) and the per-item scores by id."""
+    tasks = run.r["eval"]["tasks"]
+    results, items = [], {}
+    cfgs = configurations(run)
+    raw = {}
+    for c in cfgs:
+        if c.get("same_as"):
+            continue
+        path = run.eval_file(c["id"])
+        if path.is_file():
+            raw[c["id"]] = read_json(path)
+    if not raw:
+        raise QtaleError(f"no evaluation results in {run.eval_dir()}: run the 'eval' stage first")
+    run.pending = [c["id"] for c in cfgs if (c.get("same_as") or c["id"]) not in raw]
+    for c in cfgs:
+        if (c.get("same_as") or c["id"]) not in raw:
+            continue
+        src = raw[c.get("same_as") or c["id"]]
+        items[c["id"]] = src["items"]
+        entry = {k: c[k] for k in ("id", "kind", "method", "format", "target_ratio")}
+        entry["theta"] = 0.0 if c.get("same_as") else src["theta"]
+        entry["same_as"] = c.get("same_as")
+        entry["tasks"] = src["tasks"]
+        entry.update(_summary(src, tasks))
+        entry.update({k: src[k] for k in RESULT_FIELDS if k in src})
+        entry["layer_ratio"] = src.get("layer_ratio")
+        results.append(entry)
+    ids = {e["id"]: e for e in results}
+    for e in results:
+        if e["kind"] == "quant-only" and "dense/fp" in items:
+            e["vs_dense"] = paired(items[e["id"]], items["dense/fp"], tasks)
+        if e["kind"] in ("routed", "routed-fixed", "layer-drop"):
+            ref = "dense/fp" if e["format"] == "fp" else f"quant-only/{e['format']}"
+            if ref in items:
+                e["vs_quant_only" if e["format"] != "fp" else "vs_dense"] = {
+                    "reference": ref, **paired(items[e["id"]], items[ref], tasks)}
+            other = f"dllm/{e['format']}/{ratio_key(e['target_ratio'])}" if e["target_ratio"] else None
+            if e["method"] == "qtale" and other in ids:
+                e["vs_dllm"] = {"reference": other, **paired(items[e["id"]], items[other], tasks)}
+        if "vs_dense" in e and "reference" not in e["vs_dense"]:
+            e["vs_dense"] = {"reference": "dense/fp", **e["vs_dense"]}
+    return results, items
+
+
+def headline(run: Run, results: list[dict]) -> dict:
+    ids = {e["id"]: e for e in results}
+    fmts = run.r["quantization"]["formats"]
+    out: dict = {"units": "accuracy fractions (x100 = points); gap = paired difference in the task average"}
+    int4 = next((f for f in fmts if f.startswith("int4")), None)
+    if int4 and "qtale" in run.r["methods"]:
+        rows = []
+        for r in run.r["ratios"]:
+            if r > HEADLINE_MAX_RATIO:
+                continue
+            q = ids.get(f"qtale/{int4}/{ratio_key(r)}")
+            if not q or "vs_quant_only" not in q:
+                continue
+            row = {"ratio": r, "realized_ratio": q.get("realized_ratio"), "avg": q["avg"],
+                   "gap_vs_quant_only": q["vs_quant_only"]["avg"]}
+            if "vs_dllm" in q:
+                row["gap_vs_dllm"] = q["vs_dllm"]["avg"]
+            rows.append(row)
+        out[f"qtale_{int4}_at_ratio_le_{HEADLINE_MAX_RATIO:g}"] = rows
+    for f in fmts:
+        if not f.startswith("int3"):
+            continue
+        for m in run.r["methods"]:
+            if not any(f"{m}/{f}/{ratio_key(r)}" in ids for r in run.r["ratios"]):
+                continue  # not evaluated yet: no claim either way
+            closes = None
+            for r in run.r["ratios"]:
+                e = ids.get(f"{m}/{f}/{ratio_key(r)}")
+                if e and "vs_quant_only" in e and e["vs_quant_only"]["avg"]["diff"] >= -CLOSE_POINTS / 100:
+                    closes = r
+                    break
+            out[f"{m}_{f}_gap_closes_at_ratio"] = closes
+    out["close_threshold_points"] = CLOSE_POINTS
+    return out
+
+
+def machine() -> dict:
+    """The machine the report was made on (versions, CPU, GPU)."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _pct(x, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{100 * d['diff']:+.2f} ± {100 * d['stderr']:.2f}"
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def render_headline(res: dict) -> list[str]:
+    """The headline section's bullet lines (results.md, the console report, the README block)."""
+    h = res["headline"]
+    lines = []
+    for k, v in h.items():
+        if isinstance(v, list):
+            for row in v:
+                s = (f"- QTALE+{k.split('_')[1]} at ratio {row['ratio']:g} (realized {_fmt(row['realized_ratio'], '.3f')}): "
+                     f"{_pct(row['avg'])} points; gap vs quant-only all-layers {_diff(row['gap_vs_quant_only'])}")
+                if "gap_vs_dllm" in row:
+                    s += f"; vs D-LLM at the same ratio {_diff(row['gap_vs_dllm'])}"
+                lines.append(s)
+        elif k.endswith("_gap_closes_at_ratio"):
+            m, f = k.split("_")[:2]
+            lines.append(f"- {m.upper() if m == 'qtale' else 'D-LLM'}+{f}: gap to quant-only all-layers within "
+                         f"{h['close_threshold_points']} points from ratio "
+                         + (f"{v:g}" if v is not None else "— never (at the ratios evaluated)"))
+    return lines
+
+
+def _sizes(res: dict) -> str:
+    return ", ".join(f"{t} {n}" for t, n in (res.get("validation_sizes") or {}).items())
+
+
+def render_markdown(res: dict) -> str:
+    from ..tasks import PRIMARY
+
+    tasks = res["tasks"]
+    avg_name = "avg7" if len(tasks) == 7 and res["configs"] and "avg7" in res["configs"][0] else f"avg{len(tasks)}"
+    lines = [f"# QTALE experiment results: {res['recipe']['name']}", "",
+             "Generated by `qtale experiment` from `docs/results.json`; do not edit by hand.", ""]
+    if res.get("subset"):
+        lines += [f"**Subset run: every task limited to its first {res['limit']} validation items "
+                  f"(full validation sets: {_sizes(res)}).** Standard errors and paired differences are those of "
+                  "the subset.", ""]
+    lines += ["Command:", "", "```bash", res["command"], "```", "",
+              f"Model `{res['recipe']['model']}`; methods {', '.join(res['recipe']['methods'])}; "
+              f"ratios {', '.join(str(r) for r in res['recipe']['ratios'])}; formats "
+              f"{', '.join(res['recipe']['quantization']['formats'])}; prompt style `{res['style']}`; "
+              f"tasks {', '.join(tasks)} (primary metric: " + ", ".join(f"{t} {PRIMARY[t]}" for t in tasks) + ").",
+              "", f"All-layers reference: {res['reference']}", "",
+              "Accuracies in points (%). Δ = paired difference on the same items vs the all-layers model of the "
+              "same format (quant-only; dense fp for fp rows), ± its standard error. theta re-calibrated after "
+              "quantization for both routed methods.", "",
+              "| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
+              + f" | {avg_name} | Δ vs all-layers | Δ vs D-LLM | ppl | KL |",
+              "|" + "---|" * (len(tasks) + 9)]
+    for e in res["configs"]:
+        delta = e.get("vs_quant_only") or e.get("vs_dense")
+        cells = [e["id"] + (f" (= {e['same_as']})" if e.get("same_as") else ""),
+                 "—" if e["target_ratio"] is None else f"{e['target_ratio']:g}",
+                 _fmt(e.get("realized_ratio")), _fmt(e.get("flops_fraction"))]
+        cells += [_pct(e["tasks"][t][PRIMARY[t]], 1) for t in tasks]
+        cells += [_pct(e.get("avg7", e["avg"])), _diff(delta["avg"] if delta else None),
+                  _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None),
+                  _fmt(e.get("ppl"), ".3f"), _fmt(e.get("kl"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if res.get("pending"):
+        lines += [f"**Not evaluated yet ({len(res['pending'])} configurations):** "
+                  + ", ".join(f"`{p}`" for p in res["pending"]) + ". `qtale experiment RECIPE --resume "
+                  "--only eval` adds them (per-configuration files under `docs/eval/`).", ""]
+    lines += ["", "## Headline", ""] + [f"- **{x}**" for x in res.get("training_ratio_failures") or []]
+    lines += render_headline(res)
+    lines += ["", "## Calibration after quantization", "",
+              "| method | format | ratio | theta (fp) | realized (fp) | realized on the quantized model at theta (fp) "
+              "| theta (re-calibrated) | realized |", "|---|---|---|---|---|---|---|---|"]
+    for m, per in res["calibration"].items():
+        for fmt, c in per.items():
+            if fmt == "fp":
+                continue
+            for k, v in sorted(c["table"].items(), key=lambda kv: float(kv[0])):
+                d = c.get("drift", {}).get(k, {})
+                lines.append(f"| {m} | {fmt} | {k} | {_fmt(d.get('theta_fp'))} | {_fmt(d.get('realized_fp'))} | "
+                             f"{_fmt(d.get('realized_at_theta_fp'))} | {v['theta']:.4f} | {v['realized']:.4f} |")
+    lines += ["", "## Training", "", "| run | steps | seconds | final losses |", "|---|---|---|---|"]
+    for m, t in res["training"].items():
+        lines.append(f"| {m} | {t.get('steps_done')} | {_fmt(t.get('seconds'), '.0f')} | "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in (t.get("final_losses") or {}).items()) + " |")
+    lines += ["", "## Recipe", "", "```json", json.dumps(res["recipe"], indent=2), "```", "",
+              "## Timings (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in res["timings"].items()]
+    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in res["machine"].items()]
+    lines += ["", f"Created {res['created']}. Plot: `results.png`. Every number: `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def render_plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfgs = res["configs"]
+    fmts = res["recipe"]["quantization"]["formats"]
+    colors = {f: c for f, c in zip(["fp"] + fmts, ["black", "tab:blue", "tab:red", "tab:green", "tab:purple",
+                                                   "tab:orange"])}
+    n = len(res["tasks"])
+    label = "avg7" if n == 7 else f"average of {n} tasks"
+    # accuracy (left) and KL to the dense model (right): at a few hundred items per task accuracy
+    # differences are noisy, KL on the same held-out tokens is the sensitive measure
+    fig, (ax, kx) = plt.subplots(1, 2, figsize=(13, 5))
+    has_kl = any(e.get("kl") is not None for e in cfgs)
+    for e in cfgs:
+        if e["kind"] == "dense":
+            ax.axhline(100 * e["avg"], color="black", lw=1.2, label="dense all-layers (fp)")
+        elif e["kind"] == "quant-only":
+            c = colors.get(e["format"], "gray")
+            ax.axhline(100 * e["avg"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
+            ax.plot([e.get("realized_ratio") or 1.0], [100 * e["avg"]], marker="*", color=c, ms=10, ls="none")
+            if e.get("kl") is not None:
+                kx.axhline(e["kl"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
+    def xpos(e):  # the compute the configuration spends, relative to the dense model
+        return e.get("flops_fraction") or e.get("realized_ratio") or e["target_ratio"] or 1.0
+
+    series = [(f"{'QTALE' if m == 'qtale' else 'D-LLM'} + {{fmt}}", marker, ls,
+               lambda e, m=m: e["kind"] == "routed" and e["method"] == m)
+              for m, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--"))]
+    series += [("D-LLM + {fmt}, theta 0.5 (own operating point)", "D", "none", lambda e: e["kind"] == "routed-fixed"),
+               ("static layer drop + {fmt}", "x", ":", lambda e: e["kind"] == "layer-drop")]
+    for name_t, marker, ls, pick in series:
+        for fmt in ["fp"] + fmts:
+            rows = sorted(((xpos(e), e) for e in cfgs if pick(e) and e["format"] == fmt), key=lambda xe: xe[0])
+            if not rows:
+                continue
+            name = name_t.format(fmt=fmt)
+            xs = [x for x, _ in rows]
+            ax.errorbar(xs, [100 * e["avg"] for _, e in rows], yerr=[100 * e.get("avg_stderr", 0.0) for _, e in rows],
+                        marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4, elinewidth=0.7,
+                        label=name)
+            kl = [(x, e["kl"]) for x, e in rows if e.get("kl") is not None and e["kl"] > 0]
+            if kl:
+                kx.plot([x for x, _ in kl], [k for _, k in kl], marker=marker, ls=ls, color=colors.get(fmt, "gray"),
+                        lw=1.4, label=name)
+    ax.set_xlabel("FLOPs fraction of the dense model (on the evaluation tokens)")
+    ax.set_ylabel(f"{label} accuracy (%)")
+    title = f"{res['recipe']['name']}: {label} vs FLOPs"
+    if res.get("subset"):
+        title += f" (first {res['limit']} items/task)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    kx.set_xlabel("FLOPs fraction of the dense model (on the evaluation tokens)")
+    kx.set_ylabel("KL(dense || model) per token, nats")
+    kx.set_title("KL to the dense all-layers model on the held-out text", fontsize=10)
+    if has_kl:
+        kx.set_yscale("log")
+        kx.legend(fontsize=7, loc="upper right")
+    kx.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    try:
+        with safe_write.temporary(path, suffix=".png") as tmp:  # savefig picks the format by suffix
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+
+
+def ratio_failures(training: dict) -> list[str]:
+    """One line per trained method whose realized training ratio missed its target Omega."""
+    out = []
+    for method, info in training.items():
+        reached = info.get("ratio_reached")
+        if method != "reference" and reached and not reached["within"]:
+            out.append(f"TRAINING MISSED ITS RATIO: {method} ended at {reached['mean_last']:.3f} (mean of the last "
+                       f"{reached['steps']} steps), target {reached['target']:g} ± {reached['tolerance']:g}")
+    return out
+
+
+def print_report(run: Run, res: dict) -> None:
+    from rich.table import Table
+
+    tasks = res["tasks"]
+    table = Table(title=f"{res['recipe']['name']}: {'avg7' if len(tasks) == 7 else f'avg of {len(tasks)} tasks'}"
+                  + (f" (first {res['limit']} items/task)" if res["subset"] else "") + ", points; per task: results.md")
+    for c in ["configuration", "ratio", "realized", "FLOPs", "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
+        table.add_column(c, no_wrap=c == "configuration")
+    for e in res["configs"]:
+        delta = e.get("vs_quant_only") or e.get("vs_dense")
+        table.add_row(e["id"], "—" if e["target_ratio"] is None else f"{e['target_ratio']:g}", _fmt(e.get("realized_ratio"), ".3f"),
+                      _fmt(e.get("flops_fraction"), ".3f"), _pct(e["avg"]), _diff(delta["avg"] if delta else None),
+                      _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None), _fmt(e.get("ppl"), ".2f"),
+                      _fmt(e.get("kl"), ".4f"))
+    run.console.print(table)
+    for line in res.get("training_ratio_failures") or []:
+        run.console.print(f"[bold red]{line}[/]")
+    for line in render_headline(res):
+        run.console.print(line, markup=False)
+
+
+# ---- the README's results block -------------------------------------------------------------
+README_BEGIN = "<!-- results:begin (generated by qtale experiment --only ship from docs/results.json) -->"
+README_END = "<!-- results:end -->"
+
+
+def render_readme_block(res: dict, results_sha256: str) -> str:
+    """The README's summary of docs/results.json: every number in it is a field of that file."""
+    tasks = res["tasks"]
+    avg_name = "avg7" if len(tasks) == 7 else f"avg{len(tasks)}"
+    scope = (f"first {res['limit']} validation items of every task ({_sizes(res)} in the full sets)"
+             if res.get("subset") else "full validation sets")
+    lines = [README_BEGIN,
+             f"Source: `docs/results.json` (sha256 `{results_sha256[:16]}`), created {res['created']} by "
+             f"`{res['command']}`; {scope}; prompt style `{res['style']}`. Accuracy in points; Δ is the "
+             "paired difference on the same items ± its standard error.", "",
+             f"| configuration | realized ratio | FLOPs frac. | {avg_name} | Δ vs all-layers (same format) "
+             "| Δ vs D-LLM | KL to dense |", "|---|---|---|---|---|---|---|"]
+    for e in res["configs"]:
+        if e.get("same_as"):
+            continue
+        delta = e.get("vs_quant_only") or e.get("vs_dense")
+        lines.append(f"| {e['id']} | {_fmt(e.get('realized_ratio'), '.3f')} | {_fmt(e.get('flops_fraction'), '.3f')} "
+                     f"| {_pct(e.get('avg7', e['avg']))} | {_diff(delta['avg'] if delta else None)} "
+                     f"| {_diff(e['vs_dllm']['avg'] if e.get('vs_dllm') else None)} | {_fmt(e.get('kl'), '.4f')} |")
+    lines += [""] + [f"- **{x}**" for x in res.get("training_ratio_failures") or []] + render_headline(res)
+    if res.get("pending"):
+        lines += [f"- Not evaluated yet ({len(res['pending'])} configurations): "
+                  + ", ".join(res["pending"])]
+    lines += [README_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the README's results block (between the markers); False when it has no markers."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    write_text(readme, head + block + tail)
+    return True
+
+
