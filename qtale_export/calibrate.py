@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .ratios import ratio_key
+from .theta import ratio_key
 from .routing import RoutedModel
 
 

@@ -109,9 +109,13 @@ def run_calibrate(args) -> int:
     table = calibrate(model, batches, args.ratios, tol=args.tol)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
 
+    from . import theta as policy
+
     def merge(meta: dict) -> None:  # applied to the latest qtale.json under its lock: a concurrent run's ratios stay
-        meta["theta_table"] = {**(meta.get("theta_table") or {}), **table}
-        meta["calibration"] = {"data": data.name, "tokens": tokens, "tol": args.tol, "dtype": args.dtype}
+        keep = {} if policy.stale_reason(meta) else (meta.get("theta_table") or {})  # stale entries go
+        meta["theta_table"] = {**keep, **table}
+        meta["calibration"] = policy.calibration_record(
+            meta, {"data": data.name, "tokens": tokens, "tol": args.tol, "dtype": args.dtype})
 
     checkpoint.update_meta(folder, merge)
     if args.json:

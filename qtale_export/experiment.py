@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import QtaleError
-from .ratios import check_ratio
+from . import theta as theta_policy
+from .theta import check_ratio
 from .safe_write import tmp_prefix
 from .validate import arg, positive_int
 
@@ -559,10 +560,10 @@ def _theta(run: Run, c: dict) -> float:
         return 0.0
     path = Path(c["theta_from"])
     _need(path, "recalibrate" if c["format"] != "fp" else "calibrate")
-    entry = _lookup(_read_json(path)["table"], c["target_ratio"])
-    if entry is None:
-        raise QtaleError(f"{path} has no theta for ratio {c['target_ratio']}: delete it and re-run calibration")
-    return float(entry["theta"])
+    try:
+        return theta_policy.theta_for(_read_json(path)["table"], c["target_ratio"], "exact")
+    except QtaleError as exc:
+        raise QtaleError(f"{path}: {exc}; delete it and re-run calibration") from None
 
 
 def _eval_file(run: Run, cid: str) -> Path:
