@@ -63,18 +63,12 @@ REQUIRED = ("name", "model", "train", "ratios", "quantization", "eval")
 
 # ---- small utilities -------------------------------------------------------------------------
 def _key(r: float) -> str:
-    """Theta-table key of a ratio (same spelling as calibrate's tables)."""
-    return f"{float(r):.4f}".rstrip("0").rstrip(".") if float(r) < 1 else "1.0"
+    """Theta-table key of a ratio (the policy's spelling, theta.py)."""
+    return theta_policy.ratio_key(r)
 
 
 def _lookup(table: dict, r: float) -> dict | None:
-    for k, v in (table or {}).items():
-        try:
-            if abs(float(k) - float(r)) < 1e-9:
-                return v
-        except ValueError:
-            continue
-    return None
+    return theta_policy.lookup(table, r)
 
 
 def _write_json(path: Path, data) -> None:
