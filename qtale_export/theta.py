@@ -108,7 +108,7 @@ def select(table: dict | None, ratio, mode: str = "interpolate", where: str = ""
         return {"ratio": r, "theta": check_theta(entry_theta(entry)), "mode": "exact", "calibrated_ratio": float(key)}
     pts = calibrated_points(table)
     if len(pts) == 1:
-        raise QtaleError(f"ratio {key} needs a calibrated theta table{where}, and there is none (only ratio 1.0 "
+        raise QtaleError(f"ratio {key} is not calibrated: there is no theta table{where} (only ratio 1.0 "
                          "works); run qtale calibrate (and re-export)")
     have = ", ".join(ratio_key(p) for p, _ in pts)
     if mode == "exact":

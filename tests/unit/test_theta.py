@@ -33,7 +33,7 @@ def test_bad_ratio_is_one_line(ratio, mode, match):
 
 
 def test_no_table_and_bad_theta():
-    with pytest.raises(QtaleError, match="needs a calibrated theta table"):
+    with pytest.raises(QtaleError, match="ratio 0.6 is not calibrated: there is no theta table"):
         policy.select({}, 0.6)
     assert policy.select(None, 1.0)["theta"] == 0.0
     with pytest.raises(QtaleError, match=r"theta must be in \[0, 1\], got 1.5"):
