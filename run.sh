@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the embedded default model (SmolLM2-135M-Instruct): set up, train QTALE routers,
-# calibrate the execution-ratio dial, and show the theta table. Output goes to runs/quickstart.
+# The main job: the shipped QTALE default model (SmolLM2-135M-Instruct routers + LoRA adapter)
+# through the deployment path: quantize INT4 (AWQ), re-calibrate theta on the quantized weights,
+# export at RATIO with int4 precision, verify, generate at two ratios, benchmark against the
+# all-layers model of the same export, held-out perplexity/KL; one summary at the end
+# (qtale_export/deploy.py). Output in runs/deploy; a second run reuses every complete stage.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/qtale ] || bash scripts/setup.sh .venv
 . .venv/bin/activate
-DATA=${DATA:-../shared/data/commonsense/ARC-Easy/train.json}
-[ -f "$DATA" ] || DATA=qtale_export/data/calibration.txt  # label-free self-distillation fallback
-OUT=${OUT:-runs/quickstart}
-qtale train --model smollm2-135m --data "$DATA" --out "$OUT" --method qtale --steps "${STEPS:-20}" \
-    --batch-size 4 --seq-len 256 --target-ratio 0.6 --lambda2 0.1 --force
-qtale calibrate "$OUT" --ratios 0.5,0.6,0.7,0.8,1.0
+python -m qtale_export.deploy --out "${OUT:-runs/deploy}" --ratio "${RATIO:-0.6}" --other-ratio "${OTHER_RATIO:-0.8}"

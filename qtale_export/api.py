@@ -88,7 +88,11 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
             model.base = model.base.merge_and_unload()
             model.merged_adapter = folder / checkpoint.ADAPTER
     model.theta_table = dict(meta.get("theta_table") or {})
-    model.threshold = float(meta.get("threshold", 0.5))
+    from .theta import stale_reason
+
+    model.theta_calibration = meta.get("calibration")  # what the table was calibrated on
+    model.theta_stale = stale_reason(meta)  # the export refuses a stale table (theta.py)
+    model.theta = float(meta.get("theta", meta.get("threshold", 0.5)))  # "threshold": the old name
     model.training_info = meta.get("training")
     model.recommended = meta.get("recommended")
     model.quantization_info = meta.get("quantization")

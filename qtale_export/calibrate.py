@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .ratios import ratio_key
+from .theta import ratio_key
 from .routing import RoutedModel
 
 

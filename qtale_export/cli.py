@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -112,9 +113,13 @@ def run_calibrate(args) -> int:
     table = calibrate(model, batches, args.ratios, tol=args.tol)
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
 
+    from . import theta as policy
+
     def merge(meta: dict) -> None:  # applied to the latest qtale.json under its lock: a concurrent run's ratios stay
-        meta["theta_table"] = {**(meta.get("theta_table") or {}), **table}
-        meta["calibration"] = {"data": data.name, "tokens": tokens, "tol": args.tol, "dtype": args.dtype}
+        keep = {} if policy.stale_reason(meta) else (meta.get("theta_table") or {})  # stale entries go
+        meta["theta_table"] = {**keep, **table}
+        meta["calibration"] = policy.calibration_record(
+            meta, {"data": data.name, "tokens": tokens, "tol": args.tol, "dtype": args.dtype})
 
     checkpoint.update_meta(folder, merge)
     if args.json:
@@ -172,24 +177,41 @@ def run_verify_cmd(args) -> int:
 
 
 # ---- registry ---------------------------------------------------------------------------------
-# (name, module, add-arguments function, run function, help). Modules are imported lazily and a
-# subcommand is listed only when its module is present.
+# The extras beyond the base (deployment) install, and the packages whose presence says one is
+# installed (found without importing them, so `qtale --help` stays fast and torch-free).
+EXTRAS = {"train": ("torch", "transformers", "peft", "safetensors")}
+
+# (name, module, add-arguments function, run function, help, extra). A subcommand is listed only
+# when its extra is installed; its module is imported, and its arguments built, only when it runs.
 COMMANDS = [
-    ("train", None, add_train, run_train, "train routers (QTALE or the D-LLM baseline)"),
-    ("calibrate", None, add_calibrate, run_calibrate, "calibrate theta for target execution ratios"),
+    ("train", None, add_train, run_train, "train routers (QTALE or the D-LLM baseline)", "train"),
+    ("calibrate", None, add_calibrate, run_calibrate, "calibrate theta for target execution ratios", "train"),
     ("quantize", ".quantize", "add_quantize_arguments", "run_quantize",
-     "weight-only quantization (int4-awq, int4, int3, int8, fp8)"),
-    ("eval", ".evaluate", "add_eval_arguments", "run_eval", "zero-shot commonsense accuracy, perplexity"),
-    ("export", None, add_export, run_export_cmd, "ONNX export (same as qtale-export)"),
+     "weight-only quantization (int4-awq, int4, int3, int8, fp8)", "train"),
+    ("eval", ".evaluate", "add_eval_arguments", "run_eval", "zero-shot commonsense accuracy, perplexity", "train"),
+    ("export", None, add_export, run_export_cmd, "ONNX export (same as qtale-export)", "train"),
     ("verify", None, add_verify, run_verify_cmd,
-     "check an export against its stored PyTorch outputs (Polygraphy: ONNX Runtime, or TensorRT with --trt)"),
-    ("build", ".tensorrt", "add_build_arguments", "run_build", "TensorRT engine from an export folder"),
-    ("run", ".runtime.command", "add_run_arguments", "run_run", "generate text from an export folder"),
-    ("triton-repo", ".triton", "add_triton_arguments", "run_triton", "Triton model repository from export(s)"),
-    ("bench", ".bench", "add_bench_arguments", "run_bench", "ONNX Runtime CPU benchmark of export(s)"),
+     "check an export against its stored PyTorch outputs (Polygraphy: ONNX Runtime, or TensorRT with --trt)", None),
+    ("build", ".tensorrt", "add_build_arguments", "run_build", "TensorRT engine from an export folder", None),
+    ("run", ".runtime.command", "add_run_arguments", "run_run", "generate text from an export folder", None),
+    ("triton-repo", ".triton", "add_triton_arguments", "run_triton", "Triton model repository from export(s)", None),
+    ("bench", ".bench", "add_bench_arguments", "run_bench", "ONNX Runtime CPU benchmark of export(s)", None),
     ("experiment", ".experiment", "add_experiment_arguments", "run_experiment",
-     "QTALE vs D-LLM vs quantization-only, from a recipe"),
+     "QTALE vs D-LLM vs quantization-only, from a recipe", "train"),
 ]
+
+
+def installed(extra: str | None) -> bool:
+    return extra is None or all(importlib.util.find_spec(m) is not None for m in EXTRAS[extra])
+
+
+def missing_extra(name: str, prog: str = "qtale") -> str | None:
+    """The one-line reason subcommand `name` cannot run here, or None when it can (or is unknown)."""
+    extra = next((c[5] for c in COMMANDS if c[0] == name), None)
+    if installed(extra):
+        return None
+    return (f"{prog} {name} needs the [{extra}] extra ({', '.join(EXTRAS[extra])}): "
+            f"pip install 'qtale-export[{extra}]'")
 
 
 def _resolve(module: str | None, fn):
@@ -198,16 +220,17 @@ def _resolve(module: str | None, fn):
     return getattr(importlib.import_module(module, __package__), fn)
 
 
-def build_parser(prog: str = "qtale") -> Parser:
+def build_parser(prog: str = "qtale", only: str | None = None) -> Parser:
+    """The parser of the subcommands that work in this environment; arguments are built for `only`
+    (None: every subcommand; "": none, enough for --help)."""
     parser = Parser(prog=prog, description="QTALE: quantization-robust token-adaptive LLMs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name, module, add, run, help_text in COMMANDS:
-        try:
-            add_fn = _resolve(module, add)
-        except ImportError:
+    for name, module, add, run, help_text, extra in COMMANDS:
+        if not installed(extra):
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_fn(p)
+        if only is None or only == name:
+            _resolve(module, add)(p)
         p.set_defaults(_run=(module, run))
     return parser
 
@@ -232,7 +255,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str):
 
 
 def main(argv: list[str] | None = None, prog: str = "qtale") -> int:
-    args = parse(build_parser(prog), argv, prog)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    reason = missing_extra(command, prog)
+    if reason:
+        print(f"{prog}: error: {reason}", file=sys.stderr)
+        return 2
+    args = parse(build_parser(prog, only=command), argv, prog)
     return 2 if args is None else dispatch(args, prog)
 
 
@@ -255,6 +284,10 @@ def dispatch(args, prog: str) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     """`qtale-export`: the export subcommand as its own program."""
+    reason = missing_extra("export", "qtale")
+    if reason:
+        print(f"qtale-export: error: {reason}", file=sys.stderr)
+        return 2
     parser = Parser(prog="qtale-export", description="ONNX export of a routed QTALE model")
     add_export(parser)
     parser.set_defaults(_run=(None, run_export_cmd))

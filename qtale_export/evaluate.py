@@ -73,7 +73,7 @@ class ExportModel:
             raise QtaleError("evaluating an export needs the transformers tokenizer (pip install transformers)")
         self.hf_config = SimpleNamespace(max_position_embeddings=runtime.max_length)
         self.layer_ids = [int(i) for i in m.get("routed_layers") or []]
-        self.threshold = float(self.manifest.get("theta", 0.0))
+        self.theta = float(self.manifest.get("theta", 0.0))
         self.precision = self.manifest.get("precision")
         self._terms = self._flop_terms()
         self.reset_stats()
@@ -86,22 +86,13 @@ class ExportModel:
 
     def theta_for(self, ratio=None, threshold=None) -> float:
         """theta of a ratio calibrated in the manifest's theta table (1.0 = theta 0), or --threshold."""
-        from .runtime.select import ratio_key, select_theta
+        from . import theta as policy
 
         if threshold is not None:
-            return float(threshold)
+            return policy.check_theta(threshold)
         if ratio is None:
-            return self.threshold
-        table = self.manifest.get("theta_table") or {}
-        try:
-            sel = select_theta(table, ratio, "nearest")
-        except QtaleError:
-            sel = {"mode": "refused"}
-        if sel["mode"] != "exact":
-            have = ", ".join(sorted(table)) or "none"
-            raise QtaleError(f"ratio {ratio_key(ratio)} is not calibrated in the export's theta table "
-                             f"(calibrated: {have}); re-export after qtale calibrate, or pass --threshold")
-        return float(sel["theta"])
+            return self.theta
+        return policy.theta_for(self.manifest.get("theta_table"), ratio, "exact", " in the export's theta table")
 
     # -- what the scoring code calls ---------------------------------------------------------------
     def eval(self):
@@ -113,7 +104,7 @@ class ExportModel:
 
         ids = input_ids.cpu().numpy().astype(np.int64)
         mask = (np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()).astype(np.int64)
-        th = 0.0 if execute_all else (self.threshold if theta is None else float(theta))
+        th = 0.0 if execute_all else (self.theta if theta is None else float(theta))
         out = self.rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask,
                                               "theta": np.full((ids.shape[0],), th, np.float32)})
         self.stats.add(mask.astype(bool), [out["exec_mask"][i] for i in self.layer_ids])
@@ -378,7 +369,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
                    help="target execution ratio (calibrated theta)")
-    g.add_argument("--threshold", type=arg(validate.theta, "--threshold"), default=None,
+    g.add_argument("--theta", "--threshold", dest="threshold", type=arg(validate.theta, "--threshold"), default=None,
                    help="router threshold theta in [0, 1]")
     parser.add_argument("--limit", type=arg(validate.positive_int, "--limit"), default=None,
                         help="first N items of every task")
@@ -453,10 +444,10 @@ def run_eval(args) -> dict:
         if args.ratio is not None:
             theta = model.set_ratio(args.ratio)  # QtaleError when the ratio is not calibrated
         elif args.threshold is not None:
-            model.set_threshold(args.threshold)
-            theta = model.threshold
+            model.set_theta(args.threshold)
+            theta = model.theta
         else:
-            theta = model.threshold
+            theta = model.theta
         info = {"backend": "pytorch", "quantization": (model.quantization_info or {}).get("format"),
                 "dtype": getattr(args, "dtype", None) or "float32"}
     progress = not args.no_progress

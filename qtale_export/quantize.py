@@ -306,7 +306,7 @@ def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, gro
         "calibration": calib,
         "weight_bytes": weight_bytes(linears, fmt, groups),
         "seconds": round(time.time() - t0, 2),
-        "theta_table_note": "thresholds were calibrated before quantization; re-run qtale calibrate",
+        "theta_table_note": "the theta table was calibrated before quantization; re-run qtale calibrate (qtale-export refuses it until then)",
     }
     model.quantization_info = info
     model.quantizer_tensors = tensors

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ratios import ratio_key
 from .stats import ExecutionStats, flop_terms
 
 
@@ -88,7 +87,7 @@ class RoutedModel(nn.Module):
         self.routers = nn.ModuleDict({
             str(i): Router(cfg.hidden_size, self.router_config.router_hidden, self.router_config.execute_bias)
             for i in self.layer_ids})
-        self.threshold = 0.5
+        self.theta = 0.5
         self.theta_table: dict[str, dict] = {}
         self.compact = True  # inference: run layers on executed tokens only
         self.static_skip: frozenset[int] | None = None  # baseline: these layers never run, routers unused
@@ -115,24 +114,21 @@ class RoutedModel(nn.Module):
     def hf_config(self):
         return self.causal_lm.config
 
-    def set_threshold(self, theta: float) -> None:
-        if not 0.0 <= float(theta) <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {theta}")
-        self.threshold = float(theta)
+    def set_theta(self, theta: float) -> None:
+        from . import theta as policy
 
-    def set_ratio(self, ratio: float) -> float:
-        """Set the threshold calibrated for `ratio` (see calibrate.py); returns theta."""
-        from .errors import QtaleError
+        self.theta = policy.check_theta(theta)
 
-        key = ratio_key(ratio)
-        if float(ratio) >= 1.0:
-            self.set_threshold(0.0)  # P >= 0 always: every token runs every layer
-            return 0.0
-        if key not in self.theta_table:
-            have = ", ".join(sorted(self.theta_table)) or "none"
-            raise QtaleError(f"ratio {key} is not calibrated (calibrated: {have}); run qtale calibrate")
-        self.set_threshold(self.theta_table[key]["theta"])
-        return self.threshold
+    # the old name of theta (checkpoints still carry "threshold"; scripts may call it)
+    set_threshold = set_theta
+    threshold = property(lambda self: self.theta, set_theta)
+
+    def set_ratio(self, ratio: float, mode: str = "exact") -> float:
+        """Set theta for `ratio` from the calibrated table (the one policy, theta.py); returns theta."""
+        from . import theta as policy
+
+        self.set_theta(policy.theta_for(self.theta_table, ratio, mode))
+        return self.theta
 
     # ---- statistics ------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -228,7 +224,7 @@ class RoutedModel(nn.Module):
         compact = (not self.training) and past_key_values is None and not (dense if dense is not None
                                                                           else not self.compact)
         if theta is None:
-            theta = self.threshold
+            theta = self.theta
         theta = torch.as_tensor(theta, dtype=torch.float32, device=input_ids.device).reshape(-1, 1)
         x = self.decoder.embed_tokens(input_ids)
         presents, gates, router_logits, gates_hard = [], [], [], []

@@ -1,10 +1,13 @@
 """`qtale triton-repo EXPORT_DIR... --out REPO`: a Triton Inference Server model repository.
 
-Per export (precision) and per execution ratio, two models `qtale_<precision>_r<ratio>_{prefill,
-decode}` (platform onnxruntime_onnx, tensorrt_plan, or the Python backend running ONNX Runtime),
-whose config.pbtxt records the variant's theta; theta stays a graph input, sent by the caller.
-Plus `qtale_router` (Python backend, BLS, dynamic batching): execution_ratio + input_ids / text
-in, generated tokens out; it picks the variant nearest to the ratio and sends its theta.
+One set of models per export (precision), whatever the ratio: theta is a graph input [batch].
+`--backend python`: one model `qtale_<precision>` holding the prefill and decode graphs and the
+weights file they share (once); onnxruntime / tensorrt: `qtale_<precision>_{prefill,decode}`
+(one graph per model there). Plus `qtale_router` (Python backend, BLS, dynamic batching):
+execution_ratio (+ optional precision) and input_ids / text in, generated tokens out; it turns
+each row's ratio into theta with the one policy (theta.py, copied next to it as
+theta_policy.py; `--ratio-mode`, default interpolate like `qtale run`) and runs the rows of a
+batch that share a prompt length together, one theta per sequence.
 
 The graph models have max_batch_size 0 (explicit -1 dims): exec_mask [layers, batch, seq] and
 past_exec do not have the batch first, which Triton's batcher requires; batching happens in the
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from . import safe_write, validate
 from .errors import QtaleError
+from .theta import MODES
 from .validate import arg
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
@@ -39,7 +43,10 @@ def add_triton_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="graph models: onnxruntime_onnx, tensorrt_plan (engines from `qtale build`) "
                              "or the Python backend running ONNX Runtime")
     parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default=None,
-                        help="comma-separated execution ratios (default: the theta table's ratios)")
+                        help="comma-separated execution ratios to check and list (every ratio the theta "
+                             "policy accepts is served by the same models)")
+    parser.add_argument("--ratio-mode", choices=MODES, default="interpolate",
+                        help="ratio -> theta rule of the router (default interpolate, as qtale run)")
     parser.add_argument("--max-batch", type=arg(validate.positive_int, "--max-batch"), default=8,
                         help="router max_batch_size (dynamic batching)")
     parser.add_argument("--instances", type=arg(validate.positive_int, "--instances"), default=1,
@@ -61,8 +68,8 @@ def _dims(shape) -> str:
 
 
 def _io(kind: str, items: dict) -> str:
-    rows = [f'  {{ name: "{n}" data_type: {DTYPES[v["dtype"]]} dims: {_dims(v["shape"])} }}'
-            for n, v in items.items()]
+    rows = [f'  {{ name: "{n}" data_type: {DTYPES[v["dtype"]]} dims: {_dims(v["shape"])}'
+            + (" optional: true }" if v.get("optional") else " }") for n, v in items.items()]
     return f"{kind} [\n" + ",\n".join(rows) + "\n]\n"
 
 
@@ -77,6 +84,8 @@ def _warmup(graph: str, io: dict, m: dict) -> str:
     sizes = {"batch": 1, "seq": seq, "one": 1, "past": past, "total": past + 1}
     ins = []
     for n, v in io["inputs"].items():
+        if v.get("optional"):  # the warm-up is a prefill
+            continue
         dims = [d if isinstance(d, int) else sizes.get(d, 1) for d in v["shape"]]
         dt = DTYPES[v["dtype"]]
         fill = "random_data: true" if dt in ("TYPE_FP32", "TYPE_FP16") and n != "theta" else "zero_data: true"
@@ -108,13 +117,14 @@ def router_config(max_batch: int, instances: int, params: dict) -> str:
             '  { name: "execution_ratio" data_type: TYPE_FP32 dims: [ 1 ] },\n'
             '  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true },\n'
             '  { name: "text" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n'
-            '  { name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }\n]\n'
+            '  { name: "max_new_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },\n'
+            '  { name: "precision" data_type: TYPE_STRING dims: [ 1 ] optional: true }\n]\n'
             "output [\n"
             '  { name: "output_ids" data_type: TYPE_INT64 dims: [ -1 ] },\n'
             '  { name: "text" data_type: TYPE_STRING dims: [ 1 ] },\n'
             '  { name: "realized_ratio" data_type: TYPE_FP32 dims: [ 1 ] },\n'
             '  { name: "theta" data_type: TYPE_FP32 dims: [ 1 ] },\n'
-            '  { name: "variant" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+            '  { name: "precision" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
             "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
             f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n" + _params(params))
 
@@ -156,16 +166,30 @@ def _variant_name(precision: str, ratio_key: str) -> str:
     return f"qtale_{precision}_r{ratio_key.replace('.', '_')}"
 
 
+def _io_union(prefill: dict, decode: dict) -> dict:
+    """One model serving both graphs: decode-only inputs are optional (their presence picks decode)."""
+    ins = {n: dict(v) for n, v in prefill["inputs"].items()}
+    for n, v in decode["inputs"].items():
+        if n not in ins:
+            ins[n] = {**v, "optional": True}
+    return {"inputs": ins, "outputs": dict(prefill["outputs"])}
+
+
 def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None, max_batch: int = 8,
                      instances: int = 1, kind: str | None = None, threads: int = 0, force: bool = False,
-                     max_new_tokens: int = 32) -> dict:
+                     max_new_tokens: int = 32, ratio_mode: str = "interpolate") -> dict:
+    """Write the repository: per export (precision) its graphs and weights once, plus the router,
+    which turns each request's execution_ratio into theta with the one policy (theta.py, copied
+    next to it) in `ratio_mode`, the same rule and default as `qtale run`. `ratios` are only
+    checked (each must be servable by every export) and listed with their thetas."""
+    from . import theta as policy
     from .export.manifest import read_manifest
-    from .runtime.select import check_ratio, ratio_key, select_theta
 
     if backend not in BACKENDS:
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
     if max_batch < 1 or instances < 1:
         raise QtaleError("--max-batch and --instances must be >= 1")
+    policy.check_mode(ratio_mode)
     out = safe_write.check_output(out, force=force, sources=export_dirs)
     kind = kind or ("gpu" if backend == "tensorrt" else "cpu")
     exports = []
@@ -180,8 +204,12 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
     for d, m in exports[1:]:
         if m["model"]["num_layers"] != first["num_layers"] or m["model"]["vocab"] != first["vocab"]:
             raise QtaleError(f"{d} is an export of another model than {exports[0][0]}")
+    # every ratio is checked before anything is written (a bad one leaves nothing behind)
+    checked = [{"precision": m["precision"], "ratio": policy.check_ratio(r),
+                **policy.select(m.get("theta_table"), r, ratio_mode)}
+               for _, m in exports for r in (ratios or [])]
     tmp = safe_write.staging_dir(out)
-    variants, models = [], []
+    served, models = {}, []
     try:
         for folder, m in exports:
             prec = m["precision"]
@@ -197,52 +225,58 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
                     if g not in engines:
                         raise QtaleError(f"{folder} has no TensorRT engine for the {g} graph; "
                                          f"run `qtale build {folder} --graph {g}` first")
-            table = m.get("theta_table") or {}
-            wanted = ratios if ratios else sorted({float(k) for k in table} | {1.0}, reverse=True)
-            for r in wanted:
-                r = check_ratio(r)
-                sel = select_theta(table, r)
-                key = ratio_key(r)
-                base = _variant_name(prec, key)
-                v = {"name": base, "precision": prec, "ratio": r, "theta": float(sel["theta"]),
-                     "selection": sel["mode"], "prefill": f"{base}_prefill", "decode": f"{base}_decode"}
+            base = f"qtale_{prec}"
+            common = {"precision": prec, "routed_layers": json.dumps(m["model"].get("routed_layers") or [])}
+            if backend == "python":
+                # one model holds both graphs and the weights file they share: once per precision
+                ver = tmp / base / "1"
+                ver.mkdir(parents=True)
+                files = sorted(set(_graph_files(folder, m, "prefill")) | set(_graph_files(folder, m, "decode")))
+                for f in files:
+                    _place(folder / f, ver / Path(f).name)
+                shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
+                params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name
+                                                          for g in ("prefill", "decode")}),
+                          "threads": threads, "plugin_ops": "1" if m.get("ops") == "plugin" else "0"}
+                io = _io_union(m["graphs"]["prefill"], m["graphs"]["decode"])
+                text = graph_config(base, "prefill", io, backend, "", instances, kind, params, m)
+                validate_config(text, f"{base}/config.pbtxt")
+                (tmp / base / "config.pbtxt").write_text(text)
+                models.append(base)
+                names = {"prefill": base, "decode": base}
+            else:  # one graph per model in these backends; the ratio still never multiplies them
+                names = {}
                 for g in ("prefill", "decode"):
                     name = f"{base}_{g}"
                     ver = tmp / name / "1"
                     ver.mkdir(parents=True)
-                    if backend == "tensorrt":
-                        files = [engines[g]["file"]]
-                    else:
-                        files = _graph_files(folder, m, g)
+                    files = [engines[g]["file"]] if backend == "tensorrt" else _graph_files(folder, m, g)
                     for f in files:
                         _place(folder / f, ver / Path(f).name)
-                    params = {"theta": v["theta"], "execution_ratio": r, "precision": prec, "graph": g,
-                              "routed_layers": json.dumps(m["model"].get("routed_layers") or [])}
-                    if backend == "python":
-                        shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
-                        params.update({"graph_file": Path(files[0]).name, "threads": threads,
-                                       "plugin_ops": "1" if m.get("ops") == "plugin" else "0"})
-                    elif backend == "onnxruntime" and threads:
+                    params = {**common, "graph": g}
+                    if backend == "onnxruntime" and threads:
                         params["intra_op_thread_count"] = threads
                     text = graph_config(name, g, m["graphs"][g], backend, Path(files[0]).name, instances, kind,
                                         params, m)
                     validate_config(text, f"{name}/config.pbtxt")
                     (tmp / name / "config.pbtxt").write_text(text)
                     models.append(name)
-                variants.append(v)
+                    names[g] = name
+            served[prec] = {**names, "theta_table": m.get("theta_table") or {}}
         # the router
         m0 = exports[0][1]
         ver = tmp / ROUTER / "1"
         ver.mkdir(parents=True)
         shutil.copy2(TEMPLATES / "router_model.py", ver / "model.py")
+        shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
         tok = exports[0][0] / "tokenizer.json"
         if tok.is_file():
             shutil.copy2(tok, ver / "tokenizer.json")
         eos = m0["model"].get("eos_token_id")
         eos = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
         mlen = m0["model"].get("max_position_embeddings") or m0["model"].get("max_length") or 2048
-        params = {"variants": json.dumps(variants), "eos_ids": json.dumps(eos),
-                  "routed_layers": json.dumps(m0["model"].get("routed_layers") or []),
+        params = {"exports": json.dumps(served), "default_precision": precisions[0], "ratio_mode": ratio_mode,
+                  "eos_ids": json.dumps(eos), "routed_layers": json.dumps(m0["model"].get("routed_layers") or []),
                   "num_layers": m0["model"]["num_layers"], "max_length": mlen,
                   "default_max_new_tokens": max_new_tokens}
         text = router_config(max_batch, instances, params)
@@ -253,7 +287,8 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
         safe_write.publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": str(out), "backend": backend, "models": models, "variants": variants}
+    return {"out": str(out), "backend": backend, "models": models, "precisions": precisions,
+            "ratio_mode": ratio_mode, "ratios": checked}
 
 
 def run_triton(args) -> dict:
@@ -262,10 +297,11 @@ def run_triton(args) -> dict:
         ratios = validate.ratios(ratios)
     res = build_repository(args.export_dirs, args.out, backend=args.backend, ratios=ratios,
                            max_batch=args.max_batch, instances=args.instances, kind=args.kind,
-                           threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens)
+                           threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens,
+                           ratio_mode=getattr(args, "ratio_mode", "interpolate"))
     if not getattr(args, "json", False):
-        print(f"wrote {len(res['models'])} models to {res['out']} ({args.backend}):")
-        for v in res["variants"]:
-            print(f"  {v['name']}: ratio {v['ratio']} theta {v['theta']:.4f} ({v['selection']})")
-        print(f"  {ROUTER}: execution_ratio -> nearest variant; see docs/triton.md")
+        print(f"wrote {len(res['models'])} models to {res['out']} ({args.backend}): {', '.join(res['models'])}")
+        for v in res["ratios"]:
+            print(f"  {v['precision']} ratio {v['ratio']}: theta {v['theta']:.4f} ({v['mode']})")
+        print(f"  {ROUTER}: execution_ratio -> theta ({res['ratio_mode']}, as qtale run); see docs/triton.md")
     return res

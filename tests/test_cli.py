@@ -79,3 +79,30 @@ def test_help_lists_only_registered_commands(capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert "train" in capsys.readouterr().out
+
+
+def test_without_the_train_extra_help_lists_the_deployment_commands(monkeypatch, capsys):
+    """As on a host without torch: only the commands whose extra is installed are listed, the
+    others refuse in one line naming the extra, and no subcommand's module is imported for --help."""
+    import importlib.util
+    import sys
+
+    from qtale_export import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    for mod in ("qtale_export.bench", "qtale_export.triton"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    listed = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert listed == [c[0] for c in cli.COMMANDS if c[5] is None] == ["verify", "build", "run", "triton-repo", "bench"]
+    assert "qtale_export.bench" not in sys.modules and "qtale_export.triton" not in sys.modules
+    for argv in (["train", "--data", "x", "--out", "y"], ["quantize", "--help"], ["experiment"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"qtale {argv[0]} needs the [train] extra" in err
+        assert "pip install 'qtale-export[train]'" in err
+    assert cli.export_main(["ck", "--out", "x"]) == 2
+    assert "qtale-export: error: qtale export needs the [train] extra" in capsys.readouterr().err

@@ -105,8 +105,7 @@ def server(triton_venv, tiny_export_triton, tmp_path_factory):
             os.symlink(f, backends / f.name)
     shutil.copy2(stub, backends / stub.name)
     repo = work / "repo"
-    build_repository([tiny_export_triton], repo, backend="python", ratios=[0.6, 1.0], max_batch=4,
-                     threads=1, max_new_tokens=8)
+    build_repository([tiny_export_triton], repo, backend="python", max_batch=8, threads=1, max_new_tokens=8)
     http, grpc, metrics = _free_ports(3)
     libdir = sysconfig.get_config_var("LIBDIR")
     # the stub copy loses its $ORIGIN rpath to the wheel's bundled libraries (libcudart etc.)
@@ -144,7 +143,7 @@ def server(triton_venv, tiny_export_triton, tmp_path_factory):
         proc.wait(10)
         tail = (work / "server.log").read_text()[-1500:]
         pytest.skip(f"tritonserver did not become ready: {tail}")
-    yield client, repo
+    yield client, repo, f"127.0.0.1:{grpc}"
     client.close()
     proc.terminate()
     try:
@@ -176,25 +175,35 @@ def _infer_router(client, ids=None, text=None, ratio=0.6, new=8):
     return client.infer("qtale_router", inputs, client_timeout=60)
 
 
-def test_router_matches_runtime_and_survives_bad_requests(server, tiny_export_triton):
+RATIOS = (0.6, 0.7, 1.0)  # calibrated, interpolated (between 0.6 and 0.8) and all layers
+PROMPTS = (PROMPT, "Once upon a time", "The capital of France is")
+
+
+def _tokens(res) -> list[int]:
+    return [int(t) for t in res.as_numpy("output_ids")[0] if t >= 0]
+
+
+def test_one_model_serves_every_ratio_like_qtale_run(server, tiny_export_triton):
     from tritonclient.utils import InferenceServerException
 
     from qtale_export.runtime import Runtime
 
-    client, repo = server
-    rt = Runtime.open(tiny_export_triton)
+    client, repo, _ = server
+    assert sorted(p.name for p in repo.iterdir()) == ["qtale_fp32", "qtale_router"]
+    rt = Runtime.open(tiny_export_triton)  # what `qtale run` uses, with its default ratio mode
     ids = rt.tokenizer.encode(PROMPT)
-    for ratio in (0.6, 1.0):
+    for ratio in RATIOS:
         want = rt.generate(PROMPT, ratio=ratio, max_new_tokens=8)
         res = _infer_router(client, ids=ids, ratio=ratio)
-        got = [int(t) for t in res.as_numpy("output_ids")[0] if t >= 0]
-        assert got == want.token_ids
+        assert _tokens(res) == want.token_ids
         assert float(res.as_numpy("theta")[0, 0]) == pytest.approx(want.theta)
         assert float(res.as_numpy("realized_ratio")[0, 0]) == pytest.approx(want.realized_ratio, abs=1e-6)
-        assert res.as_numpy("variant")[0, 0].decode() == f"qtale_fp32_r{'0_6' if ratio == 0.6 else '1_0'}"
-    # bad requests: a ratio outside (0, 1], no prompt, a graph model with a missing input
-    with pytest.raises(InferenceServerException, match=r"\(0, 1\]"):
-        _infer_router(client, ids=ids, ratio=1.5)
+        assert res.as_numpy("precision")[0, 0].decode() == "fp32"
+    assert len({round(rt.generate(PROMPT, ratio=r, max_new_tokens=8).theta, 6) for r in RATIOS}) == 3
+    # bad requests: a ratio outside (0, 1] or below the table, no prompt, a graph call missing an input
+    for bad in (1.5, 0.0, 0.2):
+        with pytest.raises(InferenceServerException, match=r"\(0, 1\]|below the lowest calibrated ratio"):
+            _infer_router(client, ids=ids, ratio=bad)
     with pytest.raises(InferenceServerException, match="input_ids or text"):
         _infer_router(client, ratio=0.6)
     with pytest.raises(InferenceServerException):
@@ -202,10 +211,58 @@ def test_router_matches_runtime_and_survives_bad_requests(server, tiny_export_tr
 
         t = grpcclient.InferInput("input_ids", [1, 3], "INT64")
         t.set_data_from_numpy(np.asarray([[1, 2, 3]], np.int64))
-        client.infer("qtale_fp32_r0_6_prefill", [t], client_timeout=30)
+        client.infer("qtale_fp32", [t], client_timeout=30)
     # still serving: the text path equals the runtime too
     assert client.is_server_ready()
     want = rt.generate(PROMPT, ratio=0.6, max_new_tokens=8)
     res = _infer_router(client, text=PROMPT, ratio=0.6)
-    assert [int(t) for t in res.as_numpy("output_ids")[0] if t >= 0] == want.token_ids
-    assert res.as_numpy("text")[0, 0].decode() == want.text
+    assert _tokens(res) == want.token_ids and res.as_numpy("text")[0, 0].decode() == want.text
+
+
+def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(server, tiny_export_triton):
+    """8 clients at once, 240 requests over three ratios and three prompts: every answer equals
+    `qtale run`'s, and the router executed fewer batches than requests (rows of different ratios ran
+    together), all on the one graph model."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    from qtale_export.runtime import Runtime
+
+    client, repo, addr = server
+    rt = Runtime.open(tiny_export_triton)
+    want = {(p, r): rt.generate(p, ratio=r, max_new_tokens=8) for p in PROMPTS for r in RATIOS}
+    ids = {p: rt.tokenizer.encode(p) for p in PROMPTS}
+    before = client.get_inference_statistics("qtale_router").model_stats[0]
+    clients, per_client = 8, 30
+    results, errors = [], []
+
+    def work(k: int) -> None:
+        c = grpcclient.InferenceServerClient(addr)
+        try:
+            for j in range(per_client):
+                p, r = PROMPTS[j % len(PROMPTS)], RATIOS[(j // len(PROMPTS) + k) % len(RATIOS)]
+                res = _infer_router(c, ids=ids[p], ratio=r)
+                results.append((p, r, _tokens(res), float(res.as_numpy("realized_ratio")[0, 0])))
+        except Exception as exc:  # reported below; the thread must not hang the test
+            errors.append(repr(exc))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert len(results) == clients * per_client and {(p, r) for p, r, _, _ in results} == set(want)
+    for p, r, toks, realized in results:
+        assert toks == want[(p, r)].token_ids, (p, r)
+        assert realized == pytest.approx(want[(p, r)].realized_ratio, abs=1e-6), (p, r)
+    after = client.get_inference_statistics("qtale_router").model_stats[0]
+    n_req = after.inference_count - before.inference_count
+    n_exec = after.execution_count - before.execution_count
+    assert n_req == clients * per_client and n_exec < n_req  # dynamic batching merged requests
+    assert [m.name for m in client.get_model_repository_index().models] == ["qtale_fp32", "qtale_router"]
+
+

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import safe_write
 from ..errors import QtaleError
-from ..ratios import ratio_key
+from ..theta import ratio_key
 
 REPO = Path(__file__).resolve().parents[2]
 FROZEN = ("model", "seed", "methods", "ratios", "train", "calibration", "quantization")
@@ -49,17 +49,6 @@ def read_json(path: Path):
 def need(path: Path, stage: str) -> None:
     if not path.exists():
         raise QtaleError(f"{path} is missing: run the '{stage}' stage first")
-
-
-def lookup(table: dict, ratio: float) -> dict | None:
-    """The theta-table entry of `ratio` (keys compared as numbers)."""
-    for key, value in (table or {}).items():
-        try:
-            if abs(float(key) - float(ratio)) < 1e-9:
-                return value
-        except ValueError:
-            continue
-    return None
 
 
 def train_done(folder: Path, steps: int) -> bool:

@@ -13,9 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import QtaleError
-from ..ratios import ratio_key
+from .. import theta as theta_policy
+from ..theta import lookup, ratio_key
 from . import report
-from .layout import Run, configurations, lookup, need, read_json, train_done, write_gz_json, write_json, write_text
+from .layout import Run, configurations, need, read_json, train_done, write_gz_json, write_json, write_text
 from .ship import stage_keep, stage_ship
 
 
@@ -151,10 +152,10 @@ def _theta(run: Run, c: dict) -> float:
         return 0.0
     path = Path(c["theta_from"])
     need(path, "recalibrate" if c["format"] != "fp" else "calibrate")
-    entry = lookup(read_json(path)["table"], c["target_ratio"])
-    if entry is None:
-        raise QtaleError(f"{path} has no theta for ratio {c['target_ratio']}: delete it and re-run calibration")
-    return float(entry["theta"])
+    try:
+        return theta_policy.theta_for(read_json(path)["table"], c["target_ratio"], "exact")
+    except QtaleError as exc:
+        raise QtaleError(f"{path}: {exc}; delete it and re-run calibration") from None
 
 
 def _load_model(source: str, dtype: str = "float32"):

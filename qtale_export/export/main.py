@@ -40,6 +40,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
                         help="decode steps checked by the verification")
+    parser.add_argument("--allow-stale-theta", action="store_true",
+                        help="export a theta table calibrated on other weights (e.g. before quantization)")
     return parser
 
 
@@ -93,8 +95,9 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
 def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | None = None,
            precision: str | None = None, ops: str = "standard", target: str | None = None,
            opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
-           verify_thetas=None) -> dict:
-    """Export a loaded RoutedModel to `out` (see docs/export.md); returns the manifest."""
+           verify_thetas=None, allow_stale_theta: bool = False) -> dict:
+    """Export a loaded RoutedModel to `out` (see docs/export.md); returns the manifest.
+    A theta table calibrated on other weights (`model.theta_stale`, theta.py) is refused."""
     import numpy as np
     import onnx
     import onnxruntime
@@ -112,6 +115,10 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     if qprec and precision and precision != qprec:
         raise QtaleError(f"the checkpoint is quantized to {qprec}; export it with --precision {qprec}")
     precision, target = check_options(ratio, precision or qprec, ops, target, opset, out, force, theta)
+    stale = getattr(model, "theta_stale", None)
+    if stale and not allow_stale_theta:
+        raise QtaleError(f"{checkpoint}: {stale}; run `qtale calibrate {checkpoint}` first "
+                         "(or pass --allow-stale-theta)")
     if theta is None:
         theta = model.set_ratio(ratio)
     theta = float(theta)
@@ -154,6 +161,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             "base_model": dict(model.base_info), "checkpoint": ckpt,
             "precision": precision, "ops": ops, "target": target, "opset": int(opset),
             "ratio": float(ratio), "theta": theta, "theta_table": model.theta_table,
+            "theta_calibration": getattr(model, "theta_calibration", None),
             "router": model.router_config.to_dict(),
             "graphs": described,
             "reference": reference_entry,
@@ -213,7 +221,8 @@ def run_export(args) -> dict:
         ratio = float((model.recommended or {}).get("ratio") or FALLBACK_RATIO)
     return export(model, args.out, checkpoint=args.checkpoint, ratio=ratio, theta=getattr(args, "theta", None),
                   precision=args.precision, ops=args.ops, target=args.target, opset=args.opset,
-                  force=args.force, decode_steps=getattr(args, "decode_steps", 4))
+                  force=args.force, decode_steps=getattr(args, "decode_steps", 4),
+                  allow_stale_theta=getattr(args, "allow_stale_theta", False))
 
 
 def run_verify(args) -> dict:

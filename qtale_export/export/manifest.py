@@ -1,7 +1,8 @@
 """manifest.json of an export folder: what the runtimes and the engine builder read.
 
 {"format": "qtale-export", "format_version": 1, "base_model", "checkpoint", "precision", "ops",
-"target", "opset", "ratio", "theta", "theta_table", "router", "graphs", "model", "files", "engines",
+"target", "opset", "ratio", "theta", "theta_table", "theta_calibration" (what the table was
+calibrated on, theta.py), "router", "graphs", "model", "files", "engines",
 "tools", "verification", "files_sha256"}; "files" maps every other file's relative path to its
 sha256 and "files_sha256" covers that listing (checkpoint.check_listing: an unlisted file or a
 missing listing is an error).

@@ -425,7 +425,7 @@ def verify_with_polygraphy(folder, *, thetas=None, decode_steps: int | None = No
     from ..optional import require
     from . import reference
 
-    require("polygraphy", "pip install polygraphy (part of the [export] extra)", "Polygraphy")
+    require("polygraphy", "pip install polygraphy (part of the base install)", "Polygraphy")
     import polygraphy
 
     folder = Path(folder)

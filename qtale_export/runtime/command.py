@@ -6,6 +6,7 @@ import sys
 
 from .. import validate
 from ..errors import QtaleError
+from ..theta import MODES
 from ..validate import arg
 
 
@@ -16,8 +17,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="execution ratio in (0, 1] (default: the export's ratio)")
     parser.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
                         help="use this theta in [0, 1] instead of --ratio")
-    parser.add_argument("--ratio-mode", choices=["interpolate", "nearest"], default="interpolate",
-                        help="uncalibrated ratios: interpolate theta (default) or use the nearest calibrated one")
+    parser.add_argument("--ratio-mode", choices=MODES, default="interpolate",
+                        help="uncalibrated ratios: interpolate theta (default), use the nearest calibrated "
+                             "one, or refuse them (exact); see qtale_export/theta.py")
     parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=64)
     parser.add_argument("--temperature", type=arg(validate.temperature, "--temperature"), default=0.0,
                         help="0 = greedy (default)")
@@ -39,7 +41,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def run_run(args) -> dict:
     from .generate import Runtime
-    from .select import check_ratio
+    from ..theta import check_ratio
 
     if args.ratio is not None:
         check_ratio(args.ratio)  # before opening anything

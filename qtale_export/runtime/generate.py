@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import QtaleError
-from . import select as _select
+from .. import theta as policy
 from .backends import make_backend
 
 DEFAULT_MAX_LENGTH = 2048
@@ -171,8 +171,7 @@ class Runtime:
 
         folder = Path(export_dir)
         manifest = read_manifest(folder, verify=verify)
-        if ratio_mode not in _select.MODES:
-            raise QtaleError(f"unknown ratio mode '{ratio_mode}' (choose from {', '.join(_select.MODES)})")
+        policy.check_mode(ratio_mode)
         be = make_backend(folder, manifest, backend=backend, device=device, threads=threads,
                           precision=precision, plugin_library=plugin_library, exact=exact, spin=spin)
         tok = Tokenizer(folder)
@@ -189,14 +188,11 @@ class Runtime:
     def select(self, ratio: float | None = None, theta: float | None = None) -> dict:
         """{"theta", "ratio", "mode", ...}: theta given, else from `ratio`, else the export's default."""
         if theta is not None:
-            t = float(theta)
-            if not 0.0 <= t <= 1.0 or t != t:
-                raise QtaleError(f"theta must be in [0, 1], got {theta}")
-            return {"theta": t, "ratio": None, "mode": "theta"}
+            return {"theta": policy.check_theta(theta), "ratio": None, "mode": "theta"}
         if ratio is None:
             return {"theta": float(self.manifest.get("theta", 0.0)), "ratio": self.manifest.get("ratio"),
                     "mode": "export default"}
-        return _select.select_theta(self.manifest.get("theta_table"), ratio, self.ratio_mode)
+        return policy.select(self.manifest.get("theta_table"), ratio, self.ratio_mode)
 
     # ---- inputs -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:

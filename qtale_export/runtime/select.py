@@ -1,16 +1,6 @@
-"""Pick theta (and the export / engine variant) for a requested execution ratio or budget.
+"""Pick the export / engine variant for a budget; ratio -> theta is the one policy, `qtale_export.theta`.
 
-Torch-free and dependency-free (stdlib only): the Triton router model copies this file.
-
-Ratio rule (`select_theta`):
-  * ratio >= 1.0 -> theta 0.0 (P(execute) >= 0 for every token: the dense model, exactly);
-  * a calibrated key (`ratio_key(ratio)` in the theta table) -> its theta ("exact");
-  * mode "interpolate" (default): between two calibrated ratios (1.0 -> theta 0 counts as one),
-    theta is linearly interpolated between the neighbours' thetas ("interpolated"); the realized
-    ratio is only approximately the requested one, which the runtime reports from the exec masks;
-  * mode "nearest": the nearest calibrated ratio (a tie goes to the higher ratio, the safer one);
-  * below the lowest calibrated ratio both modes refuse (QtaleError naming the lowest): theta
-    outside the calibrated range has no guarantee at all.
+Torch-free and dependency-free (stdlib only).
 
 Budget rule (`select_budget`), over measured points {export, ratio, ms_per_token, accuracy}:
   * max_ms_per_token only: of the points that meet it, the highest ratio, then the wider
@@ -24,56 +14,13 @@ Budget rule (`select_budget`), over measured points {export, ratio, ms_per_token
 from __future__ import annotations
 
 from ..errors import QtaleError
-from ..ratios import check_ratio, ratio_key
+from ..theta import MODES, calibrated_points, check_ratio, ratio_key
+from ..theta import select as select_theta
 
-__all__ = ["check_ratio", "ratio_key", "select_theta"]
+__all__ = ["MODES", "calibrated_points", "check_ratio", "ratio_key", "select_theta", "budget_points",
+           "select_budget"]
 
-MODES = ("interpolate", "nearest")
 PRECISION_RANK = {"fp32": 4, "fp16": 3, "bf16": 3, "int8": 2, "fp8": 2, "int4": 1}
-
-
-def calibrated_points(theta_table: dict | None) -> list[tuple[float, float]]:
-    """[(ratio, theta)] sorted by ratio, always with (1.0, 0.0)."""
-    pts = {1.0: 0.0}
-    for k, v in (theta_table or {}).items():
-        try:
-            r = float(k)
-            t = float(v["theta"] if isinstance(v, dict) else v)
-        except (TypeError, ValueError, KeyError):
-            continue
-        if 0.0 < r < 1.0:
-            pts[r] = t
-    return sorted(pts.items())
-
-
-def select_theta(theta_table: dict | None, ratio, mode: str = "interpolate") -> dict:
-    """{"ratio": requested, "theta", "mode": exact|interpolated|nearest, "calibrated_ratio"(s)}."""
-    r = check_ratio(ratio)
-    if mode not in MODES:
-        raise QtaleError(f"unknown ratio selection mode '{mode}' (choose from {', '.join(MODES)})")
-    if r >= 1.0:
-        return {"ratio": 1.0, "theta": 0.0, "mode": "exact", "calibrated_ratio": 1.0}
-    table = theta_table or {}
-    key = ratio_key(r)
-    if key in table:
-        v = table[key]
-        return {"ratio": r, "theta": float(v["theta"] if isinstance(v, dict) else v), "mode": "exact",
-                "calibrated_ratio": float(key)}
-    pts = calibrated_points(table)
-    lo_r = pts[0][0]
-    if r < lo_r:
-        have = ", ".join(ratio_key(p) for p, _ in pts)
-        raise QtaleError(f"ratio {key} is below the lowest calibrated ratio {ratio_key(lo_r)} "
-                         f"(calibrated: {have}); use ratio >= {ratio_key(lo_r)} or recalibrate")
-    if mode == "nearest":
-        rr, th = min(pts, key=lambda p: (round(abs(p[0] - r), 9), -p[0]))
-        return {"ratio": r, "theta": th, "mode": "nearest", "calibrated_ratio": rr}
-    for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
-        if r0 <= r <= r1:
-            w = (r - r0) / (r1 - r0)
-            return {"ratio": r, "theta": t0 + w * (t1 - t0), "mode": "interpolated",
-                    "calibrated_ratios": [r0, r1]}
-    raise QtaleError(f"ratio {key} cannot be placed in the theta table")  # unreachable
 
 
 def budget_points(manifests: list[tuple[str, dict]]) -> list[dict]:

@@ -1,18 +1,23 @@
 """Triton Python-backend BLS model `qtale_router`: execution ratio in, generated tokens out.
 
 Inputs (per batch row): execution_ratio FP32 [1]; input_ids INT64 [-1] (right-padded with -1
-when rows differ) or text BYTES [1]; optional max_new_tokens INT32 [1].
+when rows differ) or text BYTES [1]; optional max_new_tokens INT32 [1]; optional precision BYTES
+[1] (default: the first export's).
 Outputs: output_ids INT64 [-1] (padded with -1), text BYTES [1], realized_ratio FP32 [1],
-theta FP32 [1], variant BYTES [1].
+theta FP32 [1], precision BYTES [1].
 
-The variant is the calibrated one nearest to the requested ratio (a tie goes to the higher ratio);
-its theta is sent to the variant's prefill/decode models, called through BLS with the KV cache
-(present.* -> past.*, exec_mask -> past_exec); greedy decoding, stop at eos or max_new_tokens.
-Parameters (config.pbtxt): variants (JSON), eos_ids (JSON), routed_layers (JSON), num_layers,
-max_length, default_max_new_tokens.
+theta comes from the export's theta table through theta_policy.py, a copy of qtale_export/theta.py
+(the rule `qtale run` uses, in the repository's ratio_mode). Every row of every request that
+dynamic batching hands to one execute() is generated together with the rows that share its
+precision and prompt length: one prefill and one decode call per step for the group, theta per
+sequence, finished rows dropped from the batch; greedy decoding, stop at eos or max_new_tokens.
+A bad row (ratio, prompt) fails its own request only. Parameters (config.pbtxt): exports (JSON
+{precision: {prefill, decode, theta_table}}), default_precision, ratio_mode, eos_ids,
+routed_layers, num_layers, max_length, default_max_new_tokens.
 """
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -22,14 +27,23 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         p = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
-        self.variants = json.loads(p["variants"])
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, folder)
+        import theta_policy
+
+        self.policy = theta_policy
+        self.exports = json.loads(p["exports"])
+        self.default_precision = p["default_precision"]
+        self.ratio_mode = p.get("ratio_mode") or "interpolate"
         self.eos = set(json.loads(p.get("eos_ids") or "[]"))
         self.routed = json.loads(p.get("routed_layers") or "[]")
         self.num_layers = int(p["num_layers"])
         self.max_length = int(p.get("max_length") or 2048)
         self.default_new = int(p.get("default_max_new_tokens") or 32)
+        self.kv = [f"{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.out_names = ["logits", "exec_mask"] + [f"present.{k}" for k in self.kv]
         self.tokenizer = None
-        tj = os.path.join(args["model_repository"], args["model_version"], "tokenizer.json")
+        tj = os.path.join(folder, "tokenizer.json")
         if os.path.isfile(tj):
             try:
                 from tokenizers import Tokenizer
@@ -38,85 +52,118 @@ class TritonPythonModel:
             except ImportError:
                 pass
 
-    def pick(self, ratio):
-        if not ratio == ratio or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"execution_ratio must be in (0, 1], got {ratio}")
-        return min(self.variants, key=lambda v: (round(abs(v["ratio"] - ratio), 9), -v["ratio"]))
-
     def call(self, model, feeds):
         tensors = [pb_utils.Tensor(k, np.array(v, copy=True, order="C")) for k, v in feeds.items()]
-        req = pb_utils.InferenceRequest(model_name=model, inputs=tensors,
-                                        requested_output_names=self.out_names)
+        req = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=self.out_names)
         resp = req.exec()
         if resp.has_error():
             raise RuntimeError(f"{model}: {resp.error().message()}")
         return {n: pb_utils.get_output_tensor_by_name(resp, n).as_numpy() for n in self.out_names}
 
-    @property
-    def out_names(self):
-        return ["logits", "exec_mask"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+    # ---- one request -> rows ---------------------------------------------------------------------
+    def rows(self, request):
+        """[{"ids", "theta", "max_new", "precision"}] of one request; ValueError on bad input."""
+        ratio = pb_utils.get_input_tensor_by_name(request, "execution_ratio")
+        if ratio is None:
+            raise ValueError("send execution_ratio")
+        ratio = ratio.as_numpy().reshape(-1)
+        n = ratio.shape[0]
+        ids_t = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        text_t = pb_utils.get_input_tensor_by_name(request, "text")
+        new_t = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
+        prec_t = pb_utils.get_input_tensor_by_name(request, "precision")
+        if ids_t is not None:
+            ids = [[int(t) for t in r if t >= 0] for r in ids_t.as_numpy().reshape(n, -1)]
+        elif text_t is not None:
+            if self.tokenizer is None:
+                raise ValueError("text input needs the `tokenizers` package in the server's Python")
+            texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in text_t.as_numpy().reshape(-1)]
+            ids = [self.tokenizer.encode(t).ids if t.strip() else [] for t in texts]
+        else:
+            raise ValueError("send input_ids or text")
+        max_new = new_t.as_numpy().reshape(-1) if new_t is not None else np.full(n, self.default_new)
+        precs = ([x.decode() if isinstance(x, bytes) else str(x) for x in prec_t.as_numpy().reshape(-1)]
+                 if prec_t is not None else [self.default_precision] * n)
+        out = []
+        for b in range(n):
+            if precs[b] not in self.exports:
+                raise ValueError(f"unknown precision '{precs[b]}' (served: {', '.join(self.exports)})")
+            if not ids[b]:
+                raise ValueError("empty prompt")
+            if len(ids[b]) >= self.max_length:
+                raise ValueError(f"prompt is {len(ids[b])} tokens; the maximum is {self.max_length - 1}")
+            theta = self.policy.theta_for(self.exports[precs[b]]["theta_table"], float(ratio[b]), self.ratio_mode)
+            out.append({"ids": ids[b], "theta": theta, "max_new": max(int(max_new[b]), 1), "precision": precs[b]})
+        return out
 
-    def generate(self, ids, variant, max_new):
-        if not ids:
-            raise ValueError("empty prompt")
-        if len(ids) >= self.max_length:
-            raise ValueError(f"prompt is {len(ids)} tokens; the maximum is {self.max_length - 1}")
-        theta = np.asarray([variant["theta"]], dtype=np.float32)
-        out = self.call(variant["prefill"], {"input_ids": np.asarray([ids], np.int64),
-                                             "attention_mask": np.ones((1, len(ids)), np.int64), "theta": theta})
-        gen = []
+    # ---- a group of rows with one precision and one prompt length --------------------------------
+    def generate(self, group):
+        exp = self.exports[group[0]["precision"]]
+        T = len(group[0]["ids"])
+        thetas = np.asarray([r["theta"] for r in group], np.float32)
+        out = self.call(exp["prefill"], {"input_ids": np.asarray([r["ids"] for r in group], np.int64),
+                                         "attention_mask": np.ones((len(group), T), np.int64), "theta": thetas})
+        active = list(range(len(group)))
         while True:
-            tok = int(np.argmax(out["logits"][0, -1]))
-            if tok in self.eos:
-                break
-            gen.append(tok)
-            total = len(ids) + len(gen)
-            if len(gen) >= max_new or total >= self.max_length:
-                break
-            feeds = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers) for kv in ("key", "value")}
-            feeds.update({"input_ids": np.asarray([[tok]], np.int64), "attention_mask": np.ones((1, total), np.int64),
-                          "theta": theta, "past_exec": out["exec_mask"]})
-            out = self.call(variant["decode"], feeds)
-        ex = out["exec_mask"][self.routed] if self.routed else np.ones(1, bool)
-        return gen, float(ex.mean())
+            keep = []
+            for j, b in enumerate(active):
+                r = group[b]
+                tok = int(np.argmax(out["logits"][j, -1]))
+                done = tok in self.eos
+                if not done:
+                    r.setdefault("gen", []).append(tok)
+                    done = len(r["gen"]) >= r["max_new"] or T + len(r["gen"]) >= self.max_length
+                if done:
+                    ex = out["exec_mask"][:, j]
+                    ex = ex[self.routed] if self.routed else np.ones(1, bool)
+                    r["realized"] = float(ex.mean())
+                    r.setdefault("gen", [])
+                else:
+                    keep.append(j)
+            if not keep:
+                return
+            sel = np.asarray(keep)
+            active = [active[j] for j in keep]
+            total = T + len(group[active[0]]["gen"])  # rows still running have all made as many tokens
+            feeds = {f"past.{k}": out[f"present.{k}"][sel] for k in self.kv}
+            feeds.update({"input_ids": np.asarray([[group[b]["gen"][-1]] for b in active], np.int64),
+                          "attention_mask": np.ones((len(active), total), np.int64),
+                          "theta": thetas[active], "past_exec": out["exec_mask"][:, sel]})
+            out = self.call(exp["decode"], feeds)
+
+    def respond(self, rows):
+        n = len(rows)
+        width = max(max((len(r["gen"]) for r in rows), default=0), 1)
+        ids_out = np.full((n, width), -1, np.int64)
+        for b, r in enumerate(rows):
+            ids_out[b, :len(r["gen"])] = r["gen"]
+        texts = [(self.tokenizer.decode(r["gen"]) if self.tokenizer is not None else "").encode("utf-8") for r in rows]
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("output_ids", ids_out),
+            pb_utils.Tensor("text", np.asarray(texts, dtype=np.object_).reshape(n, 1)),
+            pb_utils.Tensor("realized_ratio", np.asarray([[r["realized"]] for r in rows], np.float32)),
+            pb_utils.Tensor("theta", np.asarray([[r["theta"]] for r in rows], np.float32)),
+            pb_utils.Tensor("precision", np.asarray([[r["precision"].encode()] for r in rows], dtype=np.object_)),
+        ])
 
     def execute(self, requests):
-        responses = []
-        for request in requests:  # dynamic batching hands several requests to one execute()
+        parsed, errors = [], {}
+        for i, request in enumerate(requests):  # dynamic batching hands several requests to one execute()
             try:
-                ratio = pb_utils.get_input_tensor_by_name(request, "execution_ratio").as_numpy().reshape(-1)
-                ids_t = pb_utils.get_input_tensor_by_name(request, "input_ids")
-                text_t = pb_utils.get_input_tensor_by_name(request, "text")
-                new_t = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
-                n = ratio.shape[0]
-                if ids_t is not None:
-                    rows = [[int(t) for t in r if t >= 0] for r in ids_t.as_numpy().reshape(n, -1)]
-                elif text_t is not None:
-                    if self.tokenizer is None:
-                        raise ValueError("text input needs the `tokenizers` package in the server's Python")
-                    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in text_t.as_numpy().reshape(-1)]
-                    rows = [self.tokenizer.encode(t).ids if t.strip() else [] for t in texts]
-                else:
-                    raise ValueError("send input_ids or text")
-                max_new = new_t.as_numpy().reshape(-1) if new_t is not None else np.full(n, self.default_new)
-                results = []
-                for b in range(n):
-                    v = self.pick(float(ratio[b]))
-                    gen, realized = self.generate(rows[b], v, max(int(max_new[b]), 1))
-                    results.append((gen, realized, v))
-                width = max(max((len(g) for g, _, _ in results), default=0), 1)
-                ids_out = np.full((n, width), -1, np.int64)
-                for b, (g, _, _) in enumerate(results):
-                    ids_out[b, :len(g)] = g
-                texts = [(self.tokenizer.decode(g) if self.tokenizer is not None else "").encode("utf-8")
-                         for g, _, _ in results]
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("output_ids", ids_out),
-                    pb_utils.Tensor("text", np.asarray(texts, dtype=np.object_).reshape(n, 1)),
-                    pb_utils.Tensor("realized_ratio", np.asarray([[r] for _, r, _ in results], np.float32)),
-                    pb_utils.Tensor("theta", np.asarray([[v["theta"]] for _, _, v in results], np.float32)),
-                    pb_utils.Tensor("variant", np.asarray([[v["name"].encode()] for _, _, v in results], dtype=np.object_)),
-                ]))
+                parsed.append(self.rows(request))
             except Exception as exc:  # one bad request fails alone; the server keeps serving
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
-        return responses
+                parsed.append([])
+                errors[i] = str(exc)
+        groups = {}
+        for i, rows in enumerate(parsed):
+            for r in rows:
+                r["request"] = i
+                groups.setdefault((r["precision"], len(r["ids"])), []).append(r)
+        for group in groups.values():
+            try:
+                self.generate(group)
+            except Exception as exc:
+                for r in group:
+                    errors.setdefault(r["request"], str(exc))
+        return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[i]))
+                if i in errors else self.respond(rows) for i, rows in enumerate(parsed)]

@@ -8,6 +8,7 @@ import torch
 
 import qtale_export
 from qtale_export import checkpoint
+from qtale_export import theta as theta_policy
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
@@ -34,6 +35,9 @@ def quantized_ckpt(tiny_dir, tmp_path_factory):
             info = quantize(model, fmt, calib, model.tokenizer, max_length=64)
             cache[fmt] = checkpoint.save(model, tmp_path_factory.mktemp("qckpt") / fmt, quantization=info,
                                          extra_tensors=quantizer_tensors(model))
+            # the table stands for one calibrated on the quantized weights (a stale one is refused)
+            checkpoint.update_meta(cache[fmt], lambda m: m.update(
+                calibration=theta_policy.calibration_record(m, {"data": "fixture"})))
         return cache[fmt]
     return get
 
@@ -93,3 +97,27 @@ def test_precision_mismatch_refused(quantized_ckpt, tmp_path):
     with pytest.raises(QtaleError, match="int4"):
         export_main.export(model, tmp_path / "x", checkpoint=str(ckpt), precision="int8")
     assert not (tmp_path / "x").exists()
+
+
+def test_stale_theta_table_is_refused(quantized_ckpt, tmp_path):
+    """A quantized checkpoint whose table was calibrated before quantization does not export
+    silently; `qtale calibrate` (a record naming the quantized weights) or the flag lets it."""
+    import shutil
+
+    stale = tmp_path / "stale"
+    shutil.copytree(quantized_ckpt("int4"), stale)
+    def drop(meta: dict) -> None:
+        del meta["calibration"]
+
+    checkpoint.update_meta(stale, drop)
+    model = qtale_export.load(stale)
+    assert "calibrated before quantization to int4" in model.theta_stale
+    out = tmp_path / "out"
+    with pytest.raises(QtaleError, match=r"calibrated before quantization.*qtale calibrate") as e:
+        export_main.export(model, out, checkpoint=str(stale), ratio=0.6)
+    assert "\n" not in str(e.value) and not out.exists() and not list(tmp_path.glob(".out*"))
+    # a record from before quantization (quantization null) is stale the same way
+    checkpoint.update_meta(stale, lambda m: m.update(calibration=theta_policy.calibration_record(
+        {**m, "quantization": None}, {"data": "before"})))
+    assert "other quantization format (None vs int4)" in qtale_export.load(stale).theta_stale
+    assert qtale_export.load(quantized_ckpt("int4")).theta_stale is None

@@ -21,7 +21,10 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
     out = tmp_path / "repo"
     res = triton(tiny_export, "--out", out, "--backend", backend, "--ratios", "0.5,0.7,1.0", "--instances", "2")
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(res["models"]) and "qtale_router" in names and len(names) == 7
+    # one model per graph (onnxruntime) or one for both (python), whatever the number of ratios
+    graphs = ["qtale_fp32_decode", "qtale_fp32_prefill"] if backend == "onnxruntime" else ["qtale_fp32"]
+    assert names == sorted(res["models"]) == sorted(graphs + ["qtale_router"])
+    assert [(r["ratio"], r["mode"]) for r in res["ratios"]] == [(0.5, "exact"), (0.7, "interpolated"), (1.0, "exact")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     for name in names:
         cfg = model_config_pb2.ModelConfig()
@@ -29,21 +32,33 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
         assert cfg.name == name
         if name == "qtale_router":
             assert cfg.backend == "python" and cfg.max_batch_size == 8 and cfg.HasField("dynamic_batching")
-            assert (out / name / "1" / "model.py").is_file() and (out / name / "1" / "tokenizer.json").is_file()
-            variants = json.loads(cfg.parameters["variants"].string_value)
-            assert [v["ratio"] for v in variants] == [0.5, 0.7, 1.0]
-            assert variants[1]["selection"] == "interpolated"
+            ver = out / name / "1"
+            assert all((ver / f).is_file() for f in ("model.py", "tokenizer.json", "theta_policy.py"))
+            exports = json.loads(cfg.parameters["exports"].string_value)
+            assert exports["fp32"]["theta_table"] == json.loads((tiny_export / "manifest.json").read_text())["theta_table"]
+            assert cfg.parameters["ratio_mode"].string_value == "interpolate"
+            assert [i.name for i in cfg.input if i.name == "precision"] == ["precision"]
             continue
-        graph = name.rsplit("_", 1)[1]
         assert cfg.instance_group[0].count == 2 and len(cfg.model_warmup) == 1
-        assert "theta" in [i.name for i in cfg.input] and -1 in list(cfg.input[0].dims)
-        assert float(cfg.parameters["theta"].string_value) >= 0
+        inputs = {i.name: i for i in cfg.input}
+        assert "theta" in inputs and -1 in list(cfg.input[0].dims) and "theta" not in cfg.parameters
         ver = out / name / "1"
-        assert (ver / f"{graph}.onnx").is_file() and (ver / "weights.onnx.data").is_file()
+        assert (ver / "weights.onnx.data").is_file()
         if backend == "onnxruntime":
+            graph = name.rsplit("_", 1)[1]
             assert cfg.platform == "onnxruntime_onnx" and cfg.default_model_filename == f"{graph}.onnx"
-        else:
+            assert sorted(p.name for p in ver.iterdir()) == sorted([f"{graph}.onnx", "weights.onnx.data"])
+        else:  # both graphs and the weights they share, once
             assert cfg.backend == "python" and (ver / "model.py").is_file()
+            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "model.py", "prefill.onnx",
+                                                             "weights.onnx.data"]
+            assert inputs["past_exec"].optional and not inputs["input_ids"].optional
+    sizes = {}
+    for ratios in ("0.6", "0.5,0.6,0.7,0.8,1.0"):  # the repository does not grow with the ratios
+        r = tmp_path / f"size-{len(ratios)}"
+        triton(tiny_export, "--out", r, "--backend", backend, "--ratios", ratios)
+        sizes[ratios] = sum(p.stat().st_size for p in r.rglob("*") if p.is_file())
+    assert len(set(sizes.values())) == 1
     with pytest.raises(QtaleError, match="already exists"):
         triton(tiny_export, "--out", out)
     triton(tiny_export, "--out", out, "--force", "--ratios", "0.6")

@@ -1,0 +1,229 @@
+"""The main job (`bash run.sh`): the shipped default model through the deployment path.
+
+quantize (INT4 AWQ) -> re-calibrate theta on the quantized weights -> `qtale-export --ratio R
+--precision int4` -> `qtale verify` -> `qtale run` at two ratios -> `qtale bench` against the
+all-layers model of the same export (ratio 1.0, theta 0) -> held-out perplexity / KL at R vs all
+layers -> one summary (also written as `OUT/summary.json`).
+
+Each stage runs the same command a user would (printed as it runs) and is skipped when its output
+exists and is complete: the quantized checkpoint verifies and has the format, its theta table is
+calibrated on those weights (theta.stale_reason) with every ratio, the export verifies and carries
+that table, and the bench / held-out results name the export's files_sha256. So a second run only
+repeats what is cheap (verify, generate).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import theta as policy
+from .errors import QtaleError
+
+PROMPT = "The three most useful things to know about the moon are"
+HELDOUT_TOKENS = 2048  # the package's held-out paragraphs; enough to separate the two ratios' KL
+
+
+def _qtale(*argv) -> None:
+    """Run one `qtale` subcommand in this process (a non-zero exit is a QtaleError)."""
+    from .cli import export_main, main
+
+    argv = [str(a) for a in argv]
+    print("$ " + " ".join(["qtale-export" if argv[0] == "export" else "qtale"] + argv[argv[0] == "export":]),
+          flush=True)
+    code = export_main(argv[1:]) if argv[0] == "export" else main(argv)
+    if code:
+        raise QtaleError(f"`qtale {argv[0]}` failed (exit {code}); see its message above")
+
+
+def _json_of(*argv) -> dict:
+    """A `qtale ... --json` subcommand's result, captured instead of printed."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        _qtale(*argv, "--json")
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("{")]
+    print(buf.getvalue().splitlines()[0])  # the command line
+    return json.loads(lines[-1])
+
+
+def _folder_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6, 1)
+
+
+def _quantized(folder: Path, fmt: str) -> dict | None:
+    from . import checkpoint
+
+    try:
+        meta = checkpoint.read_meta(folder)
+    except QtaleError:
+        return None
+    return meta if (meta.get("quantization") or {}).get("format") == fmt else None
+
+
+def _calibrated(meta: dict, ratios) -> bool:
+    rec = meta.get("calibration") or {}
+    return ("weights" in rec and policy.stale_reason(meta) is None
+            and all(policy.lookup(meta.get("theta_table"), r) is not None for r in ratios))
+
+
+def _exported(folder: Path, meta: dict) -> dict | None:
+    from .export.manifest import read_manifest
+
+    try:
+        m = read_manifest(folder, verify=True)
+    except QtaleError:
+        return None
+    ok = (m.get("verification") or {}).get("ok") and m.get("theta_table") == meta.get("theta_table")
+    return m if ok else None
+
+
+def _cached(path: Path, key: str) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("export_sha256") == key else None
+
+
+def heldout(export: Path, ratio: float, tokens: int) -> dict:
+    """Perplexity and KL to the all-layers model of the same export (theta 0), on held-out text."""
+    from .evaluate import ExportModel, perplexity_and_kl
+    from .tasks import heldout_text
+
+    model = ExportModel.open(export)
+    text, source = heldout_text(None)
+    th = model.theta_for(ratio)
+    at = perplexity_and_kl(model, text, theta=th, max_tokens=tokens)
+    full = perplexity_and_kl(model, text, theta=0.0, max_tokens=tokens)
+    return {"source": source, "tokens": at["ppl_tokens"], "ratio": ratio, "theta": th,
+            "ppl": at["ppl"], "kl_vs_all_layers": at["kl"], "realized_ratio": at["ppl_realized_ratio"],
+            "ppl_all_layers": full["ppl"]}
+
+
+def run(out="runs/deploy", model: str = "smollm2-135m", fmt: str = "int4-awq", ratio: float = 0.6,
+        other_ratio: float = 0.8, prompt: str = PROMPT, calib_ratios=(0.5, 0.6, 0.7, 0.8)) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ratio, other_ratio = policy.check_ratio(ratio), policy.check_ratio(other_ratio)
+    calib_ratios = sorted({*calib_ratios, ratio, other_ratio} - {1.0})
+    qdir, edir = out / fmt, out / f"export-int4-r{policy.ratio_key(ratio)}"
+    times: dict[str, float | str] = {}
+
+    def stage(name: str, done: bool, fn) -> None:
+        if done:
+            print(f"[{name}] done before: skipped", flush=True)
+            times[name] = "reused"
+            return
+        print(f"[{name}]", flush=True)
+        t0 = time.time()
+        fn()
+        times[name] = round(time.time() - t0, 1)
+
+    stage("quantize", _quantized(qdir, fmt) is not None,
+          lambda: _qtale("quantize", model, "--format", fmt, "--out", qdir, "--force", "--calib-samples", 16,
+                         "--calib-length", 256))
+    stage("calibrate", _calibrated(_quantized(qdir, fmt), calib_ratios),
+          lambda: _qtale("calibrate", qdir, "--ratios", ",".join(map(str, calib_ratios))))
+    meta = _quantized(qdir, fmt)
+    stage("export", _exported(edir, meta) is not None,
+          lambda: _qtale("export", qdir, "--ratio", ratio, "--precision", "int4", "--out", edir, "--force"))
+    manifest = _exported(edir, meta)
+    if manifest is None:
+        raise QtaleError(f"{edir} is not a complete, verified export of {qdir}")
+    key = manifest["files_sha256"]
+    t0 = time.time()
+    print("[verify]", flush=True)
+    verified = _json_of("verify", edir)
+    times["verify"] = round(time.time() - t0, 1)
+    if not verified.get("ok"):
+        raise QtaleError(f"{edir} does not match its stored PyTorch reference")
+    print("[generate]", flush=True)
+    runs = {}
+    for r in (ratio, other_ratio):
+        runs[r] = _json_of("run", edir, "--ratio", r, "--prompt", prompt, "--max-new-tokens", 24)
+        print(f"  ratio {r}: {runs[r]['text'].strip()!r} (realized {runs[r]['realized_ratio']:.3f})")
+    bench_dir = out / "bench"
+    bench = _cached(out / "bench.json", key)
+    stage("bench", bench is not None, lambda: (out / "bench.json").write_text(json.dumps(
+        {"export_sha256": key, **_json_of("bench", edir, "--ratios", f"1.0,{ratio}", "--seq", "128",
+                                          "--repeats", 3, "--decode-tokens", 16, "--threads", 2,
+                                          "--out", bench_dir)})))
+    bench = _cached(out / "bench.json", key)
+    held = _cached(out / "heldout.json", key)
+    stage("heldout", held is not None, lambda: (out / "heldout.json").write_text(json.dumps(
+        {"export_sha256": key, **heldout(edir, ratio, HELDOUT_TOKENS)})))
+    held = _cached(out / "heldout.json", key)
+    summary = _summary(out, qdir, edir, manifest, ratio, runs, bench, held, times)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_summary(summary)
+    return summary
+
+
+def _summary(out, qdir, edir, manifest, ratio, runs, bench, held, times) -> dict:
+    e = bench["exports"][0]
+    pre = {p["ratio"]: p for p in e["prefill"]}
+    dec = {d["ratio"]: d for d in e["decode"]}
+    weights = sum(b for n, b in e["files"].items() if n.endswith((".onnx", ".data")))
+    return {
+        "ratio": ratio, "theta": manifest["theta"], "precision": manifest["precision"],
+        "sizes_mb": {"export": _folder_mb(edir), "export_weights_and_graphs": round(weights / 1e6, 1),
+                     "quantized_checkpoint_without_base": _folder_mb(qdir)},
+        "speed_vs_all_layers": {"prefill_time": pre[ratio]["vs_dense"], "prefill_realized_ratio":
+                                pre[ratio]["realized_ratio"],
+                                "decode_tokens_per_s": dec[ratio]["tokens_per_s"],
+                                "decode_tokens_per_s_all_layers": dec[1.0]["tokens_per_s"],
+                                "decode_speedup": round(dec[ratio]["tokens_per_s"] / dec[1.0]["tokens_per_s"], 3)},
+        "heldout": held, "generate": {str(r): {k: v[k] for k in ("text", "realized_ratio", "theta", "tokens_per_s")}
+                                      for r, v in runs.items()},
+        "artifacts": {"quantized_checkpoint": str(qdir), "export": str(edir), "bench": str(out / "bench"),
+                      "summary": str(out / "summary.json")},
+        "stage_seconds": times,
+    }
+
+
+def print_summary(s: dict) -> None:
+    sp, h, sz = s["speed_vs_all_layers"], s["heldout"], s["sizes_mb"]
+    r = s["ratio"]
+    lines = [
+        f"QTALE deployment summary: smollm2-135m, {s['precision']}, ratio {r} (theta {s['theta']:.4f})",
+        f"  sizes: export {sz['export']} MB ({sz['export_weights_and_graphs']} MB weights + graphs), "
+        f"quantized checkpoint {sz['quantized_checkpoint_without_base']} MB (routers, adapter, quantizer; no base)",
+        f"  speed vs all layers (same export): prefill time x{sp['prefill_time']:.2f} at realized ratio "
+        f"{sp['prefill_realized_ratio']:.3f}; decode {sp['decode_tokens_per_s']:.1f} vs "
+        f"{sp['decode_tokens_per_s_all_layers']:.1f} tokens/s (x{sp['decode_speedup']:.2f})",
+        f"  held-out ({h['tokens']} tokens): perplexity {h['ppl']:.2f} at ratio {r} (realized "
+        f"{h['realized_ratio']:.3f}) vs {h['ppl_all_layers']:.2f} all layers; KL to all layers {h['kl_vs_all_layers']:.4f}",
+    ]
+    for k, g in s["generate"].items():
+        lines.append(f"  ratio {k}: realized {g['realized_ratio']:.3f}, {g['tokens_per_s']:.1f} tokens/s: "
+                     f"{g['text'].strip()[:80]!r}")
+    lines.append("  artifacts: " + ", ".join(f"{k} {v}" for k, v in s["artifacts"].items()))
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from . import validate
+    from .validate import arg
+
+    p = argparse.ArgumentParser(prog="python -m qtale_export.deploy", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/deploy")
+    p.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6)
+    p.add_argument("--other-ratio", type=arg(validate.ratio, "--other-ratio"), default=0.8)
+    p.add_argument("--prompt", default=PROMPT)
+    args = p.parse_args(argv)
+    try:
+        run(args.out, ratio=args.ratio, other_ratio=args.other_ratio, prompt=args.prompt)
+    except QtaleError as exc:
+        print(f"run.sh: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
