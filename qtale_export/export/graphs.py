@@ -280,6 +280,7 @@ class Lowering:
     def __init__(self, b: Builder, w: Weights, ops: str, target: str = "ort-cpu"):
         self.b, self.w, self.s, self.ops, self.target = b, w, w.spec, ops, target
         self._w_inits: dict[str, str] = {}
+        self._logit_theta: str | None = None
 
     # -- weights --
     def tensor(self, name, dtype=None) -> str:
@@ -394,21 +395,32 @@ class Lowering:
         return b.op("Add", [x, m]), k, v
 
     def router_gate(self, i, x, theta, valid, keep):
-        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32."""
+        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32.
+
+        P(execute) = softmax(l)[0] = sigmoid(l0 - l1), so the test is (w0 - w1) h + (b0 - b1) >=
+        logit(theta): one [hidden, 1] MatMul instead of the [hidden, 2] one, Softmax and Slice, and
+        logit(theta) made once per graph (theta 0 -> -inf: every token; 1 -> +inf: none)."""
         b = self.b
         p = f"router.{i}"
         xf = b.to_f32(x)
-
-        def lin(t, n):
-            y = b.op("MatMul", [t, self.tensor_f32_t(f"{p}.{n}.weight")], name=f"{p}.{n}/MatMul")
-            return b.op("Add", [y, self.tensor(f"{p}.{n}.bias", np.float32)])
-
-        h = self.router_norm(lin(xf, "down"), p)
+        down = b.op("MatMul", [xf, self.tensor_f32_t(f"{p}.down.weight")], name=f"{p}.down/MatMul")
+        h = self.router_norm(b.op("Add", [down, self.tensor(f"{p}.down.bias", np.float32)]), p)
         h = b.op("Mul", [h, b.op("Sigmoid", [h])])
-        prob = b.op("Softmax", [lin(h, "out")], axis=-1)
-        p_exec = b.op("Squeeze", [b.op("Slice", [prob, b.const([0]), b.const([1]), b.const([-1])]), b.const([-1])])
-        on = b.op("GreaterOrEqual", [p_exec, b.unsq(theta, [1])])
+        t = self.w.tensors
+        w_out, b_out = t[f"{p}.out.weight"].astype(np.float32), t[f"{p}.out.bias"].astype(np.float32)
+        w_diff = b.init(f"{p}.out.exec_minus_skip.weight", np.ascontiguousarray((w_out[0] - w_out[1])[:, None]))
+        b_diff = b.init(f"{p}.out.exec_minus_skip.bias", np.asarray([b_out[0] - b_out[1]], np.float32))
+        margin = b.op("Add", [b.op("MatMul", [h, w_diff], name=f"{p}.out/MatMul"), b_diff])  # [B, T, 1]
+        on = b.op("Squeeze", [b.op("GreaterOrEqual", [margin, self.logit_theta(theta)]), b.const([-1])])
         return b.op("Or", [b.op("And", [on, valid]), keep])
+
+    def logit_theta(self, theta):
+        """log(theta) - log(1 - theta) as [B, 1, 1], made once per graph for every router."""
+        if self._logit_theta is None:
+            b = self.b
+            logit = b.op("Sub", [b.op("Log", [theta]), b.op("Log", [b.op("Sub", [b.const(1.0, np.float32), theta])])])
+            self._logit_theta = b.unsq(logit, [1, 2])
+        return self._logit_theta
 
     def router_norm(self, h, p):
         """The router's RMSNorm (fp32)."""

@@ -66,6 +66,7 @@ TABLE: dict[str, Row] = {
     "Concat": Row(ALL, "T...->T"),
     "ConstantOfShape": Row(ALL, "S->T", note="10.1 lists 'INF64' (a typo for INT64); 10.15 adds FP8, FP4, INT4"),
     **{op: Row(FLOATS, "T->T") for op in ("Cos", "Sin", "Sqrt", "Reciprocal", "Sigmoid", "Softmax")},
+    "Log": Row(FLOATS, "T->T", note="onnx-tensorrt docs/operators.md (10.x): FP32, FP16, BF16 (+ quantized types)"),
     "CumSum": Row(FLOATS, "T,I->T", const=(1,), note="`axis` must be an initializer (10.15: a build-time constant)"),
     "DequantizeLinear": Row(frozenset({"INT8", "FP8", "INT4"}), "t,F->F",
                             note="`x_zero_point` must be zero (QTALE writes none); 10.15 adds FP4"),
