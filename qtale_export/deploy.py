@@ -159,19 +159,19 @@ def run(out="runs/deploy", model: str = "smollm2-135m", fmt: str = "int4-awq", r
     stage("heldout", held is not None, lambda: (out / "heldout.json").write_text(json.dumps(
         {"export_sha256": key, **heldout(edir, ratio, HELDOUT_TOKENS)})))
     held = _cached(out / "heldout.json", key)
-    summary = _summary(out, qdir, edir, manifest, ratio, runs, bench, held, times)
+    summary = _summary(out, model, qdir, edir, manifest, ratio, runs, bench, held, times)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(summary)
     return summary
 
 
-def _summary(out, qdir, edir, manifest, ratio, runs, bench, held, times) -> dict:
+def _summary(out, model, qdir, edir, manifest, ratio, runs, bench, held, times) -> dict:
     e = bench["exports"][0]
     pre = {p["ratio"]: p for p in e["prefill"]}
     dec = {d["ratio"]: d for d in e["decode"]}
     weights = sum(b for n, b in e["files"].items() if n.endswith((".onnx", ".data")))
     return {
-        "ratio": ratio, "theta": manifest["theta"], "precision": manifest["precision"],
+        "model": str(model), "ratio": ratio, "theta": manifest["theta"], "precision": manifest["precision"],
         "sizes_mb": {"export": _folder_mb(edir), "export_weights_and_graphs": round(weights / 1e6, 1),
                      "quantized_checkpoint_without_base": _folder_mb(qdir)},
         "speed_vs_all_layers": {"prefill_time": pre[ratio]["vs_dense"], "prefill_realized_ratio":
@@ -191,7 +191,7 @@ def print_summary(s: dict) -> None:
     sp, h, sz = s["speed_vs_all_layers"], s["heldout"], s["sizes_mb"]
     r = s["ratio"]
     lines = [
-        f"QTALE deployment summary: smollm2-135m, {s['precision']}, ratio {r} (theta {s['theta']:.4f})",
+        f"QTALE deployment summary: {s.get('model', 'smollm2-135m')}, {s['precision']}, ratio {r} (theta {s['theta']:.4f})",
         f"  sizes: export {sz['export']} MB ({sz['export_weights_and_graphs']} MB weights + graphs), "
         f"quantized checkpoint {sz['quantized_checkpoint_without_base']} MB (routers, adapter, quantizer; no base)",
         f"  speed vs all layers (same export): prefill time x{sp['prefill_time']:.2f} at realized ratio "
