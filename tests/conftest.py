@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qtale_testing import TEXT, make_tiny
+from qtale_testing import TEXT, build_tiny_model, make_tiny
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +18,19 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("data") / "text.txt"
     p.write_text(TEXT * 3)
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    return build_tiny_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, tiny_dir, tmp_path_factory) -> Path:
+    """A tiny calibrated fp32 export (standard ops), built once per test session."""
+    from qtale_export.export.main import export
+
+    out = tmp_path_factory.mktemp("rt") / "tiny-fp32"
+    export(tiny_model, out, checkpoint=str(tiny_dir), ratio=0.6, precision="fp32", ops="standard",
+           decode_steps=1, verify_thetas=[0.0, 0.31])
+    return out

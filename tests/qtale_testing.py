@@ -6,6 +6,10 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root, wherever a test file sits
+# a fixed theta table for the tiny export (calibration on this random model takes a minute on a busy CPU)
+THETAS = {"1.0": 0.0, "0.8": 0.02, "0.6": 0.31, "0.5": 0.59}
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single "
     "step. Water boils at one hundred degrees Celsius at sea level. The capital of France is Paris. "
@@ -56,3 +60,13 @@ def random_batch(model, n: int = 3, t: int = 14, seed: int = 0, left_pad: tuple[
     for row, pad in enumerate(left_pad[:n - 1], start=1):
         mask[row, :pad] = 0
     return ids, mask
+
+
+def build_tiny_model(tiny_dir: Path):
+    """The tiny routed model with spread routers and the fixed THETAS table."""
+    import qtale_export
+
+    model = qtale_export.load(str(tiny_dir))
+    spread_routers(model)
+    model.theta_table = {k: {"theta": t, "realized": None} for k, t in THETAS.items()}
+    return model.eval()

@@ -5,8 +5,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from qtale_testing import REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compaction.py"
+SCRIPT = REPO / "benchmarks" / "bench_compaction.py"
 
 
 def load():

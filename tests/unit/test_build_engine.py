@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from trt_fake_export import make_export
+from qtale_testing import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SCRIPT = ROOT / "build_engine.sh"
 BASH = shutil.which("bash")
 

@@ -16,6 +16,7 @@ from qtale_export import evaluate as E
 from qtale_export import experiment as X
 from qtale_export import tasks as T
 from qtale_export.errors import QtaleError
+from qtale_testing import REPO
 
 pytest.importorskip("modelopt")  # quantize.py imports it for the modelopt formats; int3 is our own
 
@@ -343,7 +344,7 @@ def test_cli_one_line_error(tmp_path, capsys):
 def test_shipped_recipe_is_valid():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml"
+    path = REPO / "recipes" / "smollm2-135m.yaml"
     try:
         r = X.load_recipe(path)
     except QtaleError as exc:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from qtale_export.ops_reference import token_compact, token_scatter
+from qtale_testing import REPO
 
-DATA = Path(__file__).parent / "data" / "ops_vectors.npz"
+DATA = REPO / "tests" / "data" / "ops_vectors.npz"
 
 
 def naive_compact(hidden, gate):
@@ -111,7 +112,7 @@ def test_compact_rejects_bad_shapes():
 
 
 def test_generator_reproduces_the_stored_vectors():
-    spec = importlib.util.spec_from_file_location("make_ops_vectors", Path(__file__).parent / "make_ops_vectors.py")
+    spec = importlib.util.spec_from_file_location("make_ops_vectors", REPO / "tests" / "make_ops_vectors.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     fresh = module.build()

@@ -12,8 +12,8 @@ import qtale_export
 from qtale_export import checkpoint
 from qtale_export import experiment as X
 from qtale_export.api import PRETRAINED, shipped_checkpoint
+from qtale_testing import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = PRETRAINED / "smollm2-135m"
 
 

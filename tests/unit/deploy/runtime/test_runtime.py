@@ -1,84 +1,35 @@
 """Runtime on a tiny export: greedy == PyTorch token by token, score == PyTorch, errors, sampling."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from qtale_export.errors import QtaleError
 from qtale_export.runtime import Runtime
 
-from .conftest import THETAS
-
-PROMPT = "The quick brown fox jumps over the lazy dog. A journey"
-
+from qtale_testing import THETAS
+from runtime_equivalence import (PROMPT, check_greedy_matches_pytorch, check_realized_ratio_matches_pytorch,
+                                 check_score_matches_pytorch)
 
 @pytest.fixture(scope="module")
 def rt(tiny_export):
     return Runtime.open(tiny_export)
 
 
-def torch_greedy(model, ids: list[int], theta: float, n: int, eos: set[int]) -> list[int]:
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
-    th = torch.tensor([theta])
-    out = []
-    with torch.no_grad():
-        r = model(x, mask, theta=th, use_cache=True)
-        for _ in range(n):
-            nxt = int(r.logits[0, -1].argmax())
-            if nxt in eos:
-                break
-            out.append(nxt)
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
-            r = model(torch.tensor([[nxt]]), mask, past_key_values=r.past_key_values, use_cache=True, theta=th)
-    return out
-
-
 @pytest.mark.parametrize("ratio", [1.0, 0.6, 0.5])
 def test_greedy_matches_pytorch(rt, tiny_model, ratio):
-    res = rt.generate(PROMPT, ratio=ratio, max_new_tokens=12)
-    theta = THETAS["1.0" if ratio == 1.0 else str(ratio)]
-    assert res.theta == pytest.approx(theta) and res.selection["mode"] == "exact"
-    ids = rt.tokenizer.encode(PROMPT)
-    ref = torch_greedy(tiny_model, ids, theta, 12, rt.eos_ids)
-    assert res.token_ids == ref
-    assert 0.0 < res.realized_ratio <= 1.0
-    if ratio == 1.0:
-        assert res.realized_ratio == 1.0
-    assert res.tokens_per_s > 0 and res.engine.startswith("onnxruntime:cpu")
+    check_greedy_matches_pytorch(rt, tiny_model, ratio, engine_prefix="onnxruntime:cpu")
 
 
 def test_realized_ratio_matches_pytorch_exec_masks(rt, tiny_model):
-    ids = rt.tokenizer.encode(PROMPT)
-    res = rt.generate(PROMPT, ratio=0.5, max_new_tokens=1)
-    with torch.no_grad():
-        r = tiny_model(torch.tensor([ids]), theta=torch.tensor([THETAS["0.5"]]), use_cache=True)
-    ref = float(torch.stack([r.past_key_values[i][2] for i in tiny_model.layer_ids]).float().mean())
-    assert res.prefill_ratio == pytest.approx(ref)
+    check_realized_ratio_matches_pytorch(rt, tiny_model)
 
 
 def test_score_matches_pytorch(rt, tiny_model):
-    ctx = ["The quick brown fox", "Water boils at", "The capital of France is"]
-    cont = [" jumps over the lazy dog.", " one hundred degrees", " Paris."]
-    theta = THETAS["0.6"]
-    got = rt.score(ctx, cont, ratio=0.6, batch_size=2)
-    for c, x, ll in zip(ctx, cont, got):
-        cids, whole = rt.tokenizer.encode(c), rt.tokenizer.encode(c + x)
-        with torch.no_grad():
-            logits = tiny_model(torch.tensor([whole]), theta=torch.tensor([theta])).logits[0].double()
-        lp = torch.log_softmax(logits, -1)
-        ref = float(sum(lp[t - 1, whole[t]] for t in range(len(cids), len(whole))))
-        assert abs(ll - ref) < 1e-4, (c, ll, ref)
-    # batching (left padding) does not change the result
-    single = [rt.score([c], [x], ratio=0.6)[0] for c, x in zip(ctx, cont)]
-    np.testing.assert_allclose(got, single, atol=1e-4)
+    check_score_matches_pytorch(rt, tiny_model)
 
 
 def test_sampling_seeded_and_stop_strings(rt):

@@ -13,8 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from qtale_testing import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 TRT_SOURCES = sorted((ROOT / "plugins" / "trt").glob("*.cpp"))
 TRT_INCLUDE_DIR = os.environ.get("TRT_INCLUDE_DIR")
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")

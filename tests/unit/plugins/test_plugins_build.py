@@ -11,8 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from qtale_testing import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 C_ABI = ("qtale_dtype_size", "qtale_token_compact_workspace_size", "qtale_token_compact", "qtale_token_scatter",
          "qtale_compute_n_host", "qtale_compute_n_device")
 

@@ -19,9 +19,9 @@ from qtale_export.export import reference
 from qtale_export.export.manifest import read_manifest, write_manifest
 from qtale_export.export.verify import verify_with_polygraphy
 
-from qtale_testing import spread_routers
+from qtale_testing import REPO, spread_routers
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 
 
 @pytest.fixture(scope="module")

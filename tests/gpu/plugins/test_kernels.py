@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qtale_testing import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 DATA = ROOT / "tests" / "data" / "ops_vectors.npz"
 DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # qtale_dtype
 H2D, D2H = 1, 2  # cudaMemcpyKind

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qtale_testing import spread_routers
+from qtale_testing import THETAS, spread_routers
 
-THETAS = {"1.0": 0.0, "0.8": 0.02, "0.6": 0.31, "0.5": 0.59}
 VENV = Path(os.environ.get("QTALE_TRITON_VENV", Path.home() / ".cache" / "qtale" / "triton-venv"))
 PACKAGES = ["nvidia-pytriton", "numpy<2", "onnxruntime", "tokenizers"]
 PROMPT = "The quick brown fox jumps over the lazy dog. A journey"

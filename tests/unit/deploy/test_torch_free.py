@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from qtale_testing import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 DEPLOY_COMMANDS = ["verify", "build", "run", "triton-repo", "bench"]
 
 pytestmark = pytest.mark.skipif(os.environ.get("QTALE_DEPLOY_TEST") == "0", reason="QTALE_DEPLOY_TEST=0")
