@@ -7,7 +7,8 @@
 #
 # Builds the prefill graph (inputs input_ids/attention_mask [batch, seq], theta [batch]).
 # Validation (manifest, plugin library, FP8 rules) and the manifest update are done by
-# `python -m qtale_export.tensorrt check|record`; set PYTHON to choose the interpreter.
+# `qtale build --plan` and `qtale build --record ENGINE` (run as `python -m qtale_export.cli`);
+# set PYTHON to choose the interpreter.
 # --static-plugins passes the library with --staticPlugins (use libqtale_trt_plugins_static.so,
 # which registers itself when loaded) instead of --dynamicPlugins.
 set -euo pipefail
@@ -65,8 +66,8 @@ CHECK_ARGS=("${PY_ARGS[@]}")
 [[ "$DRY_RUN" == 1 ]] && CHECK_ARGS+=(--dry-run)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-# check prints: PRECISION strong|weak PLUGIN_LIB|-   (and a one-line error, exit 2, when invalid)
-CHECK="$("$PYTHON" -m qtale_export.tensorrt check "${CHECK_ARGS[@]}")" || exit 2
+# --plan prints: PRECISION strong|weak PLUGIN_LIB|-   (and a one-line error, exit 2, when invalid)
+CHECK="$("$PYTHON" -m qtale_export.cli build "${CHECK_ARGS[@]}" --plan)" || exit 2
 read -r PRECISION TYPING USED_PLUGIN_LIB <<<"$CHECK"
 PY_ARGS+=(--precision "$PRECISION")
 [[ "$USED_PLUGIN_LIB" != "-" ]] && PY_ARGS+=(--plugin-lib "$USED_PLUGIN_LIB")
@@ -90,7 +91,7 @@ fi
 [[ -n "$TIMING_CACHE" ]] && CMD+=("--timingCacheFile=$TIMING_CACHE")
 CMD+=("--memPoolSize=workspace:${WORKSPACE_MB}M" --skipInference)
 
-RECORD=("$PYTHON" -m qtale_export.tensorrt record "${PY_ARGS[@]}" --engine "$ENGINE" --trtexec-log "$LOG")
+RECORD=("$PYTHON" -m qtale_export.cli build "${PY_ARGS[@]}" --record "$ENGINE" --trtexec-log "$LOG")
 
 if [[ "$DRY_RUN" == 1 ]]; then
   show "${CMD[@]}"

@@ -5,9 +5,12 @@ import os
 from pathlib import Path
 
 from . import checkpoint
+from .compute import place
 from .errors import QtaleError
 from .models import DEFAULT_MODEL, EMBEDDED, base_sha256, load_base
+from .quantize import fold as fold_weights, restore
 from .routing import RoutedModel, RouterConfig
+from .theta import stale_reason
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 
@@ -48,12 +51,8 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, fresh: bool = False
     else:
         model = new_routed(name_or_path)
     if fold:
-        from .quantize import fold as fold_weights
-
         fold_weights(model)
     if dtype not in (None, "float32") or device not in (None, "cpu"):
-        from .compute import place
-
         place(model, dtype, device)
     return model
 
@@ -88,8 +87,6 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
             model.base = model.base.merge_and_unload()
             model.merged_adapter = folder / checkpoint.ADAPTER
     model.theta_table = dict(meta.get("theta_table") or {})
-    from .theta import stale_reason
-
     model.theta_calibration = meta.get("calibration")  # what the table was calibrated on
     model.theta_stale = stale_reason(meta)  # the export refuses a stale table (theta.py)
     model.theta = float(meta.get("theta", meta.get("threshold", 0.5)))  # "threshold": the old name
@@ -97,8 +94,6 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
     model.recommended = meta.get("recommended")
     model.quantization_info = meta.get("quantization")
     if model.quantization_info:
-        from .quantize import restore  # modelopt is imported only for quantized checkpoints
-
         restore(model, folder, model.quantization_info)
     model.checkpoint_dir = folder
     return model.eval()

@@ -1,4 +1,5 @@
-"""`qtale bench EXPORT_DIR... [--seq 128,512] [--ratios 1.0,0.8,0.6,0.5] [--repeats N] [--out DIR]`.
+"""`qtale bench EXPORT_DIR... [--seq 128,512] [--ratios 1.0,0.8,0.6,0.5] [--repeats N] [--out DIR]`
+(arguments: cli/bench.py).
 
 ONNX Runtime on CPU, every variant in one process, repeats interleaved (repeat r runs every
 (export, seq, ratio) once before repeat r + 1), medians reported. See docs/benchmarks.md.
@@ -15,7 +16,6 @@ No PyTorch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
@@ -24,41 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import validate
 from .errors import QtaleError
-from .validate import arg
 
 DEFAULT_SEQ = [128, 512]
 DEFAULT_RATIOS = [1.0, 0.8, 0.6, 0.5]
 TEXT = Path(__file__).parent / "data" / "heldout.txt"
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR", help="export folder(s), e.g. fp32 and int4")
-    parser.add_argument("--seq", default="128,512", help="prefill lengths (comma-separated)")
-    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default="1.0,0.8,0.6,0.5",
-                        help="execution ratios (comma-separated)")
-    parser.add_argument("--repeats", type=arg(validate.positive_int, "--repeats"), default=5,
-                        help="interleaved repeats (median reported)")
-    parser.add_argument("--decode-tokens", type=arg(validate.positive_int, "--decode-tokens"), default=16,
-                        help="decode steps per repeat")
-    parser.add_argument("--threads", type=arg(validate.positive_int, "--threads"), default=None,
-                        help="ONNX Runtime intra-op threads")
-    parser.add_argument("--out", default=None, help="folder for bench.json and bench.png")
-    parser.add_argument("--record", action="store_true",
-                        help="append the decode ms/token per ratio to each manifest's \"benchmarks\" (budgets)")
-    parser.add_argument("--json", action="store_true")
-    return parser
-
-
-def _ints(text, what):
-    try:
-        vals = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise QtaleError(f"--{what} must be comma-separated integers, got '{text}'") from None
-    if not vals or min(vals) < 1:
-        raise QtaleError(f"--{what} needs positive values, got '{text}'")
-    return vals
 
 
 def _prompt_ids(rt, n: int) -> np.ndarray:
@@ -268,13 +238,3 @@ def print_report(report: dict) -> None:
             con.print(f"router overhead at seq {r['seq']}: {100 * r['overhead']:+.1f}% "
                       f"({r['dense_ms']:.2f} ms dense vs {r['no_router_ms']:.2f} ms without routers)")
     con.print(f"peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; plot {report['plot']}" if report.get("plot") else ""))
-
-
-def run_bench(args) -> dict:
-    seqs = _ints(args.seq, "seq")
-    ratios = validate.ratios(args.ratios) if isinstance(args.ratios, str) else args.ratios
-    report = bench(args.export_dirs, seqs, ratios, repeats=args.repeats, decode_tokens=args.decode_tokens,
-                   threads=args.threads, out=args.out, record=args.record)
-    if not getattr(args, "json", False):
-        print_report(report)
-    return report

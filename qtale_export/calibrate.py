@@ -7,8 +7,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .theta import ratio_key
+from . import checkpoint
+from . import theta as policy
+from .api import load
+from .data import CALIBRATION_TEXT, text_batches
 from .routing import RoutedModel
+from .theta import ratio_key
 
 
 @dataclass
@@ -22,8 +26,6 @@ class TextCalibration:
 
 def text_batches_for(tokenizer, setting: TextCalibration) -> tuple[list[dict], Path, int]:
     """(batches, the text file, its token count) of a calibration setting."""
-    from .data import CALIBRATION_TEXT, text_batches
-
     data = Path(setting.data) if setting.data else CALIBRATION_TEXT
     batches = text_batches(data, tokenizer, setting.seq_len, 4, setting.max_tokens)
     return batches, data, int(sum(int(b["attention_mask"].sum()) for b in batches))
@@ -74,3 +76,24 @@ def calibrate(model: RoutedModel, batches: list[dict], ratios: list[float], tol:
     model.theta_table.update(table)
     model.reset_stats()
     return table
+
+
+def calibrate_checkpoint(folder, ratios: list[float], setting: TextCalibration | None = None, *,
+                         dtype: str = "float32", device: str | None = None) -> dict:
+    """theta for each target ratio on the checkpoint `folder`, merged into its qtale.json; returns
+    {"ratios": table, "data": the text file's name, "tokens": its token count}."""
+    setting = setting or TextCalibration()
+    folder = Path(folder)
+    checkpoint.read_meta(folder)  # a clear error before loading the model
+    model = load(folder, dtype=dtype, device=device, fold=True)
+    batches, data, tokens = text_batches_for(model.tokenizer, setting)
+    table = calibrate(model, batches, ratios, tol=setting.tol)
+
+    def merge(meta: dict) -> None:  # applied to the latest qtale.json under its lock: a concurrent run's ratios stay
+        keep = {} if policy.stale_reason(meta) else (meta.get("theta_table") or {})  # stale entries go
+        meta["theta_table"] = {**keep, **table}
+        meta["calibration"] = policy.calibration_record(
+            meta, {"data": data.name, "tokens": tokens, "tol": setting.tol, "dtype": dtype})
+
+    checkpoint.update_meta(folder, merge)
+    return {"ratios": table, "data": data.name, "tokens": tokens}

@@ -38,13 +38,6 @@ def resolve_device(name: str | None):
     return torch.device("cpu")
 
 
-def add_compute_arguments(parser, default_dtype: str = "float32") -> None:
-    parser.add_argument("--dtype", choices=DTYPES, default=default_dtype,
-                        help=f"base-model weights and matmuls (routers stay float32; default {default_dtype})")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="auto: the GPU when CUDA is available, else the CPU")
-
-
 def place(model, dtype: str | None = None, device: str | None = None):
     """Cast the base weights to `dtype` (folding fake-quantized weights first) and move to `device`."""
     import torch

@@ -12,22 +12,24 @@ the same code (`ExportModel`: the runtime presented as the model; docs/eval.md).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .data import pad as pad_tokens
 from . import validate
+from .api import load
+from .data import pad as pad_tokens
 from .errors import QtaleError
 from .optional import require
+from .safe_write import write_json
 from .stats import ExecutionStats, flop_terms, mean_stderr
-from .tasks import AVG7, PRIMARY, SCIQ, STYLES, Item, build_items, heldout_text, load_docs, parse_tasks
-from .validate import arg
+from .tasks import (AVG7, PRIMARY, SCIQ, Item, build_items, data_root, heldout_text, load_docs,
+                    parse_tasks)
 
 
 # ---- log-likelihood requests -----------------------------------------------------------------
@@ -359,128 +361,93 @@ def perplexity_and_kl(model, text: str, *, theta=None, reference=None, window: i
             "ppl_realized_ratio": stats["execution_ratio"], "ppl_flops_fraction": stats["flops_fraction"]}
 
 
-# ---- CLI -------------------------------------------------------------------------------------
-def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name, or an export folder "
-                                           "(with manifest.json: scored through ONNX Runtime)")
-    parser.add_argument("--tasks", default=",".join(AVG7),
-                        help="comma-separated: boolq,piqa,siqa,arc_e,arc_c,winogrande,obqa,hellaswag "
-                             "or avg7 (default: the avg7 tasks)")
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
-                   help="target execution ratio (calibrated theta)")
-    g.add_argument("--theta", "--threshold", dest="threshold", type=arg(validate.theta, "--threshold"), default=None,
-                   help="router threshold theta in [0, 1]")
-    parser.add_argument("--limit", type=arg(validate.positive_int, "--limit"), default=None,
-                        help="first N items of every task")
-    parser.add_argument("--batch-size", type=arg(validate.positive_int, "--batch-size"), default=64,
-                        help="most sequences per forward")
-    parser.add_argument("--batch-tokens", type=arg(validate.positive_int, "--batch-tokens"), default=4096,
-                        help="most padded tokens per forward (batches are built longest first)")
-    from .compute import add_compute_arguments
-
-    add_compute_arguments(parser)
-    parser.add_argument("--style", choices=list(STYLES), default="harness",
-                        help="harness: lm-evaluation-harness prompts; instruct: the fine-tuning prompt")
-    parser.add_argument("--ppl-file", default=None,
-                        help="held-out text for perplexity/KL: a text file, or 'sciq' (the SciQ validation "
-                             "support paragraphs); default: the package's short held-out paragraphs")
-    parser.add_argument("--ppl-tokens", type=arg(validate.positive_int, "--ppl-tokens"), default=None,
-                        help="use only the first N tokens of the perplexity text")
-    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity and KL")
-    parser.add_argument("--reference", default=None,
-                        help="all-layers reference for KL (e.g. the unquantized checkpoint); default: "
-                             "the evaluated model with every layer executed")
-    parser.add_argument("--items", default=None, help="write per-item scores (JSON) to this file")
-    parser.add_argument("--force", action="store_true", help="replace an existing --items file")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return parser
+# ---- one evaluation of a checkpoint or an export ----------------------------------------------
+@dataclass
+class EvalConfig:
+    """One evaluation (the defaults of `qtale eval`); theta wins over ratio when both are given."""
+    tasks: str = ",".join(AVG7)  # comma-separated task names, or avg7
+    ratio: float | None = None  # target execution ratio (its calibrated theta)
+    theta: float | None = None  # router threshold in [0, 1]
+    limit: int | None = None  # first N items of every task
+    batch_size: int = 64
+    batch_tokens: int = 4096
+    style: str = "harness"
+    ppl: bool = True  # perplexity and KL on held-out text
+    ppl_file: str | None = None  # None: the package's held-out paragraphs; "sciq": SciQ support paragraphs
+    ppl_tokens: int | None = None
+    reference: str | None = None  # all-layers KL reference; None: the model itself, every layer executed
+    items: str | None = None  # per-item scores (JSON) written here
+    force: bool = False  # replace an existing items file
+    dtype: str | None = None  # see compute.place
+    device: str | None = None
+    progress: bool = True
 
 
-def _check_args(args) -> list[str]:
-    tasks = parse_tasks(args.tasks)
-    if args.limit is not None and args.limit <= 0:
-        raise QtaleError(f"--limit must be a positive number of items, got {args.limit}")
-    if args.batch_size is None or args.batch_size <= 0:
-        raise QtaleError(f"--batch-size must be positive, got {args.batch_size}")
-    if getattr(args, "batch_tokens", 4096) <= 0:
-        raise QtaleError(f"--batch-tokens must be positive, got {args.batch_tokens}")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise QtaleError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if args.ratio is not None and not 0.0 < args.ratio <= 1.0:
-        raise QtaleError(f"--ratio must be in (0, 1], got {args.ratio}")
-    if args.ppl_file and args.ppl_file != SCIQ and not Path(args.ppl_file).is_file():
-        raise QtaleError(f"--ppl-file not found: {args.ppl_file}")
-    if args.ppl_tokens is not None and args.ppl_tokens < 2:
-        raise QtaleError(f"--ppl-tokens must be at least 2, got {args.ppl_tokens}")
-    if args.items is not None:  # before the evaluation, so its results are never lost to a bad path
-        validate.output_file(args.items, "--items", force=getattr(args, "force", False))
-    folder = Path(args.checkpoint)
+def check_config(source, config: EvalConfig) -> list[str]:
+    """The task names, after refusing bad settings in one line (before any model is loaded)."""
+    tasks = parse_tasks(config.tasks)
+    if config.limit is not None and config.limit <= 0:
+        raise QtaleError(f"--limit must be a positive number of items, got {config.limit}")
+    if config.batch_size is None or config.batch_size <= 0:
+        raise QtaleError(f"--batch-size must be positive, got {config.batch_size}")
+    if config.batch_tokens <= 0:
+        raise QtaleError(f"--batch-tokens must be positive, got {config.batch_tokens}")
+    if config.theta is not None and not 0.0 <= config.theta <= 1.0:
+        raise QtaleError(f"--threshold must be in [0, 1], got {config.theta}")
+    if config.ratio is not None and not 0.0 < config.ratio <= 1.0:
+        raise QtaleError(f"--ratio must be in (0, 1], got {config.ratio}")
+    if config.ppl_file and config.ppl_file != SCIQ and not Path(config.ppl_file).is_file():
+        raise QtaleError(f"--ppl-file not found: {config.ppl_file}")
+    if config.ppl_tokens is not None and config.ppl_tokens < 2:
+        raise QtaleError(f"--ppl-tokens must be at least 2, got {config.ppl_tokens}")
+    if config.items is not None:  # before the evaluation, so its results are never lost to a bad path
+        validate.output_file(config.items, "--items", force=config.force)
+    folder = Path(source)
     if folder.is_dir() and not any((folder / n).is_file() for n in ("manifest.json", "qtale.json", "config.json")):
         raise QtaleError(f"{folder} is not an export folder (no manifest.json), a QTALE checkpoint (no "
                          "qtale.json) or a model folder (no config.json)")
     require("datasets", "pip install datasets (evaluation reads the task data with it)", "the 'datasets' package")
-    from .tasks import data_root
-
     data_root()
     return tasks
 
 
-def run_eval(args) -> dict:
-    from .api import load
-
-    tasks = _check_args(args)
+def evaluate_checkpoint(source, config: EvalConfig) -> dict:
+    """Score a checkpoint, model name or export folder (through ONNX Runtime) on the tasks, plus
+    perplexity/KL; the per-item scores go to `config.items` when set."""
+    tasks = check_config(source, config)
     t0 = time.time()
-    export = is_export_dir(args.checkpoint)
-    if export:  # an export folder: the same scoring through ONNX Runtime
-        model = ExportModel.open(args.checkpoint)  # QtaleError on a tampered file
-        theta = model.theta_for(args.ratio, args.threshold)  # QtaleError when not calibrated
+    if is_export_dir(source):  # an export folder: the same scoring through ONNX Runtime
+        model = ExportModel.open(source)  # QtaleError on a tampered file
+        theta = model.theta_for(config.ratio, config.theta)  # QtaleError when not calibrated
         info = {"backend": ExportModel.backend, "precision": model.precision,
                 "quantization": model.precision if model.precision in ("int4", "int8", "fp8") else None}
     else:
-        model = load(args.checkpoint, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
-                     fold=True)
-        if args.ratio is not None:
-            theta = model.set_ratio(args.ratio)  # QtaleError when the ratio is not calibrated
-        elif args.threshold is not None:
-            model.set_theta(args.threshold)
+        model = load(source, dtype=config.dtype, device=config.device, fold=True)
+        if config.ratio is not None:
+            theta = model.set_ratio(config.ratio)  # QtaleError when the ratio is not calibrated
+        elif config.theta is not None:
+            model.set_theta(config.theta)
             theta = model.theta
         else:
             theta = model.theta
         info = {"backend": "pytorch", "quantization": (model.quantization_info or {}).get("format"),
-                "dtype": getattr(args, "dtype", None) or "float32"}
-    progress = not args.no_progress
-    res = evaluate_tasks(model, tasks, style=args.style, limit=args.limit, batch_size=args.batch_size,
-                         theta=theta, progress=progress, batch_tokens=getattr(args, "batch_tokens", 4096))
+                "dtype": config.dtype or "float32"}
+    res = evaluate_tasks(model, tasks, style=config.style, limit=config.limit, batch_size=config.batch_size,
+                         theta=theta, progress=config.progress, batch_tokens=config.batch_tokens)
     items = res.pop("items")
-    out = {"checkpoint": str(args.checkpoint), "theta": theta, "ratio": args.ratio, **info, **res}
+    out = {"checkpoint": str(source), "theta": theta, "ratio": config.ratio, **info, **res}
     if out.get("flops_fraction") is None:
         out.pop("flops_fraction", None)
         out["flops_fraction_note"] = "not computed: the export's graph does not show the MLP width"
-    if not args.no_ppl:
-        text, source = heldout_text(args.ppl_file)
-        reference = (load(args.reference, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
-                          fold=True) if args.reference else None)
-        pk = perplexity_and_kl(model, text, theta=theta, reference=reference, max_tokens=args.ppl_tokens)
-        out.update(pk)
-        out["ppl_file"] = source
-        out["kl_reference"] = str(args.reference) if args.reference else "same model, all layers"
+    if config.ppl:
+        text, ppl_source = heldout_text(config.ppl_file)
+        reference = (load(config.reference, dtype=config.dtype, device=config.device, fold=True)
+                     if config.reference else None)
+        out.update(perplexity_and_kl(model, text, theta=theta, reference=reference, max_tokens=config.ppl_tokens))
+        out["ppl_file"] = ppl_source
+        out["kl_reference"] = str(config.reference) if config.reference else "same model, all layers"
     out["seconds_total"] = round(time.time() - t0, 2)
-    if args.items:
-        from .safe_write import write_json
-
-        write_json(Path(args.items), {"tasks": tasks, "style": args.style, "items": items}, indent=None)
-        out["items_file"] = str(args.items)
-    if not args.json:
-        flops = f"{out['flops_fraction']:.4f}" if "flops_fraction" in out else "n/a"
-        print(f"{args.checkpoint}  [{out['backend']}]  style={args.style}  theta={theta:.4g}  "
-              f"realized ratio={out['realized_ratio']:.4f}  flops={flops}")
-        for t, r in out["tasks"].items():
-            print(f"  {t:<11} acc {r['acc']:.4f} ±{r['acc_stderr']:.4f}  acc_norm {r['acc_norm']:.4f} "
-                  f"±{r['acc_norm_stderr']:.4f}  n={r['n']}")
-        if "avg7" in out:
-            print(f"  avg7        {out['avg7']:.4f}")
-        if "ppl" in out:
-            print(f"  ppl {out['ppl']:.3f}  KL to all layers {out['kl']:.5f}  ({out['ppl_tokens']} tokens)")
+    if config.items:
+        write_json(Path(config.items), {"tasks": tasks, "style": config.style, "items": items}, indent=None)
+        out["items_file"] = str(config.items)
     return out

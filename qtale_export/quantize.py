@@ -26,21 +26,18 @@ torch.dtype objects and tuples (not JSON), and torch.save would need pickle.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from . import validate
+from .data import pad as pad_tokens
 from .errors import QtaleError
 from .optional import require
-from .validate import arg
 
 FORMATS = {
     # name: (tool, bits, granularity, algorithm)
@@ -216,8 +213,6 @@ def calibration_batches(texts: list[str], tokenizer, max_length: int = 512, batc
     if not enc:
         raise QtaleError("calibration data is empty after tokenization")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    from .data import pad as pad_tokens
-
     batches = [pad_tokens(enc[s:s + batch_size], pad) for s in range(0, len(enc), batch_size)]
     return batches, sum(map(len, enc))
 
@@ -390,108 +385,3 @@ def fold(model) -> None:
             warnings.simplefilter("ignore")
             mtq.fold_weight(model.causal_lm)
     model.quantization_folded = True
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("checkpoint", help="QTALE checkpoint folder or model name (unquantized)")
-    parser.add_argument("--format", required=True, choices=list(FORMATS), dest="format",
-                        help="weight format of the decoder layers")
-    parser.add_argument("--out", required=True, help="output checkpoint folder (not the source)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace an existing --out (once the new one is complete)")
-    parser.add_argument("--group-size", type=arg(validate.positive_int, "--group-size"), default=None,
-                        help="group size for int4/int4-awq/int3 (default: 128 where the input "
-                             "dimension allows, else 64)")
-    parser.add_argument("--calib-data", default=None,
-                        help="calibration text (.txt: one sample per paragraph/line) or instruction "
-                             "JSON (LLM-Adapters records); default: the package's calibration text")
-    parser.add_argument("--calib-samples", type=arg(validate.positive_int, "--calib-samples"),
-                        default=QuantizeConfig.calib_samples,
-                        help="calibration samples (default %(default)s)")
-    parser.add_argument("--calib-length", type=arg(validate.positive_int, "--calib-length"),
-                        default=QuantizeConfig.calib_length,
-                        help="max tokens per sample (default %(default)s)")
-    parser.add_argument("--no-verify", action="store_true", help="skip reloading the output to compare logits")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return parser
-
-
-def read_calibration(path: str | Path | None, samples: int) -> tuple[list[str], str]:
-    """(texts, source): paragraphs of a text file or prompt+answer of instruction records."""
-    from . import data as qdata
-
-    if samples is None or samples <= 0:
-        raise QtaleError(f"--calib-samples must be positive, got {samples}")
-    p = Path(path) if path else qdata.CALIBRATION_TEXT
-    src = qdata.read_source(p)
-    if isinstance(src, str):
-        texts = [t.strip() for t in re.split(r"\n\s*\n", src) if t.strip()]
-        if len(texts) == 1:
-            texts = [t.strip() for t in src.splitlines() if t.strip()]
-    else:
-        texts = [qdata.format_prompt(r["instruction"], r.get("input", "")) + str(r["output"]) for r in src]
-    name = str(p) if path else f"qtale_export/data/{p.name} (built-in)"
-    return texts[:samples], name
-
-
-@dataclass
-class QuantizeConfig:
-    """One quantization of a checkpoint (the defaults of `qtale quantize` and recipes)."""
-    format: str
-    group_size: int | None = None  # None: choose_group's rule per layer
-    calib_data: str | None = None  # None: the package's calibration text (AWQ only)
-    calib_samples: int = 64
-    calib_length: int = 512
-
-
-PROBE = "The weather today is calm, and the river runs slowly past the town."
-
-
-def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantizeConfig, *, verify: bool = True,
-                        force: bool = False) -> dict:
-    """Quantize the checkpoint (or model name) `source` into the new checkpoint folder `out`;
-    returns the quantization description plus "out". Written and verified beside `out` (the
-    reloaded checkpoint must reproduce the quantized logits exactly); it replaces an existing
-    `out` (force) only once complete."""
-    from . import checkpoint, safe_write
-    from .api import load
-
-    out = safe_write.check_output(out, force=force, sources=[source])  # before any work
-    model = load(source)
-    if model.quantization_info:
-        raise QtaleError(f"{source} is already quantized ({model.quantization_info.get('format')})")
-    texts, calib_source = ([], None)
-    if FORMATS.get(config.format, ("", 0, "", ""))[3] == "awq_lite":  # the others are round-to-nearest
-        texts, calib_source = read_calibration(config.calib_data, config.calib_samples)
-    info = quantize(model, config.format, texts, model.tokenizer, config.group_size,
-                    calib_source=calib_source, max_length=config.calib_length)
-    result = {"out": str(out), **info}
-    with safe_write.staged(out, force=force, sources=[source, getattr(model, "checkpoint_dir", None)]) as tmp:
-        checkpoint.save(model, tmp, quantization=info, extra_tensors=quantizer_tensors(model))
-        if verify:
-            probe = model.tokenizer([PROBE], return_tensors="pt")
-            with torch.no_grad():
-                ref = model(probe.input_ids, execute_all=True).logits
-                again = load(tmp)(probe.input_ids, execute_all=True).logits
-            if not torch.equal(ref, again):
-                raise QtaleError(f"reloading {out} does not reproduce the quantized logits "
-                                 f"(max diff {(ref - again).abs().max().item():.3g}); nothing was written")
-            result["verified_identical_logits"] = True
-    return result
-
-
-def run_quantize(args) -> dict:
-    """`qtale quantize`: the arguments as a QuantizeConfig, one summary line unless --json."""
-    config = QuantizeConfig(format=args.format, group_size=getattr(args, "group_size", None),
-                            calib_data=getattr(args, "calib_data", None),
-                            calib_samples=getattr(args, "calib_samples", QuantizeConfig.calib_samples),
-                            calib_length=getattr(args, "calib_length", QuantizeConfig.calib_length))
-    result = quantize_checkpoint(args.checkpoint, args.out, config, verify=not getattr(args, "no_verify", False),
-                                 force=getattr(args, "force", False))
-    if not getattr(args, "json", False):
-        wb = result["weight_bytes"]
-        print(f"{result['out']}: {config.format} ({result['quantizer']}, {result['algorithm']}), groups "
-              f"{result['group_size']}, {wb['quantized'] / 2**20:.2f} MiB vs {wb['fp16'] / 2**20:.2f} MiB fp16 "
-              f"({wb['bits_per_weight']} bits/weight)")
-    return result

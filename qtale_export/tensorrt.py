@@ -1,19 +1,16 @@
-"""`qtale build`: build a TensorRT engine from a qtale export folder and record it in manifest.json.
+"""Build a TensorRT engine from a qtale export folder and record it in manifest.json (`qtale build`,
+whose arguments live in cli/build.py; build_engine.sh calls `qtale build --plan` and `--record`).
 
-TensorRT is imported lazily inside functions, so this module (argument parsing, validation,
---dry-run, manifest bookkeeping) works on hosts without TensorRT. build_engine.sh uses the
-`check` and `record` subcommands of `python -m qtale_export.tensorrt`.
+TensorRT is imported lazily inside functions, so this module (validation, the trtexec command of
+a dry run, manifest bookkeeping) works on hosts without TensorRT.
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime as _dt
-import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -35,27 +32,23 @@ JETSON_WORKSPACE_MB = 2048  # unified memory is shared with the CPU; leave room 
 INSTALL_HINT = "pip install tensorrt (x86_64 + CUDA) / use a GPU host or Jetson with JetPack 6, or pass --dry-run"
 
 
-# ---- arguments --------------------------------------------------------------------------
+@dataclass
+class BuildOptions:
+    """What `qtale build` was asked for (cli/build.py); `plan_build` checks it against the export."""
 
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `qtale build EXPORT_DIR ...` (also used by `python -m qtale_export.tensorrt build`)."""
-    parser.add_argument("export_dir", type=Path, help="folder written by qtale-export (has manifest.json)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="engine precision (default: the export's precision)")
-    parser.add_argument("--graph", choices=GRAPHS, default="prefill", help="which exported graph to build")
-    parser.add_argument("--min-tokens", type=int, default=1, help="optimization profile: shortest sequence")
-    parser.add_argument("--opt-tokens", type=int, default=256, help="optimization profile: tuned sequence length")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="optimization profile: longest sequence")
-    parser.add_argument("--batch", default="1", help="batch size N or MIN:OPT:MAX (default 1)")
-    parser.add_argument("--plugin-lib", type=Path, default=None,
-                        help="libqtale_trt_plugins.so (required when the export uses qtale plugin ops)")
-    parser.add_argument("--jetson", action="store_true",
-                        help="target Jetson Orin (SM 8.7): no FP8, workspace default 2048 MB")
-    parser.add_argument("--dry-run", action="store_true", help="print the equivalent trtexec command and exit")
-    parser.add_argument("--workspace-mb", type=int, default=None,
-                        help=f"builder workspace limit (default {DEFAULT_WORKSPACE_MB}, {JETSON_WORKSPACE_MB} with --jetson)")
-    parser.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (read and updated)")
+    export_dir: Path
+    precision: str | None = None  # None: the export's precision
+    graph: str = "prefill"
+    min_tokens: int = 1
+    opt_tokens: int = 256
+    max_tokens: int = 2048
+    batch: str = "1"  # N or MIN:OPT:MAX
+    plugin_lib: Path | None = None
+    jetson: bool = False
+    dry_run: bool = False
+    workspace_mb: int | None = None  # None: DEFAULT_WORKSPACE_MB, JETSON_WORKSPACE_MB with jetson
+    timing_cache: Path | None = None
+    engine: Path | None = None  # an engine built elsewhere (trtexec), to be recorded
 
 
 # ---- planning (no TensorRT needed) ---------------------------------------------------------
@@ -181,22 +174,22 @@ def check_fp8(precision: str, jetson: bool, sm: str | None) -> None:
         raise QtaleError(f"FP8 needs SM >= 8.9 (Ada/Hopper) but this GPU is SM {sm}: use --precision int4 or fp16")
 
 
-def plan_build(args: argparse.Namespace) -> BuildPlan:
-    """Validate the arguments against the export folder; raises QtaleError with the fix."""
-    export_dir = Path(args.export_dir)
-    engine = getattr(args, "engine", None)  # `record`: the engine built by trtexec, not listed yet
+def plan_build(options: BuildOptions) -> BuildPlan:
+    """Validate the options against the export folder; raises QtaleError with the fix."""
+    export_dir = Path(options.export_dir)
+    engine = options.engine  # recording: the engine built by trtexec, not listed yet
     allow = (os.path.relpath(Path(engine).resolve(), export_dir.resolve()),) if engine else ()
     manifest = read_manifest(export_dir, allow=allow)
     graphs = manifest.get("graphs") or {}
-    if args.graph not in graphs:
-        raise QtaleError(f"export has no {args.graph!r} graph (has: {', '.join(graphs) or 'none'}); re-export it")
-    graph = graphs[args.graph]
-    onnx_path = export_dir / graph.get("file", f"{args.graph}.onnx")
+    if options.graph not in graphs:
+        raise QtaleError(f"export has no {options.graph!r} graph (has: {', '.join(graphs) or 'none'}); re-export it")
+    graph = graphs[options.graph]
+    onnx_path = export_dir / graph.get("file", f"{options.graph}.onnx")
     if not onnx_path.is_file():
         raise QtaleError(f"{onnx_path} is missing; re-run qtale-export into {export_dir}")
 
     exported = manifest.get("precision", "fp32")
-    precision = args.precision or exported
+    precision = options.precision or exported
     if precision not in PRECISIONS:
         raise QtaleError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     # The ONNX carries its own types (Q/DQ for int4/int8/fp8), so the engine is strongly typed and the
@@ -208,15 +201,15 @@ def plan_build(args: argparse.Namespace) -> BuildPlan:
     else:
         raise QtaleError(f"export is {exported} but --precision {precision} was asked: "
                          f"re-export with qtale-export --precision {precision}")
-    check_fp8(precision, args.jetson, JETSON_ORIN_SM if args.jetson else None)
+    check_fp8(precision, options.jetson, JETSON_ORIN_SM if options.jetson else None)
 
     uses_plugins = manifest.get("ops") == "plugin" or onnx_uses_qtale_ops(onnx_path)
-    plugin_lib = Path(args.plugin_lib) if args.plugin_lib else None
+    plugin_lib = Path(options.plugin_lib) if options.plugin_lib else None
     if uses_plugins and plugin_lib is None:
         raise QtaleError("export uses qtale plugin ops (TokenCompact/TokenScatter): build plugins/ with cmake and "
                          "pass --plugin-lib build/plugins/libqtale_trt_plugins.so")
     # A dry run only prints commands, so the library may not be built yet.
-    if plugin_lib is not None and not plugin_lib.is_file() and not getattr(args, "dry_run", False):
+    if plugin_lib is not None and not plugin_lib.is_file() and not options.dry_run:
         raise QtaleError(f"--plugin-lib {plugin_lib} not found: build it with "
                          "cmake -S plugins -B build/plugins && cmake --build build/plugins")
     if plugin_lib is not None and not uses_plugins:
@@ -224,17 +217,17 @@ def plan_build(args: argparse.Namespace) -> BuildPlan:
         print(f"warning: export uses standard ops only; ignoring --plugin-lib {plugin_lib}", file=sys.stderr)
         plugin_lib = None
 
-    tokens = (args.min_tokens, args.opt_tokens, args.max_tokens)
+    tokens = (options.min_tokens, options.opt_tokens, options.max_tokens)
     if not 1 <= tokens[0] <= tokens[1] <= tokens[2]:
         raise QtaleError(f"need 1 <= --min-tokens <= --opt-tokens <= --max-tokens, got {tokens}")
-    batch = parse_range(args.batch, "batch")
-    workspace_mb = args.workspace_mb or (JETSON_WORKSPACE_MB if args.jetson else DEFAULT_WORKSPACE_MB)
+    batch = parse_range(options.batch, "batch")
+    workspace_mb = options.workspace_mb or (JETSON_WORKSPACE_MB if options.jetson else DEFAULT_WORKSPACE_MB)
     if workspace_mb <= 0:
         raise QtaleError("--workspace-mb must be positive")
-    return BuildPlan(export_dir=export_dir, manifest=manifest, graph=args.graph, onnx_path=onnx_path,
+    return BuildPlan(export_dir=export_dir, manifest=manifest, graph=options.graph, onnx_path=onnx_path,
                      precision=precision, strongly_typed=strongly_typed, uses_plugins=uses_plugins,
-                     plugin_lib=plugin_lib, jetson=args.jetson, workspace_mb=workspace_mb,
-                     timing_cache=args.timing_cache, batch=batch, tokens=tokens,
+                     plugin_lib=plugin_lib, jetson=options.jetson, workspace_mb=workspace_mb,
+                     timing_cache=options.timing_cache, batch=batch, tokens=tokens,
                      shapes=profile_shapes(graph, batch, tokens))
 
 
@@ -343,14 +336,13 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
 # ---- entry points -------------------------------------------------------------------------
 
 
-def run_build(args: argparse.Namespace) -> dict[str, Any]:
-    """Implement `qtale build`; returns the manifest entry (or the plan for --dry-run)."""
-    plan = plan_build(args)
-    command = trtexec_command(plan)
-    if args.dry_run:
-        print(shlex.join(command))
-        return {"dry_run": True, "trtexec": command, "engine": str(plan.engine_path)}
-    sm = JETSON_ORIN_SM if args.jetson else gpu_sm()
+def build(options: BuildOptions) -> dict[str, Any]:
+    """Build with the TensorRT Python API and record the engine; returns its manifest entry (a dry
+    run: {"dry_run": True, "trtexec": the equivalent command, "engine": the path it would write})."""
+    plan = plan_build(options)
+    if options.dry_run:
+        return {"dry_run": True, "trtexec": trtexec_command(plan), "engine": str(plan.engine_path)}
+    sm = JETSON_ORIN_SM if options.jetson else gpu_sm()
     check_fp8(plan.precision, plan.jetson, sm)
     engine, version = build_engine_bytes(plan)
     write_bytes(plan.engine_path, engine)
@@ -358,6 +350,17 @@ def run_build(args: argparse.Namespace) -> dict[str, Any]:
                          tensorrt_version=version, sm=sm, plugin_lib=plan.plugin_lib, batch=plan.batch,
                          tokens=plan.tokens, jetson=plan.jetson, strongly_typed=plan.strongly_typed,
                          built_with="tensorrt-python")
+
+
+def record_built(options: BuildOptions, trtexec_log: Path | None = None) -> dict[str, Any]:
+    """Record `options.engine`, built by trtexec (build_engine.sh), in manifest.json; the TensorRT
+    version is read from the trtexec log."""
+    plan = plan_build(options)
+    sm = JETSON_ORIN_SM if options.jetson else gpu_sm()
+    return record_engine(plan.export_dir, options.engine, graph=plan.graph, precision=plan.precision,
+                         tensorrt_version=_version_from_log(trtexec_log), sm=sm, plugin_lib=plan.plugin_lib,
+                         batch=plan.batch, tokens=plan.tokens, jetson=plan.jetson,
+                         strongly_typed=plan.strongly_typed, built_with="trtexec")
 
 
 def _version_from_log(path: Path | None) -> str | None:
@@ -373,41 +376,3 @@ def _version_from_log(path: Path | None) -> str | None:
         return None
     code = int(match.group(1))
     return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qtale_export.tensorrt {build,check,record}`; prints QtaleError as one line, exit 2."""
-    parser = argparse.ArgumentParser(prog="python -m qtale_export.tensorrt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_build_arguments(sub.add_parser("build", help="build an engine (same as qtale build)"))
-    check = sub.add_parser("check", help="validate a build; prints 'PRECISION strong|weak PLUGIN_LIB|-'")
-    add_build_arguments(check)
-    record = sub.add_parser("record", help="record an engine built by trtexec in manifest.json")
-    add_build_arguments(record)
-    record.add_argument("--engine", type=Path, required=True)
-    record.add_argument("--trtexec-log", type=Path, default=None)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            result = run_build(args)
-            if not args.dry_run:
-                print(json.dumps(result, indent=2))
-        elif args.command == "check":
-            plan = plan_build(args)
-            print(plan.precision, "strong" if plan.strongly_typed else "weak", plan.plugin_lib or "-")
-        else:
-            plan = plan_build(args)
-            sm = JETSON_ORIN_SM if args.jetson else gpu_sm()
-            record_engine(plan.export_dir, args.engine, graph=plan.graph, precision=plan.precision,
-                          tensorrt_version=_version_from_log(args.trtexec_log), sm=sm, plugin_lib=plan.plugin_lib,
-                          batch=plan.batch, tokens=plan.tokens, jetson=plan.jetson,
-                          strongly_typed=plan.strongly_typed, built_with="trtexec")
-            print(f"recorded {args.engine} in {plan.export_dir / 'manifest.json'}")
-    except QtaleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

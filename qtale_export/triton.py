@@ -1,4 +1,5 @@
-"""`qtale triton-repo EXPORT_DIR... --out REPO`: a Triton Inference Server model repository.
+"""A Triton Inference Server model repository from export folder(s) (`qtale triton-repo EXPORT_DIR...
+--out REPO`, whose arguments live in cli/triton_repo.py).
 
 One set of models per export (precision), whatever the ratio: theta is a graph input [batch].
 `--backend python`: one model `qtale_<precision>` holding the prefill and decode graphs and the
@@ -18,15 +19,12 @@ whose DequantizeLinear weights live inside If branches). No PyTorch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
-from . import safe_write, validate
+from . import safe_write
 from .errors import QtaleError
-from .theta import MODES
-from .validate import arg
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 ROUTER = "qtale_router"
@@ -35,34 +33,6 @@ DTYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", 
 TEMPLATES = Path(__file__).parent / "triton_models"
 
 
-def add_triton_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR",
-                        help="export folder(s); one per precision")
-    parser.add_argument("--out", required=True, help="model repository folder to create")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="graph models: onnxruntime_onnx, tensorrt_plan (engines from `qtale build`) "
-                             "or the Python backend running ONNX Runtime")
-    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default=None,
-                        help="comma-separated execution ratios to check and list (every ratio the theta "
-                             "policy accepts is served by the same models)")
-    parser.add_argument("--ratio-mode", choices=MODES, default="interpolate",
-                        help="ratio -> theta rule of the router (default interpolate, as qtale run)")
-    parser.add_argument("--max-batch", type=arg(validate.positive_int, "--max-batch"), default=8,
-                        help="router max_batch_size (dynamic batching)")
-    parser.add_argument("--instances", type=arg(validate.positive_int, "--instances"), default=1,
-                        help="instances per model")
-    parser.add_argument("--kind", choices=["cpu", "gpu"], default=None,
-                        help="instance kind (default gpu for tensorrt, else cpu)")
-    parser.add_argument("--threads", type=arg(validate.nonnegative_int, "--threads"), default=0,
-                        help="ONNX Runtime intra-op threads (0 = default)")
-    parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=32,
-                        help="router default when a request has none")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    parser.add_argument("--json", action="store_true")
-    return parser
-
-
-# ---- config.pbtxt ------------------------------------------------------------------------------
 def _dims(shape) -> str:
     return "[ " + ", ".join(str(d) if isinstance(d, int) and d > 0 else "-1" for d in shape) + " ]"
 
@@ -289,19 +259,3 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "backend": backend, "models": models, "precisions": precisions,
             "ratio_mode": ratio_mode, "ratios": checked}
-
-
-def run_triton(args) -> dict:
-    ratios = args.ratios
-    if isinstance(ratios, str):  # a Namespace built by hand rather than by the parser
-        ratios = validate.ratios(ratios)
-    res = build_repository(args.export_dirs, args.out, backend=args.backend, ratios=ratios,
-                           max_batch=args.max_batch, instances=args.instances, kind=args.kind,
-                           threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens,
-                           ratio_mode=getattr(args, "ratio_mode", "interpolate"))
-    if not getattr(args, "json", False):
-        print(f"wrote {len(res['models'])} models to {res['out']} ({args.backend}): {', '.join(res['models'])}")
-        for v in res["ratios"]:
-            print(f"  {v['precision']} ratio {v['ratio']}: theta {v['theta']:.4f} ({v['mode']})")
-        print(f"  {ROUTER}: execution_ratio -> theta ({res['ratio_mode']}, as qtale run); see docs/triton.md")
-    return res

@@ -20,7 +20,7 @@ On request (--only): `keep` commits finished training runs, `ship` copies the QT
 package. Modules: recipe (schema), layout (run folder, configurations), stages, report, ship,
 command (the command line).
 """
-from .command import add_experiment_arguments, run_experiment
+from .command import ExperimentOptions, run_experiment
 from .layout import Run, configurations, read_json as _read_json
 from .recipe import load_recipe
 from .report import (README_BEGIN, README_END, SCHEMA, paired, render_markdown, render_readme_block,
@@ -28,6 +28,6 @@ from .report import (README_BEGIN, README_END, SCHEMA, paired, render_markdown, 
 from .ship import recommended_ratio, stage_keep, stage_ship
 from .stages import ON_REQUEST, STAGES
 
-__all__ = ["README_BEGIN", "README_END", "SCHEMA", "ON_REQUEST", "STAGES", "Run", "add_experiment_arguments",
+__all__ = ["README_BEGIN", "README_END", "SCHEMA", "ON_REQUEST", "STAGES", "ExperimentOptions", "Run",
            "configurations", "load_recipe", "paired", "recommended_ratio", "render_markdown",
            "render_readme_block", "run_experiment", "stage_keep", "stage_ship", "update_readme"]

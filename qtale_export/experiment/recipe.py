@@ -1,7 +1,7 @@
 """The recipe: its keys, their defaults and checks; `load_recipe` reads, validates and resolves one.
 
 Defaults come from the library (train.TrainConfig, calibrate.TextCalibration,
-quantize.QuantizeConfig), so a recipe that leaves a key out runs what the command line runs; the
+ptq.QuantizeConfig), so a recipe that leaves a key out runs what the command line runs; the
 key lists (and their order, which the error messages show) are the recipe's own schema.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def section_keys() -> tuple[dict, dict, dict, dict]:
     """(train, calibration, quantization, eval) recipe keys -> defaults (REQUIRED_KEY: must be given).
     A function because the library's configs live in modules that import torch."""
     from ..calibrate import TextCalibration
-    from ..quantize import QuantizeConfig
+    from ..ptq import QuantizeConfig
     from ..train import TrainConfig
 
     train = _defaults(TrainConfig)

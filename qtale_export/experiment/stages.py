@@ -82,7 +82,7 @@ def stage_calibrate(run: Run) -> None:
 
 
 def stage_quantize(run: Run) -> None:
-    from .. import checkpoint, quantize
+    from .. import checkpoint, ptq
 
     spec = run.r["quantization"]
     for name, src in run.quant_sources():
@@ -95,11 +95,11 @@ def stage_quantize(run: Run) -> None:
                 continue
             t0 = time.time()
             run.say(f"  quantize {name} -> {fmt}")
-            config = quantize.QuantizeConfig(format=fmt, group_size=spec["group_size"],
-                                             calib_data=spec["calib_data"] or None,
-                                             calib_samples=spec["calib_samples"], calib_length=spec["calib_length"])
+            config = ptq.QuantizeConfig(format=fmt, group_size=spec["group_size"],
+                                        calib_data=spec["calib_data"] or None,
+                                        calib_samples=spec["calib_samples"], calib_length=spec["calib_length"])
             # force: the run folder's own stale result (another format) is replaced
-            quantize.quantize_checkpoint(src, out, config, force=True)
+            ptq.quantize_checkpoint(src, out, config, force=True)
             run.timed("quantize", time.time() - t0)
 
 

@@ -1,63 +1,21 @@
-"""`qtale export` / `qtale verify` / `qtale-export`: argument parsing and the export pipeline.
+"""The export pipeline behind `qtale export` / `qtale-export` and `qtale verify` (arguments: cli/).
 
-run_export(args) -> dict and run_verify(args) -> dict raise QtaleError (one line) on bad input;
-run_verify returns the report with "ok" false when out of tolerance (the CLI exits non-zero then).
+export_checkpoint(...) -> manifest and verify(...) -> report raise QtaleError (one line) on bad
+input; verify returns the report with "ok" false when out of tolerance (the CLI exits non-zero then).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from .. import safe_write, validate
 from ..errors import QtaleError
-from ..validate import arg
 from .precision import PRECISIONS, TARGETS, min_opset
 
 OPS = ("standard", "plugin")
 DEFAULT_OPSET = 21
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("checkpoint", nargs="?", default="smollm2-135m",
-                        help="QTALE checkpoint folder, HF model folder or embedded model name (default smollm2-135m)")
-    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
-                        help="execution ratio whose calibrated theta becomes the default (0 < r <= 1; 1.0 = "
-                             "theta 0; default: the checkpoint's recommended ratio, else 0.6)")
-    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
-                        help="default theta to record instead of the calibrated one for --ratio")
-    parser.add_argument("--precision", default=None,
-                        help=f"{'/'.join(PRECISIONS)} (default fp32, or the checkpoint's quantization format)")
-    parser.add_argument("--ops", default="standard", help="standard (plain ONNX) or plugin (qtale TokenCompact/TokenScatter)")
-    parser.add_argument("--target", default=None,
-                        help="ort-cpu or tensorrt (default ort-cpu; tensorrt for fp8)")
-    parser.add_argument("--out", required=False, default=None, help="export folder to create")
-    parser.add_argument("--opset", type=arg(validate.positive_int, "--opset"), default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=4,
-                        help="decode steps checked by the verification")
-    parser.add_argument("--allow-stale-theta", action="store_true",
-                        help="export a theta table calibrated on other weights (e.g. before quantization)")
-    return parser
-
-
-def add_verify_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("dir", help="export folder (with manifest.json)")
-    parser.add_argument("--theta", type=arg(validate.theta, "--theta"), action="append", default=None,
-                        help="theta in [0, 1] to check (repeatable; default: 0, the export's theta, 0.3, 0.7)")
-    parser.add_argument("--decode-steps", type=arg(validate.positive_int, "--decode-steps"), default=None,
-                        help="decode steps compared per theta (>= 1; default: those stored, 4 against live PyTorch)")
-    parser.add_argument("--trt", action="store_true",
-                        help="check the TensorRT engines recorded in the manifest instead of ONNX Runtime")
-    parser.add_argument("--plugin-lib", default=None,
-                        help="libqtale_trt_plugins.so for --trt (default: the library recorded with the engine)")
-    parser.add_argument("--pytorch", action="store_true",
-                        help="compare against the checkpoint run now in PyTorch instead of the stored reference")
-    return parser
 
 
 def _quant_precision(info: dict | None) -> str | None:
@@ -208,37 +166,33 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
 FALLBACK_RATIO = 0.6  # a checkpoint without a recommended ratio (one not shipped by the experiment)
 
 
-def run_export(args) -> dict:
-    precision, _ = check_options(args.ratio if args.ratio is not None else FALLBACK_RATIO,
-                                 getattr(args, "precision", None), args.ops, args.target,
-                                 args.opset, args.out, args.force, getattr(args, "theta", None))
-    safe_write.check_output(args.out, force=args.force, sources=[args.checkpoint])
+def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta: float | None = None,
+                      precision: str | None = None, ops: str = "standard", target: str | None = None,
+                      opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
+                      allow_stale_theta: bool = False) -> dict:
+    """Load `checkpoint` (folder or model name) and export it to `out`; the options are checked
+    before the model is loaded. ratio None: the checkpoint's recommended ratio, else FALLBACK_RATIO."""
+    check_options(ratio if ratio is not None else FALLBACK_RATIO, precision, ops, target, opset, out, force, theta)
+    safe_write.check_output(out, force=force, sources=[checkpoint])
     import qtale_export
 
-    model = qtale_export.load(args.checkpoint)
-    ratio = args.ratio
+    model = qtale_export.load(checkpoint)
     if ratio is None:  # the experiment's recommendation, recorded when the checkpoint shipped
         ratio = float((model.recommended or {}).get("ratio") or FALLBACK_RATIO)
-    return export(model, args.out, checkpoint=args.checkpoint, ratio=ratio, theta=getattr(args, "theta", None),
-                  precision=args.precision, ops=args.ops, target=args.target, opset=args.opset,
-                  force=args.force, decode_steps=getattr(args, "decode_steps", 4),
-                  allow_stale_theta=getattr(args, "allow_stale_theta", False))
+    return export(model, out, checkpoint=checkpoint, ratio=ratio, theta=theta, precision=precision, ops=ops,
+                  target=target, opset=opset, force=force, decode_steps=decode_steps,
+                  allow_stale_theta=allow_stale_theta)
 
 
-def run_verify(args) -> dict:
-    """Polygraphy against the stored reference outputs (see verify.verify_with_polygraphy)."""
+def verify(folder, *, thetas: list[float] | None = None, decode_steps: int | None = None, trt: bool = False,
+           plugin_lib: str | None = None, live: bool = False) -> dict:
+    """Polygraphy against the stored reference outputs (see verify.verify_with_polygraphy); trt:
+    the TensorRT engines of the manifest instead of ONNX Runtime; live: against PyTorch run now."""
     from .verify import verify_with_polygraphy
 
-    for t in args.theta or []:
+    for t in thetas or []:
         validate.theta(t, "--theta")
-    if args.decode_steps is not None:
-        validate.positive_int(args.decode_steps, "--decode-steps")
-    return verify_with_polygraphy(args.dir, thetas=args.theta, decode_steps=args.decode_steps,
-                                  backend="tensorrt" if args.trt else "onnxrt", plugin_lib=args.plugin_lib,
-                                  live=args.pytorch)
-
-
-if __name__ == "__main__":  # python -m qtale_export.export.main: the same program as qtale-export
-    from ..cli import export_main
-
-    sys.exit(export_main())
+    if decode_steps is not None:
+        validate.positive_int(decode_steps, "--decode-steps")
+    return verify_with_polygraphy(folder, thetas=thetas, decode_steps=decode_steps,
+                                  backend="tensorrt" if trt else "onnxrt", plugin_lib=plugin_lib, live=live)

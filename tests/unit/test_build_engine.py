@@ -45,7 +45,7 @@ def test_dry_run_composes_trtexec_and_record(tmp_path):
         assert flag in words, flag
     assert any(w.startswith("--saveEngine=") for w in words)
     assert move.endswith(f"{exp}/prefill.int4.engine")
-    assert "qtale_export.tensorrt record" in record and "--precision int4" in record
+    assert "qtale_export.cli build" in record and "--record" in record and "--precision int4" in record
 
 
 def test_static_plugins_and_jetson_workspace(tmp_path):

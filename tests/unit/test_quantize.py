@@ -14,13 +14,14 @@ from qtale_export.errors import QtaleError
 
 pytest.importorskip("modelopt")
 from qtale_export import quantize as Q  # noqa: E402
+from qtale_export.cli import quantize as cli_quantize  # noqa: E402
 
 CALIB = ["The quick brown fox jumps over the lazy dog.", "Water boils at one hundred degrees Celsius."]
 
 
 def _args(ckpt, fmt, out, *extra):
     p = argparse.ArgumentParser()
-    Q.add_quantize_arguments(p)
+    cli_quantize.add_arguments(p)
     return p.parse_args([str(ckpt), "--format", fmt, "--out", str(out), "--json", *extra])
 
 
@@ -71,7 +72,7 @@ def test_group_size_choice_and_override(tiny_dir):
 @pytest.mark.parametrize("fmt", ["int4-awq", "int4", "int3", "int8", "fp8"])
 def test_save_restore_identical_logits(tiny_dir, tmp_path, fmt):
     out = tmp_path / fmt
-    res = Q.run_quantize(_args(tiny_dir, fmt, out, "--calib-samples", "2", "--calib-length", "64"))
+    res = cli_quantize.run(_args(tiny_dir, fmt, out, "--calib-samples", "2", "--calib-length", "64"))
     assert res["verified_identical_logits"]
     json.dumps(res)  # the result and the stored description are plain JSON
     meta = json.loads((out / "qtale.json").read_text())
@@ -92,14 +93,14 @@ def test_save_restore_identical_logits(tiny_dir, tmp_path, fmt):
     with torch.no_grad():
         assert not torch.equal(a(ids, execute_all=True).logits, fp(ids, execute_all=True).logits)
     with pytest.raises(QtaleError, match="already quantized"):
-        Q.run_quantize(_args(out, "int4", tmp_path / "again"))
+        cli_quantize.run(_args(out, "int4", tmp_path / "again"))
 
 
 def test_int3_restore_refuses_other_weights(tiny_dir, tmp_path):
     from qtale_testing import make_tiny
 
     out = tmp_path / "q3"
-    Q.run_quantize(_args(tiny_dir, "int3", out))
+    cli_quantize.run(_args(tiny_dir, "int3", out))
     other = make_tiny(tmp_path / "other", seed=1)
     meta = json.loads((out / "qtale.json").read_text())
     meta["base_model"] = {"id": str(other), "sha256": None}  # bypass the sha check: restore must notice

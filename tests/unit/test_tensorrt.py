@@ -6,21 +6,36 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import types
 from pathlib import Path
 
 import pytest
 
-from qtale_export import tensorrt as qtrt
+from qtale_export import cli, tensorrt as qtrt
+from qtale_export.cli import build as cli_build
 from qtale_export.errors import QtaleError
 from trt_fake_export import make_export
 
 
-def parse(*argv: str) -> argparse.Namespace:
+def args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    qtrt.add_build_arguments(parser)
+    cli_build.add_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
+
+
+def parse(*argv: str) -> qtrt.BuildOptions:
+    return cli_build.options(args(*argv))
+
+
+def main(argv: list[str]) -> int:
+    """`qtale build ...` in this process (the SIGTERM handler cli installs is restored)."""
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        return cli.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @pytest.fixture
@@ -32,7 +47,7 @@ def plugin_lib(tmp_path: Path) -> Path:
 
 def test_dry_run_prints_trtexec_command(tmp_path, plugin_lib, capsys):
     exp = make_export(tmp_path / "exp")
-    result = qtrt.run_build(parse(exp, "--plugin-lib", plugin_lib, "--min-tokens", 4, "--opt-tokens", 64,
+    result = cli_build.run(args(exp, "--plugin-lib", plugin_lib, "--min-tokens", 4, "--opt-tokens", 64,
                                   "--max-tokens", 512, "--batch", "1:2:4", "--timing-cache", tmp_path / "tc",
                                   "--dry-run"))
     line = capsys.readouterr().out.strip()
@@ -49,7 +64,7 @@ def test_dry_run_prints_trtexec_command(tmp_path, plugin_lib, capsys):
 
 def test_dry_run_jetson_defaults_and_weak_fp16(tmp_path, capsys):
     exp = make_export(tmp_path / "exp", ops="standard", precision="fp32")
-    qtrt.run_build(parse(exp, "--precision", "fp16", "--jetson", "--dry-run"))
+    cli_build.run(args(exp, "--precision", "fp16", "--jetson", "--dry-run"))
     words = capsys.readouterr().out.split()
     assert "--fp16" in words and "--stronglyTyped" not in words
     assert "--memPoolSize=workspace:2048M" in words
@@ -108,7 +123,7 @@ def test_fp8_refused_on_jetson_and_sm87(tmp_path, monkeypatch):
         qtrt.plan_build(parse(exp, "--jetson"))
     monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.7")
     with pytest.raises(QtaleError, match=r"SM >= 8\.9.*SM 8\.7"):
-        qtrt.run_build(parse(exp))
+        cli_build.run(args(exp))
     qtrt.check_fp8("fp8", False, "8.9")
     qtrt.check_fp8("fp8", False, "9.0")
     qtrt.check_fp8("int4", True, "8.7")
@@ -119,9 +134,9 @@ def test_missing_tensorrt_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
     monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.9")
     with pytest.raises(QtaleError) as info:
-        qtrt.run_build(parse(exp))
+        cli_build.run(args(exp))
     assert "pip install tensorrt" in str(info.value) and "\n" not in str(info.value)
-    assert qtrt.main(["build", str(exp)]) == 2
+    assert main(["build", str(exp)]) == 2
 
 
 def test_record_engine_updates_manifest(tmp_path, plugin_lib):
@@ -166,8 +181,8 @@ def test_record_subcommand_reads_trtexec_log(tmp_path, monkeypatch):
     log = exp / "build.log"
     log.write_text("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --onnx=...\n")
     monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.9")
-    assert qtrt.main(["record", str(exp), "--engine", str(exp / "prefill.fp16.engine"),
-                      "--trtexec-log", str(log)]) == 0
+    assert main(["build", str(exp), "--record", str(exp / "prefill.fp16.engine"),
+                 "--trtexec-log", str(log)]) == 0
     entry = json.loads((exp / "manifest.json").read_text())["engines"][0]
     assert entry["tensorrt_version"] == "10.3.0" and entry["built_with"] == "trtexec"
 
@@ -207,7 +222,7 @@ def test_build_with_python_api_writes_engine_and_manifest(tmp_path, plugin_lib, 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
     monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.9")
     exp = make_export(tmp_path / "exp")
-    entry = qtrt.run_build(parse(exp, "--plugin-lib", plugin_lib, "--timing-cache", tmp_path / "tc",
+    entry = cli_build.run(args(exp, "--plugin-lib", plugin_lib, "--timing-cache", tmp_path / "tc",
                                  "--max-tokens", 1024))
     assert (exp / "prefill.int4.engine").read_bytes() == b"ENGINE"
     assert (tmp_path / "tc").read_bytes() == b"CACHE"

@@ -97,7 +97,7 @@ def test_without_the_train_extra_help_lists_the_deployment_commands(monkeypatch,
         main(["--help"])
     assert exc.value.code == 0
     listed = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")
-    assert listed == [c[0] for c in cli.COMMANDS if c[5] is None] == ["verify", "build", "run", "triton-repo", "bench"]
+    assert listed == [c.name for c in cli.COMMANDS if c.extra is None] == ["verify", "build", "run", "triton-repo", "bench"]
     assert "qtale_export.bench" not in sys.modules and "qtale_export.triton" not in sys.modules
     for argv in (["train", "--data", "x", "--out", "y"], ["quantize", "--help"], ["experiment"]):
         assert main(argv) == 2

@@ -9,7 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from qtale_export.errors import QtaleError
-from qtale_export.triton import add_triton_arguments, run_triton, validate_config
+from qtale_export.cli.triton_repo import add_arguments as add_triton_arguments, run as run_triton
+from qtale_export.triton import validate_config
 
 
 def triton(*argv):
@@ -77,7 +78,7 @@ def test_triton_repo_errors(tiny_export, tmp_path):
 
 
 def test_bench_schema(tiny_export, tmp_path, capsys):
-    from qtale_export.bench import add_bench_arguments, run_bench
+    from qtale_export.cli.bench import add_arguments as add_bench_arguments, run as run_bench
 
     args = add_bench_arguments(argparse.ArgumentParser()).parse_args(
         [str(tiny_export), "--seq", "16,32", "--ratios", "1.0,0.6,0.5", "--repeats", "2", "--decode-tokens", "2",

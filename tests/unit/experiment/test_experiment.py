@@ -14,6 +14,7 @@ import qtale_export
 from qtale_export import checkpoint
 from qtale_export import evaluate as E
 from qtale_export import experiment as X
+from qtale_export.cli import experiment as cli_experiment
 from qtale_export import tasks as T
 from qtale_export.errors import QtaleError
 from qtale_testing import REPO
@@ -70,7 +71,7 @@ def write_recipe(folder, recipe) -> str:
 
 def args_for(recipe_path, tmp_path, *extra):
     p = argparse.ArgumentParser()
-    X.add_experiment_arguments(p)
+    cli_experiment.add_arguments(p)
     return p.parse_args([recipe_path, "--out", str(tmp_path / "run"), "--docs", str(tmp_path / "docs"),
                          "--no-progress", *extra])
 
@@ -84,7 +85,7 @@ def fake_docs(monkeypatch):
 def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypatch):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
     t0 = time.time()
-    summary = X.run_experiment(args_for(recipe, tmp_path, "--limit", "3"))
+    summary = cli_experiment.run(args_for(recipe, tmp_path, "--limit", "3"))
     first = time.time() - t0
     docs = tmp_path / "docs"
     assert summary["results"] == str(docs / "results.json")
@@ -141,7 +142,7 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
 
     # --- ship: the QTALE routers + fp theta table, with provenance tied to results.json
     shipped = tmp_path / "shipped"
-    out = X.run_experiment(args_for(recipe, tmp_path, "--only", "ship", "--ship-dir", str(shipped)))
+    out = cli_experiment.run(args_for(recipe, tmp_path, "--only", "ship", "--ship-dir", str(shipped)))
     assert out["shipped"] == str(shipped)
     assert sorted(p.name for p in shipped.iterdir()) == ["provenance.json", "qtale.json", "routers.safetensors"]
     assert (shipped / "routers.safetensors").read_bytes() == (run / "train" / "qtale" / "routers.safetensors").read_bytes()
@@ -162,13 +163,13 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
     assert X.update_readme(readme, block) and readme.read_text() == f"intro\n{block}\noutro\n"
     assert not X.update_readme(tmp_path / "docs" / "results.md", block)  # no markers: left alone
     with pytest.raises(QtaleError, match="--ship-dir goes with --only ship"):
-        X.run_experiment(args_for(recipe, tmp_path, "--resume", "--ship-dir", str(shipped)))
+        cli_experiment.run(args_for(recipe, tmp_path, "--resume", "--ship-dir", str(shipped)))
     with pytest.raises(QtaleError, match="not an embedded model"):
-        X.run_experiment(args_for(recipe, tmp_path, "--only", "ship"))
+        cli_experiment.run(args_for(recipe, tmp_path, "--only", "ship"))
 
     # --- an existing run folder needs --resume
     with pytest.raises(QtaleError, match="--resume"):
-        X.run_experiment(args_for(recipe, tmp_path, "--limit", "3"))
+        cli_experiment.run(args_for(recipe, tmp_path, "--limit", "3"))
 
     # --- resume: nothing is recomputed
     def boom(*a, **k):
@@ -176,7 +177,7 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
 
     import qtale_export.train as train_mod
     import qtale_export.calibrate as calib_mod
-    import qtale_export.quantize as quant_mod
+    import qtale_export.ptq as quant_mod
 
     monkeypatch.setattr(train_mod, "train", boom)
     monkeypatch.setattr(calib_mod, "calibrate", boom)
@@ -184,7 +185,7 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
     monkeypatch.setattr(E, "evaluate_tasks", boom)
     (docs / "results.json").unlink()
     t0 = time.time()
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "3", "--resume"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "3", "--resume"))
     again = time.time() - t0
     assert json.loads((docs / "results.json").read_text())["configs"] == res["configs"]
     assert again < first
@@ -192,13 +193,13 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
     changed = tiny_recipe(tiny_dir, tmp_path)
     changed["train"]["steps"] = 3
     with pytest.raises(QtaleError, match="'train' differs"):
-        X.run_experiment(args_for(write_recipe(tmp_path, changed), tmp_path, "--resume"))
+        cli_experiment.run(args_for(write_recipe(tmp_path, changed), tmp_path, "--resume"))
 
 
 def test_only_stage_needs_its_inputs(tiny_dir, tmp_path, fake_docs):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
     with pytest.raises(QtaleError, match="run the 'train' stage first"):
-        X.run_experiment(args_for(recipe, tmp_path, "--only", "calibrate"))
+        cli_experiment.run(args_for(recipe, tmp_path, "--only", "calibrate"))
 
 
 class Killed(Exception):
@@ -221,11 +222,11 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path, fake_docs, monkeypatch
 
     monkeypatch.setattr(train_mod, "batch_for", dying)
     with pytest.raises(Killed):
-        X.run_experiment(args_for(recipe, tmp_path, "--only", "train"))
+        cli_experiment.run(args_for(recipe, tmp_path, "--only", "train"))
     state = json.loads((tmp_path / "run" / "train" / "qtale" / "train_state.json").read_text())
     assert state["step"] == 1
     calls.clear()
-    X.run_experiment(args_for(recipe, tmp_path, "--only", "train", "--resume"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--only", "train", "--resume"))
     assert calls == [1]  # only the missing step ran
     state = json.loads((tmp_path / "run" / "train" / "qtale" / "train_state.json").read_text())
     assert state["step"] == 2
@@ -233,9 +234,9 @@ def test_interrupted_training_resumes(tiny_dir, tmp_path, fake_docs, monkeypatch
 
 def test_interrupted_eval_resumes_from_its_finished_tasks(tiny_dir, tmp_path, fake_docs, monkeypatch):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path, methods=["qtale"]))
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "3", "--only", "train"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "3", "--only", "train"))
     for stage in ("calibrate", "quantize", "recalibrate"):
-        X.run_experiment(args_for(recipe, tmp_path, "--limit", "3", "--only", stage, "--resume"))
+        cli_experiment.run(args_for(recipe, tmp_path, "--limit", "3", "--only", stage, "--resume"))
     real, scored, killed = E.loglikelihood, [], []
 
     def dying(m, tok, reqs, *a, desc="score", **k):
@@ -248,18 +249,18 @@ def test_interrupted_eval_resumes_from_its_finished_tasks(tiny_dir, tmp_path, fa
     monkeypatch.setattr(E, "loglikelihood", dying)
     args = ("--limit", "3", "--only", "eval", "--resume", "--configs", "qtale/int3/0.6")
     with pytest.raises(Killed):
-        X.run_experiment(args_for(recipe, tmp_path, *args))
+        cli_experiment.run(args_for(recipe, tmp_path, *args))
     docs_eval = tmp_path / "docs" / "eval" / "tiny" / "harness-limit3"
     assert [f.name for f in (docs_eval / "partial" / "qtale__int3__0.6").iterdir()] == ["arc_e.json.gz"]
     assert scored == ["arc_e"] and killed == ["boolq"]
     scored.clear()
-    X.run_experiment(args_for(recipe, tmp_path, *args))
+    cli_experiment.run(args_for(recipe, tmp_path, *args))
     assert scored == ["boolq"]  # arc_e came from its saved part
     assert not (docs_eval / "partial" / "qtale__int3__0.6").exists()
     resumed = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
     (docs_eval / "qtale__int3__0.6.json.gz").unlink()
     scored.clear()
-    X.run_experiment(args_for(recipe, tmp_path, *args))
+    cli_experiment.run(args_for(recipe, tmp_path, *args))
     assert scored == ["arc_e", "boolq"]
     fresh = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
     for key in ("tasks", "items", "tokens", "realized_ratio", "theta"):
@@ -272,11 +273,11 @@ def test_configs_are_evaluated_in_the_order_asked(tiny_dir, tmp_path, fake_docs,
     r["eval"]["baselines"] = ["layer-drop"]  # on the same quantized base as quant-only
     recipe = write_recipe(tmp_path, r)
     for stage in ("train", "calibrate", "quantize", "recalibrate"):
-        X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", stage,
+        cli_experiment.run(args_for(recipe, tmp_path, "--limit", "2", "--only", stage,
                                   *(["--resume"] if stage != "train" else [])))
     capsys.readouterr()
     order = ["quant-only/int3", "qtale/int3/0.6", "layer-drop/int3/0.6"]
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", "eval", "--resume",
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "2", "--only", "eval", "--resume",
                               "--configs", ",".join(order)))
     said = [ln.split()[1] for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("eval ")]
     assert said == order
@@ -314,7 +315,7 @@ def test_bad_recipes(tiny_dir, tmp_path, edit, match):
     edit(recipe)
     path = write_recipe(tmp_path, recipe)
     with pytest.raises(QtaleError, match=match) as exc:
-        X.run_experiment(args_for(path, tmp_path))
+        cli_experiment.run(args_for(path, tmp_path))
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "run").exists()  # nothing started
 
@@ -361,7 +362,7 @@ def test_lora_recipe_trains_an_all_layers_reference(tiny_dir, tmp_path, fake_doc
     r["train"]["lora_rank"] = 2
     r["train"]["loss"] = "task"  # a task loss moves the all-layers model too: it needs its own fine-tune
     recipe = write_recipe(tmp_path, r)
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "2"))
     res = json.loads((tmp_path / "docs" / "results.json").read_text())
     ref = json.loads((tmp_path / "run" / "train" / "reference" / "qtale.json").read_text())
     cfg = ref["training"]["config"]
@@ -383,7 +384,7 @@ def test_distill_lora_recipe_compares_against_the_base_and_baselines(tiny_dir, t
     r["train"]["lora_lr"] = 1e-3
     r["eval"]["baselines"] = ["dllm-fixed-theta", "layer-drop"]
     recipe = write_recipe(tmp_path, r)
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "2"))
     res = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert not (tmp_path / "run" / "train" / "reference").exists()
     assert (tmp_path / "run" / "quant" / "base-int3").is_dir()
@@ -405,7 +406,7 @@ def test_distill_lora_recipe_compares_against_the_base_and_baselines(tiny_dir, t
 
 def test_configs_subset_reports_the_rest_as_pending(tiny_dir, tmp_path, fake_docs):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--configs", "quant-only/*,dllm/int3/0.6"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "2", "--configs", "quant-only/*,dllm/int3/0.6"))
     res = json.loads((tmp_path / "docs" / "results.json").read_text())
     ids = {c["id"] for c in res["configs"]}
     assert {"quant-only/int3", "dllm/int3/0.6"} <= ids and "dense/fp" not in ids and "qtale/int3/0.6" not in ids
@@ -417,8 +418,8 @@ def test_configs_subset_reports_the_rest_as_pending(tiny_dir, tmp_path, fake_doc
 def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_path, fake_docs, monkeypatch):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
     monkeypatch.setattr(X.Run, "kept_dir", lambda run, m: tmp_path / "kept" / m)
-    X.run_experiment(args_for(recipe, tmp_path, "--limit", "2", "--only", "train"))
-    X.run_experiment(args_for(recipe, tmp_path, "--only", "keep"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--limit", "2", "--only", "train"))
+    cli_experiment.run(args_for(recipe, tmp_path, "--only", "keep"))
     kept = tmp_path / "kept" / "qtale"
     assert sorted(p.name for p in kept.iterdir()) == ["qtale.json", "routers.safetensors", "train_log.jsonl",
                                                        "train_state.json"]  # no optimizer state
@@ -426,10 +427,10 @@ def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_
 
     monkeypatch.setattr(T, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     p = argparse.ArgumentParser()
-    X.add_experiment_arguments(p)
+    cli_experiment.add_arguments(p)
     args = p.parse_args([recipe, "--out", str(tmp_path / "run2"), "--docs", str(tmp_path / "docs2"),
                          "--only", "train", "--no-progress"])
-    X.run_experiment(args)
+    cli_experiment.run(args)
     model = qtale_export.load(tmp_path / "run2" / "train" / "qtale")
     import torch
 

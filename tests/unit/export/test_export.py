@@ -12,6 +12,7 @@ import torch
 
 import qtale_export
 from qtale_export import checkpoint
+from qtale_export.cli import export as cli_export, verify as cli_verify
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
@@ -297,22 +298,22 @@ def test_checksum_detects_modified_file(exported, tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(QtaleError, match="weights.onnx.data"):
         read_manifest(out)
-    args = export_main.add_verify_arguments(argparse.ArgumentParser()).parse_args([str(out)])
+    args = cli_verify.add_arguments(argparse.ArgumentParser()).parse_args([str(out)])
     with pytest.raises(QtaleError, match="sha256"):
-        export_main.run_verify(args)
+        cli_verify.verify_of(args)
 
 
 def test_run_verify_cli(exported):
     out = exported("int4", "plugin")
-    args = export_main.add_verify_arguments(argparse.ArgumentParser()).parse_args([str(out), "--theta", "0.5",
-                                                                                   "--decode-steps", "2"])
-    report = export_main.run_verify(args)
+    args = cli_verify.add_arguments(argparse.ArgumentParser()).parse_args([str(out), "--theta", "0.5",
+                                                                            "--decode-steps", "2"])
+    report = cli_verify.verify_of(args)
     assert report["ok"] and [c["theta"] for c in report["cases"]] == [0.5]
     json.dumps(report)
 
 
 def _args(argv):
-    return export_main.add_export_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return cli_export.add_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -323,7 +324,7 @@ def _args(argv):
 def test_bad_options(spread_ckpt, tmp_path, argv, match):
     out = tmp_path / "out"
     with pytest.raises(QtaleError, match=match):
-        export_main.run_export(_args([str(spread_ckpt), "--out", str(out)] + argv))
+        cli_export.export_of(_args([str(spread_ckpt), "--out", str(out)] + argv))
     assert not out.exists()
 
 
@@ -332,9 +333,9 @@ def test_existing_out_and_force(spread_ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(QtaleError, match="--force"):
-        export_main.run_export(_args([str(spread_ckpt), "--out", str(out)]))
+        cli_export.export_of(_args([str(spread_ckpt), "--out", str(out)]))
     assert (out / "keep.txt").exists()
-    data = export_main.run_export(_args([str(spread_ckpt), "--out", str(out), "--force", "--ratio", "1.0",
+    data = cli_export.export_of(_args([str(spread_ckpt), "--out", str(out), "--force", "--ratio", "1.0",
                                          "--decode-steps", "1"]))
     assert data["theta"] == 0.0 and not (out / "keep.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
@@ -342,7 +343,7 @@ def test_existing_out_and_force(spread_ckpt, tmp_path):
 
 def test_uncalibrated_ratio_and_format_version(spread_ckpt, tmp_path):
     with pytest.raises(QtaleError, match="calibrate"):
-        export_main.run_export(_args([str(spread_ckpt), "--out", str(tmp_path / "o"), "--ratio", "0.3"]))
+        cli_export.export_of(_args([str(spread_ckpt), "--out", str(tmp_path / "o"), "--ratio", "0.3"]))
     import shutil
 
     bad = tmp_path / "bad"
@@ -351,7 +352,7 @@ def test_uncalibrated_ratio_and_format_version(spread_ckpt, tmp_path):
     meta["format_version"] = 99
     (bad / "qtale.json").write_text(json.dumps(meta))
     with pytest.raises(QtaleError, match="format version"):
-        export_main.run_export(_args([str(bad), "--out", str(tmp_path / "o2")]))
+        cli_export.export_of(_args([str(bad), "--out", str(tmp_path / "o2")]))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 

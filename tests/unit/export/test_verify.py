@@ -96,7 +96,7 @@ def test_verify_is_torch_free(exports):
     parser is built alone: the full `qtale` parser is not torch-free yet (issue 11)."""
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from qtale_export import cli\n"
-            "p = cli.Parser(prog='qtale verify'); cli.add_verify(p); p.set_defaults(_run=(None, cli.run_verify_cmd))\n"
+            "from qtale_export.cli import verify; p = cli.Parser(prog='qtale verify'); verify.add_arguments(p); p.set_defaults(_run=verify.run)\n"
             f"sys.exit(cli.dispatch(p.parse_args([{str(exports['int4'])!r}, '--json']), 'qtale verify'))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -94,9 +94,9 @@ def test_missing_engine(tiny_export):
 def run_cli(*argv):
     import argparse
 
-    from qtale_export.runtime.command import add_run_arguments, run_run
+    from qtale_export.cli.run import add_arguments, run
 
-    return run_run(add_run_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv]))
+    return run(add_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv]))
 
 
 def test_run_cli_json_and_stream(tiny_export, capsys):

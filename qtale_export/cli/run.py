@@ -1,4 +1,4 @@
-"""`qtale run EXPORT_DIR --ratio 0.6 --prompt "..."`: add_run_arguments(parser) / run_run(args) -> dict."""
+"""`qtale run EXPORT_DIR --ratio 0.6 --prompt "..."`: generate text with the runtime (no PyTorch)."""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +6,11 @@ import sys
 
 from .. import validate
 from ..errors import QtaleError
-from ..theta import MODES
+from ..theta import MODES, check_ratio
 from ..validate import arg
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("export_dir", help="export folder (with manifest.json)")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
@@ -39,9 +39,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def run_run(args) -> dict:
-    from .generate import Runtime
-    from ..theta import check_ratio
+def run(args: argparse.Namespace) -> dict:
+    from ..runtime import Runtime
 
     if args.ratio is not None:
         check_ratio(args.ratio)  # before opening anything
@@ -51,7 +50,7 @@ def run_run(args) -> dict:
                       max_length=args.max_length, ratio_mode=args.ratio_mode)
     kw = dict(ratio=args.ratio, theta=args.theta, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
-    json_out = getattr(args, "json", False)
+    json_out = args.json
     if json_out:
         res = rt.generate(args.prompt, **kw)
     elif args.stream:

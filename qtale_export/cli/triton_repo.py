@@ -1,0 +1,51 @@
+"""`qtale triton-repo EXPORT_DIR... --out REPO`: a Triton model repository (triton.py; no PyTorch)."""
+from __future__ import annotations
+
+import argparse
+
+from .. import validate
+from ..theta import MODES
+from ..triton import BACKENDS, ROUTER, build_repository
+from ..validate import arg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR",
+                        help="export folder(s); one per precision")
+    parser.add_argument("--out", required=True, help="model repository folder to create")
+    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                        help="graph models: onnxruntime_onnx, tensorrt_plan (engines from `qtale build`) "
+                             "or the Python backend running ONNX Runtime")
+    parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default=None,
+                        help="comma-separated execution ratios to check and list (every ratio the theta "
+                             "policy accepts is served by the same models)")
+    parser.add_argument("--ratio-mode", choices=MODES, default="interpolate",
+                        help="ratio -> theta rule of the router (default interpolate, as qtale run)")
+    parser.add_argument("--max-batch", type=arg(validate.positive_int, "--max-batch"), default=8,
+                        help="router max_batch_size (dynamic batching)")
+    parser.add_argument("--instances", type=arg(validate.positive_int, "--instances"), default=1,
+                        help="instances per model")
+    parser.add_argument("--kind", choices=["cpu", "gpu"], default=None,
+                        help="instance kind (default gpu for tensorrt, else cpu)")
+    parser.add_argument("--threads", type=arg(validate.nonnegative_int, "--threads"), default=0,
+                        help="ONNX Runtime intra-op threads (0 = default)")
+    parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=32,
+                        help="router default when a request has none")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+# ---- config.pbtxt ------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    res = build_repository(args.export_dirs, args.out, backend=args.backend, ratios=args.ratios,
+                           max_batch=args.max_batch, instances=args.instances, kind=args.kind,
+                           threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens,
+                           ratio_mode=args.ratio_mode)
+    if not args.json:
+        print(f"wrote {len(res['models'])} models to {res['out']} ({args.backend}): {', '.join(res['models'])}")
+        for v in res["ratios"]:
+            print(f"  {v['precision']} ratio {v['ratio']}: theta {v['theta']:.4f} ({v['mode']})")
+        print(f"  {ROUTER}: execution_ratio -> theta ({res['ratio_mode']}, as qtale run); see docs/triton.md")
+    return res
