@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     from . import validate
     from .validate import arg
 
-    p = argparse.ArgumentParser(prog="python -m qtale_export.deploy", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m qtale_export.pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/deploy")
     p.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6)
     p.add_argument("--other-ratio", type=arg(validate.ratio, "--other-ratio"), default=0.8)
