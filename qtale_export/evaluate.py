@@ -104,11 +104,12 @@ class ExportModel:
 
         ids = input_ids.cpu().numpy().astype(np.int64)
         mask = (np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()).astype(np.int64)
-        th = 0.0 if execute_all else (self.theta if theta is None else float(theta))
-        out = self.rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask,
-                                              "theta": np.full((ids.shape[0],), th, np.float32)})
-        self.stats.add(mask.astype(bool), [out["exec_mask"][i] for i in self.layer_ids])
-        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(out["logits"])))
+        from .deploy import graph_io
+
+        theta_value = 0.0 if execute_all else (self.theta if theta is None else float(theta))
+        out = self.rt.loop(theta_value, ids.shape[0]).prefill(ids, mask)
+        self.stats.add(mask.astype(bool), [out[graph_io.EXEC_MASK][i] for i in self.layer_ids])
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(out[graph_io.LOGITS])))
 
     # -- statistics ----------------------------------------------------------------------------------
     def _flop_terms(self):
