@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qtale_export.bench import add_bench_arguments, run_bench  # noqa: E402
+from qtale_export.deploy.bench import add_bench_arguments, run_bench  # noqa: E402
 from qtale_export.errors import QtaleError  # noqa: E402
 
 

@@ -193,9 +193,9 @@ COMMANDS = [
     ("verify", None, add_verify, run_verify_cmd,
      "check an export against its stored PyTorch outputs (Polygraphy: ONNX Runtime, or TensorRT with --trt)", None),
     ("build", ".tensorrt", "add_build_arguments", "run_build", "TensorRT engine from an export folder", None),
-    ("run", ".runtime.command", "add_run_arguments", "run_run", "generate text from an export folder", None),
-    ("triton-repo", ".triton", "add_triton_arguments", "run_triton", "Triton model repository from export(s)", None),
-    ("bench", ".bench", "add_bench_arguments", "run_bench", "ONNX Runtime CPU benchmark of export(s)", None),
+    ("run", ".deploy.runtime.command", "add_run_arguments", "run_run", "generate text from an export folder", None),
+    ("triton-repo", ".deploy.triton", "add_triton_arguments", "run_triton", "Triton model repository from export(s)", None),
+    ("bench", ".deploy.bench", "add_bench_arguments", "run_bench", "ONNX Runtime CPU benchmark of export(s)", None),
     ("experiment", ".experiment", "add_experiment_arguments", "run_experiment",
      "QTALE vs D-LLM vs quantization-only, from a recipe", "train"),
 ]

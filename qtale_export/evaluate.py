@@ -53,7 +53,7 @@ def is_export_dir(path) -> bool:
 
 
 class ExportModel:
-    """An export folder's ONNX Runtime (qtale_export.runtime) presented as the routed model the
+    """An export folder's ONNX Runtime (qtale_export.deploy.runtime) presented as the routed model the
     scoring code calls: `model(ids, attention_mask=, theta=, execute_all=).logits` through
     prefill.onnx (no KV cache, so `loglikelihood` scores each request as one forward), the
     tokenizer, and reset_stats()/execution_stats() counted from the graph's exec_mask by the same
@@ -80,13 +80,13 @@ class ExportModel:
 
     @classmethod
     def open(cls, folder, **kwargs) -> "ExportModel":
-        from .runtime import Runtime
+        from .deploy.runtime import Runtime
 
         return cls(Runtime.open(folder, **kwargs))  # QtaleError on a checksum mismatch
 
     def theta_for(self, ratio=None, threshold=None) -> float:
         """theta of a ratio calibrated in the manifest's theta table (1.0 = theta 0), or --threshold."""
-        from . import theta as policy
+        from .deploy import theta as policy
 
         if threshold is not None:
             return policy.check_theta(threshold)

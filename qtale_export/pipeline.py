@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from . import theta as policy
+from .deploy import theta as policy
 from .errors import QtaleError
 
 PROMPT = "The three most useful things to know about the moon are"

@@ -492,6 +492,26 @@ class Lowering:
         idx = b.op("Expand", [b.unsq(index, [2]), b.op("Shape", [upd])])
         return b.op("ScatterElements", [residual, idx, upd], axis=1)
 
+    def compacted_layer(self, i, x, gate, pos, zeros, past=None):
+        """Layer i on the tokens whose gate is on only: compact -> layer -> scatter, with its k/v
+        put back at full length (zero rows where skipped). `zeros` [B, T, kv * hd] is made on the
+        first call and returned for the next; past = ((key, value), positions, ok) of the cache
+        (decode). Returns (x, k, v, zeros)."""
+        b, s = self.b, self.s
+        xc, index, count, ok = self.compact(x, gate)
+        pc = b.op("GatherElements", [pos, index], axis=1)
+        if past is None:
+            y, k, v = self.layer(i, xc, pc, pc, ok)
+        else:
+            cache, past_pos, past_ok = past
+            k_pos = b.op("Concat", [past_pos, pc], axis=1)
+            y, k, v = self.layer(i, xc, pc, k_pos, b.op("Concat", [past_ok, ok], axis=1), past=cache)
+        x = self.scatter(x, y, index, count, ok, xc)
+        if zeros is None:
+            shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
+            zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
+        return x, self.kv_full(k, index, count, ok, zeros), self.kv_full(v, index, count, ok, zeros), zeros
+
     def kv_full(self, t, index, count, ok, zeros):
         """Compacted k/v [B, kv, N, hd] -> full-length [B, kv, T, hd], zeros on skipped rows."""
         b, s = self.b, self.s
@@ -534,15 +554,7 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
     for i in range(s.num_layers):
         if i in s.routed:
             gate = L.router_gate(i, x, graph_io.THETA, valid, keep)
-            xc, index, count, ok = L.compact(x, gate)
-            pc = b.op("GatherElements", [pos, index], axis=1)
-            y, k, v = L.layer(i, xc, pc, pc, ok)
-            x = L.scatter(x, y, index, count, ok, xc)
-            if zeros is None:
-                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
-                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
-            k = L.kv_full(k, index, count, ok, zeros)
-            v = L.kv_full(v, index, count, ok, zeros)
+            x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros)
         else:
             gate = valid
             x, k, v = L.layer(i, x, pos, pos, valid)
@@ -632,16 +644,7 @@ def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> 
         past = (graph_io.past(i, "key"), graph_io.past(i, "value"))
         if i in s.routed:
             gate = L.router_gate(i, x, graph_io.THETA, valid, keep)
-            xc, index, count, ok = L.compact(x, gate)
-            pc = b.op("GatherElements", [pos, index], axis=1)
-            k_pos = b.op("Concat", [past_pos, pc], axis=1)
-            y, k, v = L.layer(i, xc, pc, k_pos, b.op("Concat", [past_ok, ok], axis=1), past=past)
-            x = L.scatter(x, y, index, count, ok, xc)
-            if zeros is None:
-                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
-                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
-            k = L.kv_full(k, index, count, ok, zeros)
-            v = L.kv_full(v, index, count, ok, zeros)
+            x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros, past=(past, past_pos, past_ok))
         else:
             gate = valid
             x, k, v = L.layer(i, x, pos, full_pos, b.op("Concat", [past_ok, gate], axis=1), past=past)

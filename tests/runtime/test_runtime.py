@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qtale_export.errors import QtaleError
-from qtale_export.runtime import Runtime
+from qtale_export.deploy.runtime import Runtime
 
 from .conftest import THETAS
 
@@ -143,7 +143,7 @@ def test_missing_engine(tiny_export):
 def run_cli(*argv):
     import argparse
 
-    from qtale_export.runtime.command import add_run_arguments, run_run
+    from qtale_export.deploy.runtime.command import add_run_arguments, run_run
 
     return run_run(add_run_arguments(argparse.ArgumentParser()).parse_args([str(a) for a in argv]))
 
@@ -165,7 +165,7 @@ def test_runtime_imports_without_torch(tiny_export):
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"
-        "import qtale_export.runtime as r, qtale_export.triton, qtale_export.bench\n"
+        "import qtale_export.deploy.runtime as r, qtale_export.deploy.triton, qtale_export.deploy.bench\n"
         "rt = r.Runtime.open(sys.argv[1])\n"
         "res = rt.generate('The quick brown', ratio=0.6, max_new_tokens=3)\n"
         "rt.score(['The quick'], [' brown'], ratio=0.6)\n"

@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from qtale_export.errors import QtaleError
-from qtale_export.triton import add_triton_arguments, run_triton, validate_config
+from qtale_export.deploy.triton import add_triton_arguments, run_triton, validate_config
 
 
 def triton(*argv):
@@ -77,7 +77,7 @@ def test_triton_repo_errors(tiny_export, tmp_path):
 
 
 def test_bench_schema(tiny_export, tmp_path, capsys):
-    from qtale_export.bench import add_bench_arguments, run_bench
+    from qtale_export.deploy.bench import add_bench_arguments, run_bench
 
     args = add_bench_arguments(argparse.ArgumentParser()).parse_args(
         [str(tiny_export), "--seq", "16,32", "--ratios", "1.0,0.6,0.5", "--repeats", "2", "--decode-tokens", "2",
@@ -100,7 +100,7 @@ def test_bench_schema(tiny_export, tmp_path, capsys):
         assert [o["seq"] for o in e["router_overhead"]] == [16, 32] and e["router_overhead"][0]["routers_cut"] == 4
     # --record wrote the decode latencies for budgets, and the checksums still hold
     from qtale_export.export.manifest import read_manifest
-    from qtale_export.runtime.select import budget_points
+    from qtale_export.deploy.runtime.select import budget_points
 
     m = read_manifest(tiny_export, verify=True)
     assert len([b for b in m["benchmarks"] if b["backend"] == "ort-cpu"]) == 3

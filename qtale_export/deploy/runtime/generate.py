@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import QtaleError
+from ...errors import QtaleError
 from .. import theta as policy
-from ..deploy import graph_io
+from .. import graph_io
 from .backends import make_backend
 
 DEFAULT_MAX_LENGTH = 2048
@@ -168,7 +168,7 @@ class Runtime:
              plugin_library: str | None = None, exact: bool = False, spin: bool = True) -> "Runtime":
         """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer.
         spin=False: ONNX Runtime's idle threads sleep instead of busy-waiting (a shared CPU)."""
-        from ..export.manifest import read_manifest
+        from ...export.manifest import read_manifest
 
         folder = Path(export_dir)
         manifest = read_manifest(folder, verify=verify)

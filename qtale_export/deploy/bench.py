@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import validate
-from .deploy import graph_io
-from .errors import QtaleError
-from .validate import arg
+from .. import validate
+from . import graph_io
+from ..errors import QtaleError
+from ..validate import arg
 
 DEFAULT_SEQ = [128, 512]
 DEFAULT_RATIOS = [1.0, 0.8, 0.6, 0.5]
-TEXT = Path(__file__).parent / "data" / "heldout.txt"
+TEXT = Path(__file__).parents[1] / "data" / "heldout.txt"
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -74,8 +74,8 @@ def _without_routers(folder: Path, graph_file: str, threads):
     """(ORT session of the prefill graph with its routers cut out, gates cut): `graphs.cut_routers`."""
     import onnx
 
-    from .export import ort_ops
-    from .export.graphs import cut_routers
+    from ..export import ort_ops
+    from ..export.graphs import cut_routers
 
     m = onnx.load(str(folder / graph_file), load_external_data=False)
     cut = cut_routers(m)
@@ -168,7 +168,7 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
             e["decode"].append({"ratio": r, "ms_per_token": round(t * 1e3, 3), "tokens_per_s": round(1.0 / t, 2)})
         report["exports"].append(e)
         if record:
-            from .export.manifest import read_manifest, write_manifest
+            from ..export.manifest import read_manifest, write_manifest
 
             data = read_manifest(v["dir"], verify=False)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -24,11 +24,11 @@ import json
 import shutil
 from pathlib import Path
 
-from . import safe_write, validate
-from .deploy import graph_io
-from .errors import QtaleError
+from .. import safe_write, validate
+from . import graph_io
+from ..errors import QtaleError
 from .theta import MODES
-from .validate import arg
+from ..validate import arg
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 ROUTER = "qtale_router"
@@ -185,7 +185,7 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
     next to it) in `ratio_mode`, the same rule and default as `qtale run`. `ratios` are only
     checked (each must be servable by every export) and listed with their thetas."""
     from . import theta as policy
-    from .export.manifest import read_manifest
+    from ..export.manifest import read_manifest
 
     if backend not in BACKENDS:
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

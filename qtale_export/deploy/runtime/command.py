@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import validate
-from ..errors import QtaleError
+from ... import validate
+from ...errors import QtaleError
 from ..theta import MODES
-from ..validate import arg
+from ...validate import arg
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help="use this theta in [0, 1] instead of --ratio")
     parser.add_argument("--ratio-mode", choices=MODES, default="interpolate",
                         help="uncalibrated ratios: interpolate theta (default), use the nearest calibrated "
-                             "one, or refuse them (exact); see qtale_export/theta.py")
+                             "one, or refuse them (exact); see qtale_export/deploy/theta.py")
     parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=64)
     parser.add_argument("--temperature", type=arg(validate.temperature, "--temperature"), default=0.0,
                         help="0 = greedy (default)")

@@ -6,7 +6,7 @@ when rows differ) or text BYTES [1]; optional max_new_tokens INT32 [1]; optional
 Outputs: output_ids INT64 [-1] (padded with -1), text BYTES [1], realized_ratio FP32 [1],
 theta FP32 [1], precision BYTES [1].
 
-theta comes from the export's theta table through theta_policy.py, a copy of qtale_export/theta.py
+theta comes from the export's theta table through theta_policy.py, a copy of qtale_export/deploy/theta.py
 (the rule `qtale run` uses, in the repository's ratio_mode); the graphs are fed through graph_io.py,
 a copy of qtale_export/deploy/graph_io.py (the loop `qtale run` uses). Every row of every request that
 dynamic batching hands to one execute() is generated together with the rows that share its
