@@ -5,7 +5,7 @@
 
 Same prompt (--prompt-tokens of held-out text, the same token ids for both), then --new-tokens
 greedy tokens, --threads intra-op threads each. Our export runs in this process (the torch-free
-`qtale_export.runtime`); onnxruntime-genai runs in a worker process in its own virtual environment
+`qtale_export.deploy.runtime`); onnxruntime-genai runs in a worker process in its own virtual environment
 (benchmarks/.venv-peer, created and filled with `pip install onnxruntime-genai` and what its model
 builder needs on first use), so neither package touches the other's environment. Repeats are
 interleaved (every ratio, then the peer, then the next repeat) so load drift on a shared machine hits
@@ -173,8 +173,8 @@ def main(argv=None) -> int:
     if not args.export:
         build_export(export)
 
-    from qtale_export.bench import _prompt_ids
-    from qtale_export.runtime import Runtime
+    from qtale_export.deploy.bench import _prompt_ids
+    from qtale_export.deploy.runtime import Runtime
 
     variants = {"ours": Runtime.open(export, threads=args.threads)}  # ORT's defaults, as the peer
     if args.no_spin:

@@ -3,7 +3,7 @@
 
     python benchmarks/profile_decode.py EXPORT_DIR [--ratio 1.0] [--prompt-tokens 512] [--tokens 64]
 
-Runs the export's own runtime (`qtale_export.runtime.Runtime`, greedy, one sequence) with ORT
+Runs the export's own runtime (`qtale_export.deploy.runtime.Runtime`, greedy, one sequence) with ORT
 profiling switched on for the decode session, then prints the profiled kernel time per op type
 (nodes inside `If` branches counted as themselves, the `If` wrapper apart) as a share of all node
 time, and the node time against the wall time per token. Profiling adds a fixed cost per node, so
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qtale_export.bench import _prompt_ids  # noqa: E402
-from qtale_export.runtime import Runtime  # noqa: E402
+from qtale_export.deploy.bench import _prompt_ids  # noqa: E402
+from qtale_export.deploy.runtime import Runtime  # noqa: E402
 
 
 def profiled_runtime(folder: str, threads: int) -> tuple[Runtime, object]:

@@ -10,7 +10,7 @@ from .errors import QtaleError
 from .models import DEFAULT_MODEL, EMBEDDED, base_sha256, load_base
 from .quantize import fold as fold_weights, restore
 from .routing import RoutedModel, RouterConfig
-from .theta import stale_reason
+from .deploy.theta import stale_reason
 
 PRETRAINED = Path(__file__).parent / "pretrained"
 

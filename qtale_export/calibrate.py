@@ -8,11 +8,11 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from . import theta as policy
+from .deploy import theta as policy
 from .api import load
 from .data import CALIBRATION_TEXT, text_batches
 from .routing import RoutedModel
-from .theta import ratio_key
+from .deploy.theta import ratio_key
 
 
 @dataclass

@@ -55,7 +55,7 @@ def is_export_dir(path) -> bool:
 
 
 class ExportModel:
-    """An export folder's ONNX Runtime (qtale_export.runtime) presented as the routed model the
+    """An export folder's ONNX Runtime (qtale_export.deploy.runtime) presented as the routed model the
     scoring code calls: `model(ids, attention_mask=, theta=, execute_all=).logits` through
     prefill.onnx (no KV cache, so `loglikelihood` scores each request as one forward), the
     tokenizer, and reset_stats()/execution_stats() counted from the graph's exec_mask by the same
@@ -82,13 +82,13 @@ class ExportModel:
 
     @classmethod
     def open(cls, folder, **kwargs) -> "ExportModel":
-        from .runtime import Runtime
+        from .deploy.runtime import Runtime
 
         return cls(Runtime.open(folder, **kwargs))  # QtaleError on a checksum mismatch
 
     def theta_for(self, ratio=None, threshold=None) -> float:
         """theta of a ratio calibrated in the manifest's theta table (1.0 = theta 0), or --threshold."""
-        from . import theta as policy
+        from .deploy import theta as policy
 
         if threshold is not None:
             return policy.check_theta(threshold)
@@ -106,11 +106,12 @@ class ExportModel:
 
         ids = input_ids.cpu().numpy().astype(np.int64)
         mask = (np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()).astype(np.int64)
-        th = 0.0 if execute_all else (self.theta if theta is None else float(theta))
-        out = self.rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask,
-                                              "theta": np.full((ids.shape[0],), th, np.float32)})
-        self.stats.add(mask.astype(bool), [out["exec_mask"][i] for i in self.layer_ids])
-        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(out["logits"])))
+        from .deploy import graph_io
+
+        theta_value = 0.0 if execute_all else (self.theta if theta is None else float(theta))
+        out = self.rt.loop(theta_value, ids.shape[0]).prefill(ids, mask)
+        self.stats.add(mask.astype(bool), [out[graph_io.EXEC_MASK][i] for i in self.layer_ids])
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(out[graph_io.LOGITS])))
 
     # -- statistics ----------------------------------------------------------------------------------
     def _flop_terms(self):

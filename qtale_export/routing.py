@@ -115,7 +115,7 @@ class RoutedModel(nn.Module):
         return self.causal_lm.config
 
     def set_theta(self, theta: float) -> None:
-        from . import theta as policy
+        from .deploy import theta as policy
 
         self.theta = policy.check_theta(theta)
 
@@ -125,7 +125,7 @@ class RoutedModel(nn.Module):
 
     def set_ratio(self, ratio: float, mode: str = "exact") -> float:
         """Set theta for `ratio` from the calibrated table (the one policy, theta.py); returns theta."""
-        from . import theta as policy
+        from .deploy import theta as policy
 
         self.set_theta(policy.theta_for(self.theta_table, ratio, mode))
         return self.theta

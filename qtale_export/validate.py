@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import QtaleError
-from .theta import check_ratio
+from .deploy.theta import check_ratio
 
 
 def number(value, what: str = "value") -> float:

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from qtale_export.calibrate import calibrate
     from qtale_export.data import CALIBRATION_TEXT, text_batches
     from qtale_export.layer_drop import block_influence, layers_to_drop
-    from qtale_export.theta import ratio_key
+    from qtale_export.deploy.theta import ratio_key
     from qtale_export.tasks import heldout_text
 
     ratios = [float(r) for r in args.ratios.split(",")]

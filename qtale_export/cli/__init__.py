@@ -51,6 +51,8 @@ COMMANDS = [
     Command("triton-repo", "triton_repo", "Triton model repository from export(s)", None),
     Command("bench", "bench", "ONNX Runtime CPU benchmark of export(s)", None),
     Command("experiment", "experiment", "QTALE vs D-LLM vs quantization-only, from a recipe", "train"),
+    Command("pipeline", "pipeline", "a QTALE checkpoint through the deployment path: quantize, calibrate, export, "
+            "verify, run, bench, held-out KL (run.sh)", "train"),
 ]
 
 

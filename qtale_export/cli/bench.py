@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .. import validate
-from ..bench import bench, print_report
+from ..deploy.bench import bench, print_report
 from ..errors import QtaleError
 from ..validate import arg
 

@@ -7,7 +7,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ..tensorrt import (DEFAULT_WORKSPACE_MB, GRAPHS, JETSON_WORKSPACE_MB, PRECISIONS, BuildOptions, build,
+from ..deploy.tensorrt import (DEFAULT_WORKSPACE_MB, GRAPHS, JETSON_WORKSPACE_MB, PRECISIONS, BuildOptions, build,
                         plan_build, record_built)
 
 

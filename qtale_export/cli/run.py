@@ -6,7 +6,7 @@ import sys
 
 from .. import validate
 from ..errors import QtaleError
-from ..theta import MODES, check_ratio
+from ..deploy.theta import MODES, check_ratio
 from ..validate import arg
 
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="use this theta in [0, 1] instead of --ratio")
     parser.add_argument("--ratio-mode", choices=MODES, default="interpolate",
                         help="uncalibrated ratios: interpolate theta (default), use the nearest calibrated "
-                             "one, or refuse them (exact); see qtale_export/theta.py")
+                             "one, or refuse them (exact); see qtale_export/deploy/theta.py")
     parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=64)
     parser.add_argument("--temperature", type=arg(validate.temperature, "--temperature"), default=0.0,
                         help="0 = greedy (default)")
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..runtime import Runtime
+    from ..deploy.runtime import Runtime
 
     if args.ratio is not None:
         check_ratio(args.ratio)  # before opening anything

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .. import validate
-from ..theta import MODES
-from ..triton import BACKENDS, ROUTER, build_repository
+from ..deploy.theta import MODES
+from ..deploy.triton import BACKENDS, ROUTER, build_repository
 from ..validate import arg
 
 

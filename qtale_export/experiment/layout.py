@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import safe_write
 from ..errors import QtaleError
-from ..theta import ratio_key
+from ..deploy.theta import ratio_key
 
 REPO = Path(__file__).resolve().parents[2]
 FROZEN = ("model", "seed", "methods", "ratios", "train", "calibration", "quantization")

@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..errors import QtaleError
-from ..theta import check_ratio
+from ..deploy.theta import check_ratio
 from .layout import REPO
 
 REQUIRED_KEY = None  # a section default of None for data/steps/formats/tasks: the recipe must give it

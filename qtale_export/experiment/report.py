@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import safe_write
 from ..errors import QtaleError
-from ..theta import ratio_key
+from ..deploy.theta import ratio_key
 from ..stats import mean_stderr
 from .layout import Run, configurations, read_json, write_text
 

@@ -13,8 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import QtaleError
-from .. import theta as theta_policy
-from ..theta import lookup, ratio_key
+from ..deploy import theta as theta_policy
+from ..deploy.theta import lookup, ratio_key
 from . import report
 from .layout import Run, configurations, need, read_json, train_done, write_gz_json, write_json, write_text
 from .ship import stage_keep, stage_ship

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..deploy import graph_io
 from ..errors import QtaleError
 
 QTALE_DOMAIN = "qtale"
@@ -28,6 +29,7 @@ PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": "qtale"}
 NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
            np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
 MIN_OPSET = 18
+GATE_OP = "GreaterOrEqual"  # a router's gate, margin >= logit(theta): the graphs' only node of this op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +413,7 @@ class Lowering:
         w_diff = b.init(f"{p}.out.exec_minus_skip.weight", np.ascontiguousarray((w_out[0] - w_out[1])[:, None]))
         b_diff = b.init(f"{p}.out.exec_minus_skip.bias", np.asarray([b_out[0] - b_out[1]], np.float32))
         margin = b.op("Add", [b.op("MatMul", [h, w_diff], name=f"{p}.out/MatMul"), b_diff])  # [B, T, 1]
-        on = b.op("Squeeze", [b.op("GreaterOrEqual", [margin, self.logit_theta(theta)]), b.const([-1])])
+        on = b.op("Squeeze", [b.op(GATE_OP, [margin, self.logit_theta(theta)]), b.const([-1])])  # cut_routers finds it
         return b.op("Or", [b.op("And", [on, valid]), keep])
 
     def logit_theta(self, theta):
@@ -502,6 +504,26 @@ class Lowering:
         idx = b.op("Expand", [b.unsq(index, [2]), b.op("Shape", [upd])])
         return b.op("ScatterElements", [residual, idx, upd], axis=1)
 
+    def compacted_layer(self, i, x, gate, pos, zeros, past=None):
+        """Layer i on the tokens whose gate is on only: compact -> layer -> scatter, with its k/v
+        put back at full length (zero rows where skipped). `zeros` [B, T, kv * hd] is made on the
+        first call and returned for the next; past = ((key, value), positions, ok) of the cache
+        (decode). Returns (x, k, v, zeros)."""
+        b, s = self.b, self.s
+        xc, index, count, ok = self.compact(x, gate)
+        pc = b.op("GatherElements", [pos, index], axis=1)
+        if past is None:
+            y, k, v = self.layer(i, xc, pc, pc, ok)
+        else:
+            cache, past_pos, past_ok = past
+            k_pos = b.op("Concat", [past_pos, pc], axis=1)
+            y, k, v = self.layer(i, xc, pc, k_pos, b.op("Concat", [past_ok, ok], axis=1), past=cache)
+        x = self.scatter(x, y, index, count, ok, xc)
+        if zeros is None:
+            shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
+            zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
+        return x, self.kv_full(k, index, count, ok, zeros), self.kv_full(v, index, count, ok, zeros), zeros
+
     def kv_full(self, t, index, count, ok, zeros):
         """Compacted k/v [B, kv, N, hd] -> full-length [B, kv, T, hd], zeros on skipped rows."""
         b, s = self.b, self.s
@@ -513,22 +535,19 @@ class Lowering:
 # ---------------------------------------------------------------------------------------------
 # the two graphs
 # ---------------------------------------------------------------------------------------------
-def _io_common(b: Builder, s: Spec, seq: str):
-    b.add_input("input_ids", TensorProto.INT64, ["batch", seq])
-    b.add_input("attention_mask", TensorProto.INT64, ["batch", "total" if seq == "one" else seq])
-    b.add_input("theta", TensorProto.FLOAT, ["batch"])
+def _declare_inputs(b: Builder, s: Spec, graph: str) -> None:
+    """The graph inputs of the contract (deploy/graph_io.py)."""
+    for name, (dtype, shape) in graph_io.inputs(graph, s.num_layers, s.kv_heads, s.head_dim, b.act.name).items():
+        b.add_input(name, NP2ONNX[np.dtype(dtype)], shape)
 
 
-def _logits_and_cache_outputs(b: Builder, s: Spec, logits: str, new, total) -> None:
-    """The graph outputs every graph of an export shares (graph contract): logits of the `new`
-    positions, present.{i}.key/value and exec_mask over all `total` positions."""
-    b.op("Identity", [logits], outputs=["logits"])
-    b.add_output("logits", TensorProto.FLOAT, ["batch", new, s.vocab])
-    elem = NP2ONNX[b.act]
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_output(f"present.{i}.{kv}", elem, ["batch", s.kv_heads, total, s.head_dim])
-    b.add_output("exec_mask", TensorProto.BOOL, [s.num_layers, "batch", total])
+def _logits_and_cache_outputs(b: Builder, s: Spec, logits: str, graph: str) -> None:
+    """The graph outputs of the contract (deploy/graph_io.py): logits of the new positions,
+    present.{i}.key/value and exec_mask over every position so far."""
+    b.op("Identity", [logits], outputs=[graph_io.LOGITS])
+    for name, (dtype, shape) in graph_io.outputs(graph, s.num_layers, s.kv_heads, s.head_dim, s.vocab,
+                                                 b.act.name).items():
+        b.add_output(name, NP2ONNX[np.dtype(dtype)], shape)
 
 
 def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str = "ort-cpu",
@@ -538,32 +557,24 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
     s = w.spec
     b = Builder(opset, act, weight_fn)
     L = lowering(b, w, ops) if lowering else Lowering(b, w, ops, target)
-    _io_common(b, s, "seq")
-    valid, pos = L.positions("attention_mask")
+    _declare_inputs(b, s, "prefill")
+    valid, pos = L.positions(graph_io.ATTENTION_MASK)
     keep = L.keep_mask(valid, pos)
-    x = L.embed("input_ids")
+    x = L.embed(graph_io.INPUT_IDS)
     zeros = None
     execs = []
     for i in range(s.num_layers):
         if i in s.routed:
-            gate = L.router_gate(i, x, "theta", valid, keep)
-            xc, index, count, ok = L.compact(x, gate)
-            pc = b.op("GatherElements", [pos, index], axis=1)
-            y, k, v = L.layer(i, xc, pc, pc, ok)
-            x = L.scatter(x, y, index, count, ok, xc)
-            if zeros is None:
-                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
-                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
-            k = L.kv_full(k, index, count, ok, zeros)
-            v = L.kv_full(v, index, count, ok, zeros)
+            gate = L.router_gate(i, x, graph_io.THETA, valid, keep)
+            x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros)
         else:
             gate = valid
             x, k, v = L.layer(i, x, pos, pos, valid)
-        b.op("Identity", [k], outputs=[f"present.{i}.key"])
-        b.op("Identity", [v], outputs=[f"present.{i}.value"])
+        b.op("Identity", [k], outputs=[graph_io.present(i, "key")])
+        b.op("Identity", [v], outputs=[graph_io.present(i, "value")])
         execs.append(b.unsq(gate, [0]))
-    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
-    _logits_and_cache_outputs(b, s, L.head(x), "seq", "seq")
+    b.op("Concat", execs, outputs=[graph_io.EXEC_MASK], axis=0)
+    _logits_and_cache_outputs(b, s, L.head(x), "prefill")
     return b.model("qtale_prefill")
 
 
@@ -573,24 +584,20 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
     b = Builder(opset, act, weight_fn)
     L = Lowering(b, w, ops)
     elem = NP2ONNX[b.act]
-    _io_common(b, s, "one")
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
-    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
-    full_valid, full_pos = L.positions("attention_mask")
+    _declare_inputs(b, s, "decode")
+    full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)
     valid = b.op("Slice", [full_valid, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
     pos = b.op("Slice", [full_pos, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
     past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
     keep = L.keep_mask(valid, pos)
-    x = L.embed("input_ids")
+    x = L.embed(graph_io.INPUT_IDS)
     zkv = None
     execs = []
     for i in range(s.num_layers):
-        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
-        gate = L.router_gate(i, x, "theta", valid, keep) if i in s.routed else valid
+        pe = b.op("Gather", [graph_io.PAST_EXEC, b.const(i)], axis=0)  # [B, past]
+        gate = L.router_gate(i, x, graph_io.THETA, valid, keep) if i in s.routed else valid
         k_ok = b.op("Concat", [b.op("And", [pe, past_valid]), gate], axis=1)
-        past = (f"past.{i}.key", f"past.{i}.value")
+        past = (graph_io.past(i, "key"), graph_io.past(i, "value"))
         if i in s.routed:
             if zkv is None:  # zero K/V of the new token [B, kv, 1, hd]
                 shape = b.op("Concat", [b.op("Shape", [x], end=1), b.const([s.kv_heads, 1, s.head_dim])], axis=0)
@@ -610,11 +617,11 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
                            else_branch=b.branch(skip_nodes, f"layers.{i}.skip", skip_out, [elem] * 3))
         else:
             x, k, v = L.layer(i, x, pos, full_pos, k_ok, past=past)
-        b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
-        b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        b.op("Concat", [graph_io.past(i, "key"), k], outputs=[graph_io.present(i, "key")], axis=2)
+        b.op("Concat", [graph_io.past(i, "value"), v], outputs=[graph_io.present(i, "value")], axis=2)
         execs.append(b.unsq(gate, [0]))  # [1, B, 1]
-    b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
-    _logits_and_cache_outputs(b, s, L.head(x), 1, "total")
+    b.op("Concat", [graph_io.PAST_EXEC, b.op("Concat", execs, axis=0)], outputs=[graph_io.EXEC_MASK], axis=2)
+    _logits_and_cache_outputs(b, s, L.head(x), "decode")
     return b.model("qtale_decode")
 
 
@@ -632,46 +639,32 @@ def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> 
     s = w.spec
     b = Builder(opset, act, weight_fn)
     L = Lowering(b, w, ops, "tensorrt")
-    elem = NP2ONNX[b.act]
-    _io_common(b, s, "one")
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
-    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
-    full_valid, full_pos = L.positions("attention_mask")
+    _declare_inputs(b, s, "decode")
+    full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)
     end = b.const([np.iinfo(np.int64).max])
     valid = b.op("Slice", [full_valid, b.const([-1]), end, b.const([1])])
     pos = b.op("Slice", [full_pos, b.const([-1]), end, b.const([1])])
     past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
     past_pos = b.op("Slice", [full_pos, b.const([0]), b.const([-1]), b.const([1])])
     keep = L.keep_mask(valid, pos)
-    x = L.embed("input_ids")
+    x = L.embed(graph_io.INPUT_IDS)
     zeros = None
     execs = []
     for i in range(s.num_layers):
-        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
+        pe = b.op("Gather", [graph_io.PAST_EXEC, b.const(i)], axis=0)  # [B, past]
         past_ok = b.op("And", [pe, past_valid])
-        past = (f"past.{i}.key", f"past.{i}.value")
+        past = (graph_io.past(i, "key"), graph_io.past(i, "value"))
         if i in s.routed:
-            gate = L.router_gate(i, x, "theta", valid, keep)
-            xc, index, count, ok = L.compact(x, gate)
-            pc = b.op("GatherElements", [pos, index], axis=1)
-            k_pos = b.op("Concat", [past_pos, pc], axis=1)
-            y, k, v = L.layer(i, xc, pc, k_pos, b.op("Concat", [past_ok, ok], axis=1), past=past)
-            x = L.scatter(x, y, index, count, ok, xc)
-            if zeros is None:
-                shape = b.op("Concat", [b.op("Shape", [x], end=2), b.const([s.kv_heads * s.head_dim])], axis=0)
-                zeros = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, b.act)))
-            k = L.kv_full(k, index, count, ok, zeros)
-            v = L.kv_full(v, index, count, ok, zeros)
+            gate = L.router_gate(i, x, graph_io.THETA, valid, keep)
+            x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros, past=(past, past_pos, past_ok))
         else:
             gate = valid
             x, k, v = L.layer(i, x, pos, full_pos, b.op("Concat", [past_ok, gate], axis=1), past=past)
-        b.op("Concat", [f"past.{i}.key", k], outputs=[f"present.{i}.key"], axis=2)
-        b.op("Concat", [f"past.{i}.value", v], outputs=[f"present.{i}.value"], axis=2)
+        b.op("Concat", [graph_io.past(i, "key"), k], outputs=[graph_io.present(i, "key")], axis=2)
+        b.op("Concat", [graph_io.past(i, "value"), v], outputs=[graph_io.present(i, "value")], axis=2)
         execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
-    b.op("Concat", execs, outputs=["exec_mask"], axis=0)
-    _logits_and_cache_outputs(b, s, L.head(x), 1, "total")
+    b.op("Concat", execs, outputs=[graph_io.EXEC_MASK], axis=0)
+    _logits_and_cache_outputs(b, s, L.head(x), "decode")
     return b.model("qtale_decode")
 
 
@@ -691,6 +684,30 @@ def io_description(m: onnx.ModelProto) -> dict:
                             "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
         return out
     return {"inputs": desc(m.graph.input), "outputs": desc(m.graph.output)}
+
+
+def cut_routers(m: onnx.ModelProto) -> int:
+    """Replace every router's gate of graph `m` by "execute" and drop the nodes no output needs
+    (the router subgraphs), in place; returns the number of gates cut. `qtale bench` measures
+    the router overhead against this graph. The token compaction ops stay."""
+    nodes = list(m.graph.node)
+    cut = 0
+    for node in nodes:
+        if node.op_type == GATE_OP and len(node.input) == 2:  # GreaterOrEqual(margin, logit(theta))
+            node.input[0] = node.input[1]  # logit(theta) >= itself: always true ([B, 1, 1], broadcast by And)
+            cut += 1
+    needed = {o.name for o in m.graph.output}
+    keep = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    del m.graph.node[:]
+    m.graph.node.extend(reversed(keep))
+    inits = [i for i in m.graph.initializer if i.name in needed]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(inits)
+    return cut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,10 +862,10 @@ class OrtLowering(Lowering):
         to the same buffer)."""
         b, s = self.b, self.s
         cos, sin = self.rope_tables()
-        return b.op("GroupQueryAttention", [qkv, "", "", f"past.{i}.key", f"past.{i}.value", seqlens, total,
-                                            cos, sin, pos, bias],
+        cache = [graph_io.past(i, "key"), graph_io.past(i, "value")]
+        return b.op("GroupQueryAttention", [qkv, "", "", *cache, seqlens, total, cos, sin, pos, bias],
                     name=f"layers.{i}/GroupQueryAttention", domain=MS_DOMAIN, n_out=3,
-                    outputs=[f"layers.{i}/attn", f"present.{i}.key", f"present.{i}.value"],
+                    outputs=[f"layers.{i}/attn", graph_io.present(i, "key"), graph_io.present(i, "value")],
                     num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)[0]
 
     def mlp_block(self, i, x, attn):
@@ -882,30 +899,26 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bit
     b = Builder(opset, act, weight_fn)
     L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_bits=table_bits)
     elem = NP2ONNX[b.act]
-    _io_common(b, s, "one")
-    for i in range(s.num_layers):
-        for kv in ("key", "value"):
-            b.add_input(f"past.{i}.{kv}", elem, ["batch", s.kv_heads, "past", s.head_dim])
-    b.add_input("past_exec", TensorProto.BOOL, [s.num_layers, "batch", "past"])
-    full_valid, full_pos = L.positions("attention_mask")
+    _declare_inputs(b, s, "decode")
+    full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)
     end = np.iinfo(np.int64).max
     valid = b.op("Slice", [full_valid, b.const([-1]), b.const([end]), b.const([1])])
     pos = b.op("Slice", [full_pos, b.const([-1]), b.const([end]), b.const([1])])
     past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
     keep = L.keep_mask(valid, pos)
     # GroupQueryAttention's lengths: every row holds `total` slots (left padding is masked by the bias)
-    total = b.op("Shape", ["attention_mask"], start=1, end=2)
-    seqlens = b.cast(b.op("Expand", [b.op("Sub", [total, b.const([1])]), b.op("Shape", ["input_ids"], end=1)]),
+    total = b.op("Shape", [graph_io.ATTENTION_MASK], start=1, end=2)
+    seqlens = b.cast(b.op("Expand", [b.op("Sub", [total, b.const([1])]), b.op("Shape", [graph_io.INPUT_IDS], end=1)]),
                      TensorProto.INT32)
     total32 = b.cast(b.op("Squeeze", [total, b.const([0])]), TensorProto.INT32)
-    x = L.embed("input_ids")
+    x = L.embed(graph_io.INPUT_IDS)
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
     zqkv = None
     execs = []
     for i in range(s.num_layers):
-        pe = b.op("Gather", ["past_exec", b.const(i)], axis=0)  # [B, past]
+        pe = b.op("Gather", [graph_io.PAST_EXEC, b.const(i)], axis=0)  # [B, past]
         routed = i in s.routed
-        gate = L.router_gate(i, x, "theta", valid, keep) if routed else valid
+        gate = L.router_gate(i, x, graph_io.THETA, valid, keep) if routed else valid
         k_ok = b.op("Concat", [b.op("And", [pe, past_valid]), gate], axis=1)
         bias = L.key_bias(k_ok, pos, full_pos)
         if routed:
@@ -932,6 +945,6 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bit
         else:
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
         execs.append(b.unsq(gate, [0]))  # [1, B, 1]
-    b.op("Concat", ["past_exec", b.op("Concat", execs, axis=0)], outputs=["exec_mask"], axis=2)
-    _logits_and_cache_outputs(b, s, L.head(x), 1, "total")
+    b.op("Concat", [graph_io.PAST_EXEC, b.op("Concat", execs, axis=0)], outputs=[graph_io.EXEC_MASK], axis=2)
+    _logits_and_cache_outputs(b, s, L.head(x), "decode")
     return b.model("qtale_decode")

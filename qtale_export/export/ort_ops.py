@@ -94,13 +94,15 @@ def _all_nodes(graph):
 
 
 def session(path: str | os.PathLike, providers=None, threads: int | None = None, exact: bool = False,
-            spin: bool = True):
+            spin: bool = True, model: onnx.ModelProto | None = None):
     """An onnxruntime.InferenceSession for an exported graph, with the qtale ops when it uses them.
 
     exact: compute quantized matmuls in fp32 (MatMulNBits accuracy_level 0, no int8-activation
     fusion of DequantizeLinear -> MatMul), as verification does; the default keeps ORT's fast path.
     spin: False stops idle intra-op threads from busy-waiting (ORT's allow_spinning), which wins
     on a CPU shared with other work (docs/benchmarks.md).
+    model: an edited copy of the graph at `path` (loaded without external data) to run instead;
+    its weights are still read from beside `path`.
     """
     import onnxruntime as ort
 
@@ -114,8 +116,9 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None,
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = providers or ["CPUExecutionProvider"]
-    model = onnx.load(str(path), load_external_data=False)
-    rewrite = uses_qtale_ops(model)
+    rewrite = model is not None
+    model = model if model is not None else onnx.load(str(path), load_external_data=False)
+    rewrite = rewrite or uses_qtale_ops(model)
     if exact:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         for n in _all_nodes(model.graph):  # decode.onnx has its layers inside If branches

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..deploy import graph_io
 from ..errors import QtaleError
 
 FILE = "reference.npz"
@@ -38,7 +39,10 @@ def compute(ref, tokenizer, thetas, prompts, steps: int, act_dtype) -> list[dict
     act = np.dtype(act_dtype)
 
     def outputs(r):
-        return {"logits": r.logits.float().numpy(), "exec_mask": np.stack([p[2].numpy() for p in r.past_key_values])}
+        return {graph_io.LOGITS: r.logits.float().numpy(), graph_io.EXEC_MASK: exec_mask(r)}
+
+    def exec_mask(r):
+        return np.stack([p[2].numpy() for p in r.past_key_values])
 
     def prob(r):
         return np.stack([rl.softmax(-1)[..., 0].float().numpy() for rl in r.router_logits]).astype(np.float32)
@@ -48,17 +52,18 @@ def compute(ref, tokenizer, thetas, prompts, steps: int, act_dtype) -> list[dict
         theta = torch.full((ids.shape[0],), float(th))
         with torch.no_grad():
             r = ref(ids, mask, theta=theta, use_cache=True)
-        runs = [{"graph": "prefill", "feeds": {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                               "theta": theta.numpy()}, "outputs": outputs(r), "prob": prob(r)}]
+        runs = [{"graph": "prefill", "feeds": graph_io.prefill_feeds(ids.numpy(), mask.numpy(), theta.numpy()),
+                 "outputs": outputs(r), "prob": prob(r)}]
         dmask = mask
         for _ in range(steps):
             nxt = r.logits[:, -1].argmax(-1, keepdim=True)
             dmask = torch.cat([dmask, torch.ones_like(nxt)], 1)
-            feeds = {"input_ids": nxt.numpy(), "attention_mask": dmask.numpy(), "theta": theta.numpy()}
+            # PyTorch's own cache in the graph's names, so each stored step stands alone
+            cache = {graph_io.EXEC_MASK: exec_mask(r)}
             for i, p in enumerate(r.past_key_values):
-                feeds[f"past.{i}.key"] = p[0].numpy().astype(act)
-                feeds[f"past.{i}.value"] = p[1].numpy().astype(act)
-            feeds["past_exec"] = np.stack([p[2].numpy() for p in r.past_key_values])
+                cache[graph_io.present(i, "key")] = p[0].numpy().astype(act)
+                cache[graph_io.present(i, "value")] = p[1].numpy().astype(act)
+            feeds = graph_io.decode_feeds(cache, nxt.numpy(), dmask.numpy(), theta.numpy(), len(r.past_key_values))
             with torch.no_grad():
                 r = ref(nxt, dmask, past_key_values=r.past_key_values, use_cache=True, theta=theta)
             runs.append({"graph": "decode", "feeds": feeds, "outputs": outputs(r), "prob": prob(r)})

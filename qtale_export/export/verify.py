@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..deploy import graph_io
 from ..errors import QtaleError
 from . import ort_ops
 from .graphs import quantizable
@@ -212,28 +213,25 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
     finally:
         tok.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"].long()
-    prefill = ort_ops.session(folder / manifest["graphs"]["prefill"]["file"], exact=True)
-    decode = ort_ops.session(folder / manifest["graphs"]["decode"]["file"], exact=True)
+    sessions = {graph: ort_ops.session(folder / manifest["graphs"][graph]["file"], exact=True)
+                for graph in graph_io.GRAPHS}
     atol, rtol = TOLERANCE[precision]
     tie = TIE[precision]
-    L = manifest["model"]["num_layers"]
+    num_layers = manifest["model"]["num_layers"]
     routed = list(ref.layer_ids)
     cases = []
-    for th in thetas if thetas is not None else _thetas(manifest):
-        theta = torch.full((ids.shape[0],), float(th))
-        case = {"theta": float(th)}
+    for theta_value in thetas if thetas is not None else _thetas(manifest):
+        theta = torch.full((ids.shape[0],), float(theta_value))
+        case = {"theta": float(theta_value)}
         with torch.no_grad():
             r = ref(ids, mask, theta=theta, use_cache=True)
-        out = dict(zip([o.name for o in prefill.get_outputs()],
-                       prefill.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
-                                          "theta": theta.numpy()})))
+        loop = graph_io.Loop(lambda graph, feeds: _run(sessions[graph], feeds), num_layers, theta.numpy())
+        out = loop.prefill(ids.numpy(), mask.numpy())
         valid = mask.bool().numpy()
-        status = _compare(case, "prefill", out, r, valid, routed, th, tie, atol, rtol, MIN_TOP1[precision])
+        status = _compare(case, "prefill", out, r, valid, routed, theta_value, tie, atol, rtol, MIN_TOP1[precision])
         ok_case = status != "fail"
-        # decode: the reference's greedy tokens, fed to both
+        # decode: the reference's greedy tokens, fed to both (ONNX Runtime on its own K/V)
         past_t = r.past_key_values
-        feeds = {f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
-        feeds["past_exec"] = out["exec_mask"]
         nxt = r.logits[:, -1].argmax(-1, keepdim=True)
         dmask = mask
         dcase = {"max_abs_diff": 0.0, "top1": [], "steps": 0}
@@ -241,16 +239,12 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
             dmask = torch.cat([dmask, torch.ones_like(nxt)], 1)
             with torch.no_grad():
                 rd = ref(nxt, dmask, past_key_values=past_t, use_cache=True, theta=theta)
-            od = dict(zip([o.name for o in decode.get_outputs()],
-                          decode.run(None, {"input_ids": nxt.numpy(), "attention_mask": dmask.numpy(),
-                                            "theta": theta.numpy(), **feeds})))
+            od = loop.step(nxt.numpy())
             step = {}
-            st = _compare(step, "decode", od, rd, np.ones((ids.shape[0], 1), bool), routed, th, tie,
+            st = _compare(step, "decode", od, rd, np.ones((ids.shape[0], 1), bool), routed, theta_value, tie,
                           atol, rtol, MIN_TOP1[precision], new_only=True)
             if not _tally_decode(dcase, st, step):
                 break
-            feeds = {f"past.{i}.{kv}": od[f"present.{i}.{kv}"] for i in range(L) for kv in ("key", "value")}
-            feeds["past_exec"] = od["exec_mask"]
             past_t = rd.past_key_values
             nxt = rd.logits[:, -1].argmax(-1, keepdim=True)
         cases.append(_close_case(case, dcase, ok_case))
@@ -267,6 +261,11 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
         "cases": cases,
     }
     return report
+
+
+def _run(session, feeds: dict) -> dict:
+    """{output name: array} of one ONNX Runtime session run."""
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def _compare(case, kind, out, r, valid, routed, theta, tie, atol, rtol, min_top1, new_only=False) -> str:
@@ -337,15 +336,12 @@ def _quiet():
     return G_LOGGER.verbosity(G_LOGGER.ERROR)  # Polygraphy logs to stdout; `--json` owns stdout
 
 
-def _batch_axis(name: str) -> int:
-    return 1 if name in ("past_exec", "exec_mask") else 0
-
-
 def _infer(runner, feeds_list: list[dict], max_batch: int | None) -> list[dict]:
     """Polygraphy's Comparator.run over every feed dict (rows one at a time where the batch exceeds an
     engine profile's max batch); returns logits and exec_mask per feed dict."""
     from polygraphy.comparator import Comparator
 
+    compared = (graph_io.LOGITS, graph_io.EXEC_MASK)
     items, owner = [], []
     for k, feeds in enumerate(feeds_list):
         batch = feeds["input_ids"].shape[0]
@@ -354,15 +350,14 @@ def _infer(runner, feeds_list: list[dict], max_batch: int | None) -> list[dict]:
             owner.append(k)
             continue
         for row in range(batch):
-            items.append({n: np.take(a, [row], axis=_batch_axis(n)) for n, a in feeds.items()})
+            items.append({n: np.take(a, [row], axis=graph_io.batch_axis(n)) for n, a in feeds.items()})
             owner.append(k)
     with _quiet():
         results = Comparator.run([runner], data_loader=items)
     parts: list[list] = [[] for _ in feeds_list]
     for k, it in zip(owner, results[0][1]):
-        parts[k].append({n: np.asarray(it[n]) for n in ("logits", "exec_mask")})
-    return [{n: np.concatenate([p[n] for p in ps], axis=_batch_axis(n)) for n in ("logits", "exec_mask")}
-            for ps in parts]
+        parts[k].append({n: np.asarray(it[n]) for n in compared})
+    return [{n: np.concatenate([p[n] for p in ps], axis=graph_io.batch_axis(n)) for n in compared} for ps in parts]
 
 
 def _polygraphy_close(runner_name: str, got: dict, want: dict, valid: np.ndarray, new_only: bool):
@@ -393,7 +388,7 @@ def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
         return {g: (OnnxrtRunner(lambda g=g: ort_ops.session(folder / manifest["graphs"][g]["file"], exact=True),
                                  name=f"onnxrt:{g}"), None) for g in ("prefill", "decode")}
     from ..optional import require
-    from ..tensorrt import INSTALL_HINT
+    from ..deploy.tensorrt import INSTALL_HINT
 
     require("tensorrt", INSTALL_HINT, "TensorRT")
     from polygraphy.backend.common import BytesFromPath

@@ -6,7 +6,7 @@ import torch
 import qtale_export
 from qtale_testing import TEXT, spread_routers
 from qtale_export.calibrate import calibrate, realized_ratio
-from qtale_export.theta import check_ratio
+from qtale_export.deploy.theta import check_ratio
 from qtale_export.data import CALIBRATION_TEXT, text_batches
 
 

@@ -2,7 +2,7 @@
 with every expensive stage reused."""
 import json
 
-from qtale_export import deploy as pipeline
+from qtale_export import pipeline
 from qtale_export.train import TrainConfig, train
 
 

@@ -91,14 +91,14 @@ def test_without_the_train_extra_help_lists_the_deployment_commands(monkeypatch,
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    for mod in ("qtale_export.bench", "qtale_export.triton"):
+    for mod in ("qtale_export.deploy.bench", "qtale_export.deploy.triton"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
     listed = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")
     assert listed == [c.name for c in cli.COMMANDS if c.extra is None] == ["verify", "build", "run", "triton-repo", "bench"]
-    assert "qtale_export.bench" not in sys.modules and "qtale_export.triton" not in sys.modules
+    assert "qtale_export.deploy.bench" not in sys.modules and "qtale_export.deploy.triton" not in sys.modules
     for argv in (["train", "--data", "x", "--out", "y"], ["quantize", "--help"], ["experiment"]):
         assert main(argv) == 2
         err = capsys.readouterr().err

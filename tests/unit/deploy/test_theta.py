@@ -1,9 +1,9 @@
-"""The one theta policy (qtale_export/theta.py): keys, validation, selection modes, staleness."""
+"""The one theta policy (qtale_export/deploy/theta.py): keys, validation, selection modes, staleness."""
 from __future__ import annotations
 
 import pytest
 
-from qtale_export import theta as policy
+from qtale_export.deploy import theta as policy
 from qtale_export.errors import QtaleError
 
 TABLE = {"0.5": {"theta": 0.6, "realized": 0.5}, "0.8": {"theta": 0.1, "realized": 0.8}}

@@ -75,7 +75,7 @@ def _qtale(venv: Path, *args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_deployment_commands_run_without_torch(deploy_venv, tiny_export, tmp_path):
-    from qtale_export.runtime import Runtime
+    from qtale_export.deploy.runtime import Runtime
 
     venv = deploy_venv
     helped = _qtale(venv, "--help")

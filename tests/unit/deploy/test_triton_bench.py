@@ -10,7 +10,7 @@ from tritonclient.grpc import model_config_pb2
 
 from qtale_export.errors import QtaleError
 from qtale_export.cli.triton_repo import add_arguments as add_triton_arguments, run as run_triton
-from qtale_export.triton import validate_config
+from qtale_export.deploy.triton import validate_config
 
 
 def triton(*argv):
@@ -101,7 +101,7 @@ def test_bench_schema(tiny_export, tmp_path, capsys):
         assert [o["seq"] for o in e["router_overhead"]] == [16, 32] and e["router_overhead"][0]["routers_cut"] == 4
     # --record wrote the decode latencies for budgets, and the checksums still hold
     from qtale_export.export.manifest import read_manifest
-    from qtale_export.runtime.select import budget_points
+    from qtale_export.deploy.runtime.select import budget_points
 
     m = read_manifest(tiny_export, verify=True)
     assert len([b for b in m["benchmarks"] if b["backend"] == "ort-cpu"]) == 3

@@ -85,7 +85,7 @@ def tiny_export_triton(tiny_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(triton_venv, tiny_export_triton, tmp_path_factory):
-    from qtale_export.triton import build_repository
+    from qtale_export.deploy.triton import build_repository
 
     py = _venv_python(triton_venv)
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -185,7 +185,7 @@ def _tokens(res) -> list[int]:
 def test_one_model_serves_every_ratio_like_qtale_run(server, tiny_export_triton):
     from tritonclient.utils import InferenceServerException
 
-    from qtale_export.runtime import Runtime
+    from qtale_export.deploy.runtime import Runtime
 
     client, repo, _ = server
     assert sorted(p.name for p in repo.iterdir()) == ["qtale_fp32", "qtale_router"]
@@ -226,7 +226,7 @@ def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(serv
 
     import tritonclient.grpc as grpcclient
 
-    from qtale_export.runtime import Runtime
+    from qtale_export.deploy.runtime import Runtime
 
     client, repo, addr = server
     rt = Runtime.open(tiny_export_triton)

@@ -143,7 +143,7 @@ def test_in_place_decode_batched_paths(exported, spread_model, precision, target
     on different execution paths (one row skips routed layers the other runs) equals PyTorch step by
     step, and the buffers hold PyTorch's cache (zeros where a row skipped)."""
     from qtale_export.export.verify import reference_model
-    from qtale_export.runtime.backends import OrtBackend
+    from qtale_export.deploy.runtime.backends import OrtBackend
 
     out = exported(precision, "standard", target)
     manifest = read_manifest(out)

@@ -8,7 +8,7 @@ import torch
 
 import qtale_export
 from qtale_export import checkpoint
-from qtale_export import theta as theta_policy
+from qtale_export.deploy import theta as theta_policy
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qtale_export.errors import QtaleError
-from qtale_export.runtime import Runtime
+from qtale_export.deploy.runtime import Runtime
 from runtime_equivalence import check_greedy_matches_pytorch, check_realized_ratio_matches_pytorch, check_score_matches_pytorch
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from qtale_export.errors import QtaleError
-from qtale_export.runtime import Runtime
+from qtale_export.deploy.runtime import Runtime
 
 from qtale_testing import THETAS
 from runtime_equivalence import (PROMPT, check_greedy_matches_pytorch, check_realized_ratio_matches_pytorch,
@@ -116,7 +116,7 @@ def test_runtime_imports_without_torch(tiny_export):
     code = (
         "import sys\n"
         "sys.modules['torch'] = None\n"
-        "import qtale_export.runtime as r, qtale_export.triton, qtale_export.bench\n"
+        "import qtale_export.deploy.runtime as r, qtale_export.deploy.triton, qtale_export.deploy.bench\n"
         "rt = r.Runtime.open(sys.argv[1])\n"
         "res = rt.generate('The quick brown', ratio=0.6, max_new_tokens=3)\n"
         "rt.score(['The quick'], [' brown'], ratio=0.6)\n"
@@ -125,3 +125,20 @@ def test_runtime_imports_without_torch(tiny_export):
     p = subprocess.run([sys.executable, "-c", code, str(tiny_export)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("ok")
+
+
+def test_the_export_declares_the_graph_contract(tiny_export):
+    """The exporter's graph I/O is the contract's (deploy/graph_io.py), names, order, shapes and dtypes."""
+    from qtale_export.deploy import graph_io
+    from qtale_export.export.manifest import read_manifest
+
+    manifest = read_manifest(tiny_export, verify=False)
+    m = manifest["model"]
+    dims = (m["num_layers"], m["kv_heads"], m["head_dim"])
+    for graph in graph_io.GRAPHS:
+        described = manifest["graphs"][graph]
+        want_in = graph_io.inputs(graph, *dims, m["activation_dtype"])
+        want_out = graph_io.outputs(graph, *dims, m["vocab"], m["activation_dtype"])
+        for got, want in ((described["inputs"], want_in), (described["outputs"], want_out)):
+            assert list(got) == list(want)
+            assert {n: (v["dtype"], v["shape"]) for n, v in got.items()} == want

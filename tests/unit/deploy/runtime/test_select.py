@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from qtale_export.errors import QtaleError
-from qtale_export.runtime.select import budget_points, select_budget, select_theta
+from qtale_export.deploy.runtime.select import budget_points, select_budget, select_theta
 
 TABLE = {"0.5": {"theta": 0.6, "realized": 0.5}, "0.6": {"theta": 0.4, "realized": 0.6},
          "0.8": {"theta": 0.1, "realized": 0.8}}

@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import QtaleError
+from ...errors import QtaleError
 from .. import theta as policy
+from .. import graph_io
 from .backends import make_backend
 
 DEFAULT_MAX_LENGTH = 2048
@@ -167,7 +168,7 @@ class Runtime:
              plugin_library: str | None = None, exact: bool = False, spin: bool = True) -> "Runtime":
         """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer.
         spin=False: ONNX Runtime's idle threads sleep instead of busy-waiting (a shared CPU)."""
-        from ..export.manifest import read_manifest
+        from ...export.manifest import read_manifest
 
         folder = Path(export_dir)
         manifest = read_manifest(folder, verify=verify)
@@ -206,18 +207,12 @@ class Runtime:
                              f"(max length {self.max_length})")
         return ids
 
-    def _prefill(self, ids: np.ndarray, mask: np.ndarray, theta: float) -> dict:
-        theta_v = np.full((ids.shape[0],), theta, np.float32)
-        return self.backend.run("prefill", {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                                            "theta": theta_v})
+    def loop(self, theta: float, batch: int = 1) -> graph_io.Loop:
+        """A prefill/decode loop on this export's backend at `theta` for every row."""
+        return graph_io.Loop(self.backend.run, self.num_layers, np.full((batch,), theta, np.float32))
 
-    def _exec_ratio(self, exec_mask: np.ndarray, n: int | None = None) -> float:
-        if not self.routed:
-            return 1.0
-        e = exec_mask[self.routed]
-        if n is not None:
-            e = e[..., :n]
-        return float(e.mean()) if e.size else 1.0
+    def _exec_ratio(self, exec_mask: np.ndarray) -> float:
+        return graph_io.realized_ratio(exec_mask, self.routed)
 
     # ---- generation -------------------------------------------------------------------------------
     def stream(self, prompt: str, ratio: float | None = None, theta: float | None = None,
@@ -228,33 +223,35 @@ class Runtime:
         (a list) at the end, and kept as `self.last_result`."""
         if int(max_new_tokens) < 1:
             raise QtaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        sel = self.select(ratio, theta)
-        th = float(sel["theta"])
+        selection = self.select(ratio, theta)
+        theta_value = float(selection["theta"])
         sampler = Sampler(temperature, top_p, seed)
         stops = [s for s in (stop or []) if s]
         hold = max((len(s) for s in stops), default=1) - 1
         ids = self.encode_prompt(prompt, chat)
         n_prompt = len(ids)
         t0 = time.perf_counter()
-        out = self._prefill(np.asarray([ids]), np.ones((1, n_prompt), np.int64), th)
+        loop = self.loop(theta_value)
+        out = loop.prefill([ids], np.ones((1, n_prompt), np.int64))
         t_prefill = time.perf_counter() - t0
-        prefill_ratio = self._exec_ratio(out["exec_mask"])
-        exec_mask = out["exec_mask"]
-        logits = out["logits"][0, -1]
-        decoder = None  # an in-place KV decoder where the backend has one (no cache copy per step)
+        prefill_ratio = self._exec_ratio(out[graph_io.EXEC_MASK])
+        exec_mask = out[graph_io.EXEC_MASK]
+        logits = out[graph_io.LOGITS][0, -1]
         if hasattr(self.backend, "decoder") and max_new_tokens > 1:
-            decoder = self.backend.decoder(out, self.num_layers, min(self.max_length, n_prompt + int(max_new_tokens)))
+            # an in-place KV decoder where the backend has one (no cache copy per step)
+            loop.decoder = self.backend.decoder(out, self.num_layers,
+                                                min(self.max_length, n_prompt + int(max_new_tokens)))
         gen: list[int] = []
         emitted = 0
         reason = "length"
         t1 = time.perf_counter()
         text = ""
         while True:
-            tok = sampler(logits)
-            if tok in self.eos_ids:
+            token = sampler(logits)
+            if token in self.eos_ids:
                 reason = "eos"
                 break
-            gen.append(tok)
+            gen.append(token)
             text = self.tokenizer.decode(gen)
             cut = min((text.find(s) for s in stops if s in text), default=-1)
             if cut >= 0:
@@ -270,20 +267,12 @@ class Runtime:
             if len(gen) >= int(max_new_tokens):
                 reason = "length"
                 break
-            total = n_prompt + len(gen)
-            if total >= self.max_length:
+            if n_prompt + len(gen) >= self.max_length:
                 reason = "max_length"
                 break
-            feeds = {"past_exec": out["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
-                     "attention_mask": np.ones((1, total), np.int64), "theta": np.full((1,), th, np.float32)}
-            if decoder is not None:
-                out = decoder.step(feeds)
-            else:
-                feeds.update({f"past.{i}.{kv}": out[f"present.{i}.{kv}"] for i in range(self.num_layers)
-                              for kv in ("key", "value")})
-                out = self.backend.run("decode", feeds)
-            exec_mask = out["exec_mask"]
-            logits = out["logits"][0, -1]
+            out = loop.step([token])
+            exec_mask = out[graph_io.EXEC_MASK]
+            logits = out[graph_io.LOGITS][0, -1]
         t_end = time.perf_counter()
         if reason != "stop":
             text = self.tokenizer.decode(gen) if gen else ""
@@ -295,8 +284,8 @@ class Runtime:
             realized_ratio=self._exec_ratio(exec_mask), prefill_ratio=prefill_ratio,
             tokens_per_s=len(gen) / max(t_end - t0, 1e-9),
             decode_tokens_per_s=max(len(gen) - 1, 0) / max(decode_s, 1e-9) if len(gen) > 1 else 0.0,
-            prefill_s=t_prefill, decode_s=decode_s, stop_reason=reason, engine=self.engine, theta=th,
-            selection=sel)
+            prefill_s=t_prefill, decode_s=decode_s, stop_reason=reason, engine=self.engine,
+            theta=theta_value, selection=selection)
         self.last_result = res
         if result is not None:
             result.append(res)
@@ -322,7 +311,7 @@ class Runtime:
         """
         if len(contexts) != len(continuations):
             raise QtaleError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        th = float(self.select(ratio, theta)["theta"])
+        theta_value = float(self.select(ratio, theta)["theta"])
         items = []
         for c, x in zip(contexts, continuations):
             if not c:
@@ -348,7 +337,7 @@ class Runtime:
             for b, (w, _) in enumerate(chunk):  # left padding
                 ids[b, T - len(w):] = w
                 mask[b, T - len(w):] = 1
-            logits = self._prefill(ids, mask, th)["logits"]
+            logits = self.loop(theta_value, len(chunk)).prefill(ids, mask)[graph_io.LOGITS]
             for b, (w, n_ctx) in enumerate(chunk):
                 off = T - len(w)
                 lp = _log_softmax(logits[b, off + n_ctx - 1: off + len(w) - 1])

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from . import theta as policy
+from .deploy import theta as policy
 from .errors import QtaleError
 
 PROMPT = "The three most useful things to know about the moon are"
@@ -205,28 +205,3 @@ def print_summary(s: dict) -> None:
                      f"{g['text'].strip()[:80]!r}")
     lines.append("  artifacts: " + ", ".join(f"{k} {v}" for k, v in s["artifacts"].items()))
     print("\n".join(lines), flush=True)
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from . import validate
-    from .validate import arg
-
-    p = argparse.ArgumentParser(prog="python -m qtale_export.deploy", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/deploy")
-    p.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6)
-    p.add_argument("--other-ratio", type=arg(validate.ratio, "--other-ratio"), default=0.8)
-    p.add_argument("--prompt", default=PROMPT)
-    args = p.parse_args(argv)
-    try:
-        run(args.out, ratio=args.ratio, other_ratio=args.other_ratio, prompt=args.prompt)
-    except QtaleError as exc:
-        print(f"run.sh: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QtaleError
+from . import graph_io
+from ..errors import QtaleError
 
 DEFAULT_SEQ = [128, 512]
 DEFAULT_RATIOS = [1.0, 0.8, 0.6, 0.5]
-TEXT = Path(__file__).parent / "data" / "heldout.txt"
+TEXT = Path(__file__).parents[1] / "data" / "heldout.txt"
 
 
 def _prompt_ids(rt, n: int) -> np.ndarray:
@@ -39,44 +40,16 @@ def _prompt_ids(rt, n: int) -> np.ndarray:
     return np.asarray([ids[:n]], np.int64)
 
 
-def _cut_routers(folder: Path, graph_file: str, threads):
-    """The prefill graph with every router's gate replaced by 'execute' and dead nodes dropped."""
+def _without_routers(folder: Path, graph_file: str, threads):
+    """(ORT session of the prefill graph with its routers cut out, gates cut): `graphs.cut_routers`."""
     import onnx
-    import onnxruntime as ort
 
-    from .export import ort_ops
+    from ..export import ort_ops
+    from ..export.graphs import cut_routers
 
     m = onnx.load(str(folder / graph_file), load_external_data=False)
-    nodes = list(m.graph.node)
-    cut = 0
-    for n in nodes:
-        # router_gate: on = GreaterOrEqual(p_exec, Unsqueeze(theta)); p_exec -> the theta side
-        if n.op_type == "GreaterOrEqual" and len(n.input) == 2:
-            n.input[0] = n.input[1]  # theta >= theta: always true, broadcast [B, 1] -> [B, T] by And
-            cut += 1
-    needed = {o.name for o in m.graph.output}
-    keep = []
-    for n in reversed(nodes):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    del m.graph.node[:]
-    m.graph.node.extend(reversed(keep))
-    inits = [i for i in m.graph.initializer if i.name in needed]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(inits)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if ort_ops.uses_qtale_ops(m):
-        from onnxruntime_extensions import get_library_path
-
-        ort_ops.register()
-        so.register_custom_ops_library(get_library_path())
-        m = ort_ops.to_runnable(m)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.resolve()))
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]), cut
+    cut = cut_routers(m)
+    return ort_ops.session(folder / graph_file, threads=threads, model=m), cut
 
 
 def _rss_mb() -> float:
@@ -98,7 +71,7 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
     for d in export_dirs:
         rt = Runtime.open(d, threads=threads)
         sels = {r: rt.select(ratio=r) for r in ratios}
-        nocut, cut = _cut_routers(rt.folder, rt.manifest["graphs"]["prefill"]["file"], threads)
+        nocut, cut = _without_routers(rt.folder, rt.manifest["graphs"]["prefill"]["file"], threads)
         files = {p.name: p.stat().st_size for p in sorted(Path(d).iterdir())
                  if p.suffix in (".onnx", ".data", ".engine")}
         variants.append({"dir": str(d), "rt": rt, "sels": sels, "nocut": nocut, "cut": cut, "files": files,
@@ -117,34 +90,27 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
                 ids = inputs[s]
                 mask = np.ones_like(ids)
                 for r in ratios:
-                    th = np.full((1,), v["sels"][r]["theta"], np.float32)
+                    theta = np.full((1,), v["sels"][r]["theta"], np.float32)
                     t0 = time.perf_counter()
-                    o = rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask, "theta": th})
+                    o = rt.backend.run("prefill", graph_io.prefill_feeds(ids, mask, theta))
                     prefill_t.setdefault((vi, s, r), []).append(time.perf_counter() - t0)
-                    realized[(vi, s, r)] = rt._exec_ratio(o["exec_mask"])
+                    realized[(vi, s, r)] = graph_io.realized_ratio(o[graph_io.EXEC_MASK], rt.routed)
                 # router overhead at this length: dense with routers vs routers cut out
-                zero = np.zeros((1,), np.float32)
+                dense = graph_io.prefill_feeds(ids, mask, np.zeros((1,), np.float32))
                 for kind, sess in (("with", None), ("without", v["nocut"])):
                     t0 = time.perf_counter()
                     if sess is None:
-                        rt.backend.run("prefill", {"input_ids": ids, "attention_mask": mask, "theta": zero})
+                        rt.backend.run("prefill", dense)
                     else:
-                        sess.run(None, {"input_ids": ids, "attention_mask": mask, "theta": zero})
+                        sess.run(None, dense)
                     router_t.setdefault((vi, s, kind), []).append(time.perf_counter() - t0)
             prompt = _prompt_ids(rt, 32)
             for r in ratios:
-                th = np.full((1,), v["sels"][r]["theta"], np.float32)
-                o = rt.backend.run("prefill", {"input_ids": prompt, "attention_mask": np.ones_like(prompt), "theta": th})
-                tok, total = int(np.argmax(o["logits"][0, -1])), prompt.shape[1]
+                loop = graph_io.Loop(rt.backend.run, rt.num_layers, np.full((1,), v["sels"][r]["theta"], np.float32))
+                token = graph_io.greedy(loop.prefill(prompt, np.ones_like(prompt)))
                 t0 = time.perf_counter()
                 for _ in range(decode_tokens):
-                    total += 1
-                    feeds = {f"past.{i}.{kv}": o[f"present.{i}.{kv}"] for i in range(rt.num_layers)
-                             for kv in ("key", "value")}
-                    feeds.update({"past_exec": o["exec_mask"], "input_ids": np.asarray([[tok]], np.int64),
-                                  "attention_mask": np.ones((1, total), np.int64), "theta": th})
-                    o = rt.backend.run("decode", feeds)
-                    tok = int(np.argmax(o["logits"][0, -1]))
+                    token = graph_io.greedy(loop.step(token))
                 decode_t.setdefault((vi, r), []).append((time.perf_counter() - t0) / decode_tokens)
     med = statistics.median
     report = {"method": "onnxruntime CPU, interleaved repeats, medians (docs/benchmarks.md)",
@@ -172,7 +138,7 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
             e["decode"].append({"ratio": r, "ms_per_token": round(t * 1e3, 3), "tokens_per_s": round(1.0 / t, 2)})
         report["exports"].append(e)
         if record:
-            from .export.manifest import read_manifest, write_manifest
+            from ..export.manifest import read_manifest, write_manifest
 
             data = read_manifest(v["dir"], verify=False)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -4,7 +4,7 @@
 for a requested execution ratio (`select.py`) and runs prefill + decode with a KV cache
 (`generate.py`). See docs/runtime.md.
 """
-from ..errors import QtaleError
+from ...errors import QtaleError
 from .generate import GenerationResult, Runtime, Sampler
 from .select import select_budget, select_theta
 

@@ -1,4 +1,4 @@
-"""Pick the export / engine variant for a budget; ratio -> theta is the one policy, `qtale_export.theta`.
+"""Pick the export / engine variant for a budget; ratio -> theta is the one policy, `qtale_export.deploy.theta`.
 
 Torch-free and dependency-free (stdlib only).
 
@@ -13,7 +13,7 @@ Budget rule (`select_budget`), over measured points {export, ratio, ms_per_token
 """
 from __future__ import annotations
 
-from ..errors import QtaleError
+from ...errors import QtaleError
 from ..theta import MODES, calibrated_points, check_ratio, ratio_key
 from ..theta import select as select_theta
 

@@ -8,7 +8,8 @@ weights file they share (once); onnxruntime / tensorrt: `qtale_<precision>_{pref
 execution_ratio (+ optional precision) and input_ids / text in, generated tokens out; it turns
 each row's ratio into theta with the one policy (theta.py, copied next to it as
 theta_policy.py; `--ratio-mode`, default interpolate like `qtale run`) and runs the rows of a
-batch that share a prompt length together, one theta per sequence.
+batch that share a prompt length together, one theta per sequence, through the graph contract's
+loop (deploy/graph_io.py, copied next to it as graph_io.py).
 
 The graph models have max_batch_size 0 (explicit -1 dims): exec_mask [layers, batch, seq] and
 past_exec do not have the batch first, which Triton's batcher requires; batching happens in the
@@ -23,8 +24,9 @@ import json
 import shutil
 from pathlib import Path
 
-from . import safe_write
-from .errors import QtaleError
+from .. import safe_write
+from . import graph_io
+from ..errors import QtaleError
 
 BACKENDS = ("onnxruntime", "tensorrt", "python")
 ROUTER = "qtale_router"
@@ -153,7 +155,7 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
     next to it) in `ratio_mode`, the same rule and default as `qtale run`. `ratios` are only
     checked (each must be servable by every export) and listed with their thetas."""
     from . import theta as policy
-    from .export.manifest import read_manifest
+    from ..export.manifest import read_manifest
 
     if backend not in BACKENDS:
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -239,6 +241,7 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
         ver.mkdir(parents=True)
         shutil.copy2(TEMPLATES / "router_model.py", ver / "model.py")
         shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
+        shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
         tok = exports[0][0] / "tokenizer.json"
         if tok.is_file():
             shutil.copy2(tok, ver / "tokenizer.json")

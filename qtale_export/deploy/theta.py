@@ -22,7 +22,7 @@ Selection (`select`), for a ratio in (0, 1]:
 from __future__ import annotations
 
 try:
-    from .errors import QtaleError
+    from ..errors import QtaleError
 except ImportError:  # the copy inside a Triton model folder: no package around it
     class QtaleError(ValueError):
         """A user-facing error (one line)."""

@@ -6,8 +6,9 @@ when rows differ) or text BYTES [1]; optional max_new_tokens INT32 [1]; optional
 Outputs: output_ids INT64 [-1] (padded with -1), text BYTES [1], realized_ratio FP32 [1],
 theta FP32 [1], precision BYTES [1].
 
-theta comes from the export's theta table through theta_policy.py, a copy of qtale_export/theta.py
-(the rule `qtale run` uses, in the repository's ratio_mode). Every row of every request that
+theta comes from the export's theta table through theta_policy.py, a copy of qtale_export/deploy/theta.py
+(the rule `qtale run` uses, in the repository's ratio_mode); the graphs are fed through graph_io.py,
+a copy of qtale_export/deploy/graph_io.py (the loop `qtale run` uses). Every row of every request that
 dynamic batching hands to one execute() is generated together with the rows that share its
 precision and prompt length: one prefill and one decode call per step for the group, theta per
 sequence, finished rows dropped from the batch; greedy decoding, stop at eos or max_new_tokens.
@@ -29,9 +30,10 @@ class TritonPythonModel:
         p = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         folder = os.path.join(args["model_repository"], args["model_version"])
         sys.path.insert(0, folder)
+        import graph_io
         import theta_policy
 
-        self.policy = theta_policy
+        self.policy, self.graph_io = theta_policy, graph_io
         self.exports = json.loads(p["exports"])
         self.default_precision = p["default_precision"]
         self.ratio_mode = p.get("ratio_mode") or "interpolate"
@@ -40,8 +42,7 @@ class TritonPythonModel:
         self.num_layers = int(p["num_layers"])
         self.max_length = int(p.get("max_length") or 2048)
         self.default_new = int(p.get("default_max_new_tokens") or 32)
-        self.kv = [f"{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.out_names = ["logits", "exec_mask"] + [f"present.{k}" for k in self.kv]
+        self.out_names = graph_io.output_names(self.num_layers)
         self.tokenizer = None
         tj = os.path.join(folder, "tokenizer.json")
         if os.path.isfile(tj):
@@ -98,38 +99,31 @@ class TritonPythonModel:
 
     # ---- a group of rows with one precision and one prompt length --------------------------------
     def generate(self, group):
+        io = self.graph_io
         exp = self.exports[group[0]["precision"]]
-        T = len(group[0]["ids"])
-        thetas = np.asarray([r["theta"] for r in group], np.float32)
-        out = self.call(exp["prefill"], {"input_ids": np.asarray([r["ids"] for r in group], np.int64),
-                                         "attention_mask": np.ones((len(group), T), np.int64), "theta": thetas})
-        active = list(range(len(group)))
+        prompt_len = len(group[0]["ids"])
+        loop = io.Loop(lambda graph, feeds: self.call(exp[graph], feeds), self.num_layers,
+                       [r["theta"] for r in group])
+        out = loop.prefill([r["ids"] for r in group], np.ones((len(group), prompt_len), np.int64))
+        active = list(range(len(group)))  # the rows of `group` still generating, in batch order
         while True:
             keep = []
-            for j, b in enumerate(active):
+            for j, (b, token) in enumerate(zip(active, io.greedy(out))):
                 r = group[b]
-                tok = int(np.argmax(out["logits"][j, -1]))
-                done = tok in self.eos
+                done = int(token) in self.eos
                 if not done:
-                    r.setdefault("gen", []).append(tok)
-                    done = len(r["gen"]) >= r["max_new"] or T + len(r["gen"]) >= self.max_length
+                    r.setdefault("gen", []).append(int(token))
+                    done = len(r["gen"]) >= r["max_new"] or prompt_len + len(r["gen"]) >= self.max_length
                 if done:
-                    ex = out["exec_mask"][:, j]
-                    ex = ex[self.routed] if self.routed else np.ones(1, bool)
-                    r["realized"] = float(ex.mean())
+                    r["realized"] = io.realized_ratio(out[io.EXEC_MASK][:, j:j + 1], self.routed)
                     r.setdefault("gen", [])
                 else:
                     keep.append(j)
             if not keep:
                 return
-            sel = np.asarray(keep)
+            loop.keep(keep)
             active = [active[j] for j in keep]
-            total = T + len(group[active[0]]["gen"])  # rows still running have all made as many tokens
-            feeds = {f"past.{k}": out[f"present.{k}"][sel] for k in self.kv}
-            feeds.update({"input_ids": np.asarray([[group[b]["gen"][-1]] for b in active], np.int64),
-                          "attention_mask": np.ones((len(active), total), np.int64),
-                          "theta": thetas[active], "past_exec": out["exec_mask"][:, sel]})
-            out = self.call(exp["decode"], feeds)
+            out = loop.step([group[b]["gen"][-1] for b in active])
 
     def respond(self, rows):
         n = len(rows)

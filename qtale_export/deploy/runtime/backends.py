@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QtaleError
+from ...errors import QtaleError
 
 GRAPHS = ("prefill", "decode")
 BACKENDS = ("ort", "tensorrt")
@@ -33,7 +33,7 @@ class OrtBackend:
                  threads: int | None = None, exact: bool = False, spin: bool = True):
         import onnxruntime as ort
 
-        from ..export import ort_ops  # torch-free: onnx + onnxruntime(-extensions)
+        from ...export import ort_ops  # torch-free: onnx + onnxruntime(-extensions)
 
         if device not in ORT_DEVICES:
             raise QtaleError(f"unknown ONNX Runtime device '{device}' (choose from {', '.join(ORT_DEVICES)})")

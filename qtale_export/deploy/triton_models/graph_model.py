@@ -43,6 +43,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
+                # past_exec (graph_io.PAST_EXEC): an input of the decode graph only
                 graph = "decode" if pb_utils.get_input_tensor_by_name(request, "past_exec") is not None else "prefill"
                 feeds = {}
                 for name in self.inputs[graph]:

@@ -1,4 +1,4 @@
-"""qtale build (qtale_export/tensorrt.py) without TensorRT: planning, errors, dry run, manifest updates."""
+"""qtale build (qtale_export/deploy/tensorrt.py) without TensorRT: planning, errors, dry run, manifest updates."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qtale_export import cli, tensorrt as qtrt
+from qtale_export import cli
+from qtale_export.deploy import tensorrt as qtrt
 from qtale_export.cli import build as cli_build
 from qtale_export.errors import QtaleError
 from trt_fake_export import make_export

@@ -1,0 +1,28 @@
+"""`qtale pipeline`: run.sh's main job, a QTALE checkpoint through the deployment path (pipeline.py)."""
+from __future__ import annotations
+
+import argparse
+
+from .. import validate
+from ..validate import arg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from ..pipeline import PROMPT
+
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="QTALE checkpoint folder or embedded model name (default: the shipped smollm2-135m)")
+    parser.add_argument("--out", default="runs/deploy", help="where every stage's output goes (default %(default)s)")
+    parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6,
+                        help="execution ratio of the export (default %(default)s)")
+    parser.add_argument("--other-ratio", type=arg(validate.ratio, "--other-ratio"), default=0.8,
+                        help="a second ratio to generate at, on the same export (default %(default)s)")
+    parser.add_argument("--prompt", default=PROMPT)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import run as run_pipeline
+
+    run_pipeline(args.out, model=args.model, ratio=args.ratio, other_ratio=args.other_ratio, prompt=args.prompt)
+    return 0

@@ -1,1 +1,0 @@
-"""Templates copied into Triton model repositories by qtale_export.triton (not imported here)."""
