@@ -8,7 +8,7 @@ weights file they share (once); onnxruntime / tensorrt: `qtale_<precision>_{pref
 execution_ratio (+ optional precision) and input_ids / text in, generated tokens out; it turns
 each row's ratio into theta with the one policy (theta.py, copied next to it as
 theta_policy.py; `--ratio-mode`, default interpolate like `qtale run`) and runs the rows of a
-batch that share a prompt length together, one theta per sequence, through the graph contract's
+batch together (left-padded to the longest prompt), one theta per sequence, through the graph contract's
 loop (deploy/graph_io.py, copied next to it as graph_io.py).
 
 The graph models have max_batch_size 0 (explicit -1 dims): exec_mask [layers, batch, seq] and

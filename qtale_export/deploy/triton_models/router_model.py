@@ -10,8 +10,9 @@ theta comes from the export's theta table through theta_policy.py, a copy of qta
 (the rule `qtale run` uses, in the repository's ratio_mode); the graphs are fed through graph_io.py,
 a copy of qtale_export/deploy/graph_io.py (the loop `qtale run` uses). Every row of every request that
 dynamic batching hands to one execute() is generated together with the rows that share its
-precision and prompt length: one prefill and one decode call per step for the group, theta per
-sequence, finished rows dropped from the batch; greedy decoding, stop at eos or max_new_tokens.
+precision, whatever their ratio or prompt length (left padding, masked): one prefill and one decode
+call per step for the group, theta per sequence, finished rows dropped from the batch; greedy
+decoding, stop at eos or max_new_tokens.
 A bad row (ratio, prompt) fails its own request only. Parameters (config.pbtxt): exports (JSON
 {precision: {prefill, decode, theta_table}}), default_precision, ratio_mode, eos_ids,
 routed_layers, num_layers, max_length, default_max_new_tokens.
@@ -97,14 +98,21 @@ class TritonPythonModel:
             out.append({"ids": ids[b], "theta": theta, "max_new": max(int(max_new[b]), 1), "precision": precs[b]})
         return out
 
-    # ---- a group of rows with one precision and one prompt length --------------------------------
+    # ---- a group of rows with one precision --------------------------------------------------------
     def generate(self, group):
+        """Generate every row of `group` together: prompts left-padded to the longest (attention mask
+        0 on the padding, so each row computes what it would alone), one theta per row."""
         io = self.graph_io
         exp = self.exports[group[0]["precision"]]
-        prompt_len = len(group[0]["ids"])
+        width = max(len(r["ids"]) for r in group)
+        pads = [width - len(r["ids"]) for r in group]
+        ids = np.zeros((len(group), width), np.int64)
+        mask = np.zeros((len(group), width), np.int64)
+        for b, r in enumerate(group):
+            ids[b, pads[b]:], mask[b, pads[b]:] = r["ids"], 1
         loop = io.Loop(lambda graph, feeds: self.call(exp[graph], feeds), self.num_layers,
                        [r["theta"] for r in group])
-        out = loop.prefill([r["ids"] for r in group], np.ones((len(group), prompt_len), np.int64))
+        out = loop.prefill(ids, mask)
         active = list(range(len(group)))  # the rows of `group` still generating, in batch order
         while True:
             keep = []
@@ -113,9 +121,9 @@ class TritonPythonModel:
                 done = int(token) in self.eos
                 if not done:
                     r.setdefault("gen", []).append(int(token))
-                    done = len(r["gen"]) >= r["max_new"] or prompt_len + len(r["gen"]) >= self.max_length
-                if done:
-                    r["realized"] = io.realized_ratio(out[io.EXEC_MASK][:, j:j + 1], self.routed)
+                    done = len(r["gen"]) >= r["max_new"] or len(r["ids"]) + len(r["gen"]) >= self.max_length
+                if done:  # the padding's exec mask is all off: the ratio counts the row's own positions
+                    r["realized"] = io.realized_ratio(out[io.EXEC_MASK][:, j:j + 1, pads[b]:], self.routed)
                     r.setdefault("gen", [])
                 else:
                     keep.append(j)
@@ -152,7 +160,7 @@ class TritonPythonModel:
         for i, rows in enumerate(parsed):
             for r in rows:
                 r["request"] = i
-                groups.setdefault((r["precision"], len(r["ids"])), []).append(r)
+                groups.setdefault(r["precision"], []).append(r)
         for group in groups.values():
             try:
                 self.generate(group)

@@ -216,6 +216,26 @@ def test_one_model_serves_every_ratio_like_qtale_run(server, tiny_export_triton)
     want = rt.generate(PROMPT, ratio=0.6, max_new_tokens=8)
     res = _infer_router(client, text=PROMPT, ratio=0.6)
     assert _tokens(res) == want.token_ids and res.as_numpy("text")[0, 0].decode() == want.text
+    # one request, three rows of different prompt lengths and ratios: generated as one left-padded
+    # batch, each row as `qtale run` generates it alone
+    import tritonclient.grpc as grpcclient
+
+    rows = [rt.tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(r) for r in rows}) == 3
+    width = max(len(r) for r in rows)
+    ids_in = np.full((3, width), -1, np.int64)
+    for b, r in enumerate(rows):
+        ids_in[b, :len(r)] = r
+    inputs = [grpcclient.InferInput("execution_ratio", [3, 1], "FP32"), grpcclient.InferInput("input_ids", [3, width], "INT64"),
+              grpcclient.InferInput("max_new_tokens", [3, 1], "INT32")]
+    inputs[0].set_data_from_numpy(np.asarray([[r] for r in RATIOS], np.float32))
+    inputs[1].set_data_from_numpy(ids_in)
+    inputs[2].set_data_from_numpy(np.full((3, 1), 8, np.int32))
+    res = client.infer("qtale_router", inputs, client_timeout=60)
+    for b, (p, r) in enumerate(zip(PROMPTS, RATIOS)):
+        want = rt.generate(p, ratio=r, max_new_tokens=8)
+        assert [int(t) for t in res.as_numpy("output_ids")[b] if t >= 0] == want.token_ids, (p, r)
+        assert float(res.as_numpy("realized_ratio")[b, 0]) == pytest.approx(want.realized_ratio, abs=1e-6), (p, r)
 
 
 def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(server, tiny_export_triton):
