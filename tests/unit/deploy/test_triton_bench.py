@@ -51,8 +51,8 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
             assert sorted(p.name for p in ver.iterdir()) == sorted([f"{graph}.onnx", "weights.onnx.data"])
         else:  # both graphs and the weights they share, once
             assert cfg.backend == "python" and (ver / "model.py").is_file()
-            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "model.py", "prefill.onnx",
-                                                             "weights.onnx.data"]
+            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "graph_io.py", "model.py",
+                                                             "prefill.onnx", "weights.onnx.data"]
             assert inputs["past_exec"].optional and not inputs["input_ids"].optional
     sizes = {}
     for ratios in ("0.6", "0.5,0.6,0.7,0.8,1.0"):  # the repository does not grow with the ratios
