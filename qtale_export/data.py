@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import corpus
 from .errors import QtaleError
 
 PACKAGE_DATA = Path(__file__).parent / "data"
@@ -36,8 +37,6 @@ class Example:
 def read_source(path: str | Path) -> list[dict] | str:
     """Instruction records from a .json file (LLM-Adapters format), the text of any other file, or
     the text of a named offline corpus (`corpus:mmlu`, see corpus.py)."""
-    from . import corpus
-
     if corpus.is_corpus(path):
         return corpus.corpus_text(str(path))
     p = Path(path)

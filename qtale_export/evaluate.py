@@ -86,12 +86,12 @@ class ExportModel:
 
         return cls(Runtime.open(folder, **kwargs))  # QtaleError on a checksum mismatch
 
-    def theta_for(self, ratio=None, threshold=None) -> float:
-        """theta of a ratio calibrated in the manifest's theta table (1.0 = theta 0), or --threshold."""
+    def theta_for(self, ratio=None, theta=None) -> float:
+        """theta of a ratio calibrated in the manifest's theta table (1.0 = theta 0), or --theta."""
         from .deploy import theta as policy
 
-        if threshold is not None:
-            return policy.check_theta(threshold)
+        if theta is not None:
+            return policy.check_theta(theta)
         if ratio is None:
             return self.theta
         return policy.theta_for(self.manifest.get("theta_table"), ratio, "exact", " in the export's theta table")
@@ -368,7 +368,7 @@ class EvalConfig:
     """One evaluation (the defaults of `qtale eval`); theta wins over ratio when both are given."""
     tasks: str = ",".join(AVG7)  # comma-separated task names, or avg7
     ratio: float | None = None  # target execution ratio (its calibrated theta)
-    theta: float | None = None  # router threshold in [0, 1]
+    theta: float | None = None  # router theta in [0, 1]
     limit: int | None = None  # first N items of every task
     batch_size: int = 64
     batch_tokens: int = 4096
@@ -394,7 +394,7 @@ def check_config(source, config: EvalConfig) -> list[str]:
     if config.batch_tokens <= 0:
         raise QtaleError(f"--batch-tokens must be positive, got {config.batch_tokens}")
     if config.theta is not None and not 0.0 <= config.theta <= 1.0:
-        raise QtaleError(f"--threshold must be in [0, 1], got {config.theta}")
+        raise QtaleError(f"--theta must be in [0, 1], got {config.theta}")
     if config.ratio is not None and not 0.0 < config.ratio <= 1.0:
         raise QtaleError(f"--ratio must be in (0, 1], got {config.ratio}")
     if config.ppl_file and config.ppl_file != SCIQ and not Path(config.ppl_file).is_file():

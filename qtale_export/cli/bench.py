@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ONNX Runtime intra-op threads")
     parser.add_argument("--out", default=None, help="folder for bench.json and bench.png")
     parser.add_argument("--record", action="store_true",
-                        help="append the decode ms/token per ratio to each manifest's \"benchmarks\" (budgets)")
+                        help="append the decode ms/token per ratio to each manifest's \"benchmarks\"")
     parser.add_argument("--json", action="store_true")
     return parser
 

@@ -19,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=None,
                    help="target execution ratio (calibrated theta)")
-    g.add_argument("--theta", "--threshold", dest="threshold", type=arg(validate.theta, "--threshold"), default=None,
-                   help="router threshold theta in [0, 1]")
+    g.add_argument("--theta", type=arg(validate.theta, "--theta"), default=None,
+                   help="router theta in [0, 1]: a layer runs iff P(execute) >= theta")
+    g.add_argument("--threshold", dest="theta", type=arg(validate.theta, "--threshold"), default=None,
+                   help=argparse.SUPPRESS)  # the old name of --theta, still accepted
     parser.add_argument("--limit", type=arg(validate.positive_int, "--limit"), default=None,
                         help="first N items of every task")
     parser.add_argument("--batch-size", type=arg(validate.positive_int, "--batch-size"), default=64,
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_of(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(tasks=args.tasks, ratio=args.ratio, theta=args.threshold, limit=args.limit,
+    return EvalConfig(tasks=args.tasks, ratio=args.ratio, theta=args.theta, limit=args.limit,
                       batch_size=args.batch_size, batch_tokens=args.batch_tokens, style=args.style,
                       ppl=not args.no_ppl, ppl_file=args.ppl_file, ppl_tokens=args.ppl_tokens,
                       reference=args.reference, items=args.items, force=args.force, dtype=args.dtype,

@@ -68,84 +68,90 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
         raise QtaleError("--repeats and --decode-tokens must be >= 1")
     rss0 = _rss_mb()
     variants = []
-    for d in export_dirs:
-        rt = Runtime.open(d, threads=threads)
-        sels = {r: rt.select(ratio=r) for r in ratios}
+    for folder in export_dirs:
+        rt = Runtime.open(folder, threads=threads)
+        sels = {ratio: rt.select(ratio=ratio) for ratio in ratios}
         nocut, cut = _without_routers(rt.folder, rt.manifest["graphs"]["prefill"]["file"], threads)
-        files = {p.name: p.stat().st_size for p in sorted(Path(d).iterdir())
+        files = {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir())
                  if p.suffix in (".onnx", ".data", ".engine")}
-        variants.append({"dir": str(d), "rt": rt, "sels": sels, "nocut": nocut, "cut": cut, "files": files,
+        variants.append({"dir": str(folder), "rt": rt, "sels": sels, "nocut": nocut, "cut": cut, "files": files,
                          "rss_mb": _rss_mb()})
-    inputs = {s: None for s in seqs}
+    inputs = {seq: None for seq in seqs}
     prefill_t: dict = {}
     realized: dict = {}
     decode_t: dict = {}
     router_t: dict = {}
     for rep in range(repeats):
-        for vi, v in enumerate(variants):
-            rt = v["rt"]
-            for s in seqs:
-                if inputs[s] is None or inputs[s].shape[1] != s:
-                    inputs[s] = _prompt_ids(rt, s)
-                ids = inputs[s]
+        for vi, variant in enumerate(variants):
+            rt = variant["rt"]
+            for seq in seqs:
+                if inputs[seq] is None or inputs[seq].shape[1] != seq:
+                    inputs[seq] = _prompt_ids(rt, seq)
+                ids = inputs[seq]
                 mask = np.ones_like(ids)
-                for r in ratios:
-                    theta = np.full((1,), v["sels"][r]["theta"], np.float32)
+                for ratio in ratios:
+                    theta = np.full((1,), variant["sels"][ratio]["theta"], np.float32)
                     t0 = time.perf_counter()
-                    o = rt.backend.run("prefill", graph_io.prefill_feeds(ids, mask, theta))
-                    prefill_t.setdefault((vi, s, r), []).append(time.perf_counter() - t0)
-                    realized[(vi, s, r)] = graph_io.realized_ratio(o[graph_io.EXEC_MASK], rt.routed)
+                    outs = rt.backend.run("prefill", graph_io.prefill_feeds(ids, mask, theta))
+                    prefill_t.setdefault((vi, seq, ratio), []).append(time.perf_counter() - t0)
+                    realized[(vi, seq, ratio)] = graph_io.realized_ratio(outs[graph_io.EXEC_MASK], rt.routed)
                 # router overhead at this length: dense with routers vs routers cut out
                 dense = graph_io.prefill_feeds(ids, mask, np.zeros((1,), np.float32))
-                for kind, sess in (("with", None), ("without", v["nocut"])):
+                for kind, sess in (("with", None), ("without", variant["nocut"])):
                     t0 = time.perf_counter()
                     if sess is None:
                         rt.backend.run("prefill", dense)
                     else:
                         sess.run(None, dense)
-                    router_t.setdefault((vi, s, kind), []).append(time.perf_counter() - t0)
+                    router_t.setdefault((vi, seq, kind), []).append(time.perf_counter() - t0)
             prompt = _prompt_ids(rt, 32)
-            for r in ratios:
-                loop = graph_io.Loop(rt.backend.run, rt.num_layers, np.full((1,), v["sels"][r]["theta"], np.float32))
+            for ratio in ratios:
+                theta = np.full((1,), variant["sels"][ratio]["theta"], np.float32)
+                loop = graph_io.Loop(rt.backend.run, rt.num_layers, theta)
                 token = graph_io.greedy(loop.prefill(prompt, np.ones_like(prompt)))
                 t0 = time.perf_counter()
                 for _ in range(decode_tokens):
                     token = graph_io.greedy(loop.step(token))
-                decode_t.setdefault((vi, r), []).append((time.perf_counter() - t0) / decode_tokens)
+                decode_t.setdefault((vi, ratio), []).append((time.perf_counter() - t0) / decode_tokens)
     med = statistics.median
     report = {"method": "onnxruntime CPU, interleaved repeats, medians (docs/benchmarks.md)",
               "repeats": repeats, "decode_tokens": decode_tokens, "threads": threads,
               "onnxruntime": __import__("onnxruntime").__version__, "rss_start_mb": round(rss0, 1),
               "exports": []}
-    for vi, v in enumerate(variants):
-        m = v["rt"].manifest
-        e = {"dir": v["dir"], "precision": m.get("precision"), "ops": m.get("ops"),
-             "weights": m["model"].get("weights"), "files": v["files"],
-             "weight_bytes": sum(b for n, b in v["files"].items() if n.endswith((".onnx", ".data"))),
-             "peak_rss_mb_after_load": round(v["rss_mb"], 1), "prefill": [], "decode": [], "router_overhead": []}
-        for s in seqs:
-            dense = med(prefill_t[(vi, s, 1.0)])
-            for r in ratios:
-                t = med(prefill_t[(vi, s, r)])
-                e["prefill"].append({"seq": s, "ratio": r, "theta": v["sels"][r]["theta"],
-                                     "selection": v["sels"][r]["mode"], "ms": round(t * 1e3, 3),
-                                     "vs_dense": round(t / dense, 4), "realized_ratio": round(realized[(vi, s, r)], 4)})
-            w, wo = med(router_t[(vi, s, "with")]), med(router_t[(vi, s, "without")])
-            e["router_overhead"].append({"seq": s, "dense_ms": round(w * 1e3, 3), "no_router_ms": round(wo * 1e3, 3),
-                                         "overhead": round((w - wo) / wo, 4), "routers_cut": v["cut"]})
-        for r in ratios:
-            t = med(decode_t[(vi, r)])
-            e["decode"].append({"ratio": r, "ms_per_token": round(t * 1e3, 3), "tokens_per_s": round(1.0 / t, 2)})
-        report["exports"].append(e)
+    for vi, variant in enumerate(variants):
+        m = variant["rt"].manifest
+        entry = {"dir": variant["dir"], "precision": m.get("precision"), "ops": m.get("ops"),
+                 "weights": m["model"].get("weights"), "files": variant["files"],
+                 "weight_bytes": sum(size for name, size in variant["files"].items() if name.endswith((".onnx", ".data"))),
+                 "peak_rss_mb_after_load": round(variant["rss_mb"], 1), "prefill": [], "decode": [],
+                 "router_overhead": []}
+        for seq in seqs:
+            dense = med(prefill_t[(vi, seq, 1.0)])
+            for ratio in ratios:
+                seconds = med(prefill_t[(vi, seq, ratio)])
+                entry["prefill"].append({"seq": seq, "ratio": ratio, "theta": variant["sels"][ratio]["theta"],
+                                         "selection": variant["sels"][ratio]["mode"], "ms": round(seconds * 1e3, 3),
+                                         "vs_dense": round(seconds / dense, 4),
+                                         "realized_ratio": round(realized[(vi, seq, ratio)], 4)})
+            with_routers, without_routers = med(router_t[(vi, seq, "with")]), med(router_t[(vi, seq, "without")])
+            entry["router_overhead"].append({"seq": seq, "dense_ms": round(with_routers * 1e3, 3),
+                                             "no_router_ms": round(without_routers * 1e3, 3),
+                                             "overhead": round((with_routers - without_routers) / without_routers, 4),
+                                             "routers_cut": variant["cut"]})
+        for ratio in ratios:
+            seconds = med(decode_t[(vi, ratio)])
+            entry["decode"].append({"ratio": ratio, "ms_per_token": round(seconds * 1e3, 3),
+                                    "tokens_per_s": round(1.0 / seconds, 2)})
+        report["exports"].append(entry)
         if record:
             from ..export.manifest import read_manifest, write_manifest
 
-            data = read_manifest(v["dir"], verify=False)
+            data = read_manifest(variant["dir"], verify=False)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             data["benchmarks"] = [b for b in data.get("benchmarks") or [] if b.get("backend") != "ort-cpu"] + [
-                {"backend": "ort-cpu", "ratio": d["ratio"], "ms_per_token": d["ms_per_token"],
-                 "threads": threads, "date": stamp} for d in e["decode"]]
-            write_manifest(v["dir"], data)
+                {"backend": "ort-cpu", "ratio": point["ratio"], "ms_per_token": point["ms_per_token"],
+                 "threads": threads, "date": stamp} for point in entry["decode"]]
+            write_manifest(variant["dir"], data)
     report["peak_rss_mb"] = round(_rss_mb(), 1)
     if out is not None:
         out = Path(out)
@@ -165,10 +171,10 @@ def plot(report: dict, path: Path) -> str | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for e in report["exports"]:
-        for s in sorted({p["seq"] for p in e["prefill"]}):
-            pts = sorted((p["ratio"], p["vs_dense"]) for p in e["prefill"] if p["seq"] == s)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{e['precision']} seq {s}")
+    for entry in report["exports"]:
+        for seq in sorted({point["seq"] for point in entry["prefill"]}):
+            pts = sorted((point["ratio"], point["vs_dense"]) for point in entry["prefill"] if point["seq"] == seq)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{entry['precision']} seq {seq}")
     ax.plot([0.4, 1.0], [0.4, 1.0], "k:", lw=1, label="ideal (time = ratio)")
     ax.set_xlabel("execution ratio")
     ax.set_ylabel("prefill time / dense")
@@ -186,21 +192,21 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     con = Console()
-    for e in report["exports"]:
-        t = Table(title=f"{e['dir']} ({e['precision']}, {e['weight_bytes'] / 2**20:.1f} MiB weights)")
-        for c in ("seq", "ratio", "theta", "realized", "prefill ms", "vs dense"):
-            t.add_column(c)
-        for p in e["prefill"]:
-            t.add_row(str(p["seq"]), f"{p['ratio']:.2f}", f"{p['theta']:.4f}", f"{p['realized_ratio']:.3f}",
-                      f"{p['ms']:.2f}", f"{p['vs_dense']:.3f}")
-        con.print(t)
-        d = Table(title="decode")
-        for c in ("ratio", "ms/token", "tokens/s"):
-            d.add_column(c)
-        for p in e["decode"]:
-            d.add_row(f"{p['ratio']:.2f}", f"{p['ms_per_token']:.2f}", f"{p['tokens_per_s']:.1f}")
-        con.print(d)
-        for r in e["router_overhead"]:
-            con.print(f"router overhead at seq {r['seq']}: {100 * r['overhead']:+.1f}% "
-                      f"({r['dense_ms']:.2f} ms dense vs {r['no_router_ms']:.2f} ms without routers)")
+    for entry in report["exports"]:
+        table = Table(title=f"{entry['dir']} ({entry['precision']}, {entry['weight_bytes'] / 2**20:.1f} MiB weights)")
+        for column in ("seq", "ratio", "theta", "realized", "prefill ms", "vs dense"):
+            table.add_column(column)
+        for point in entry["prefill"]:
+            table.add_row(str(point["seq"]), f"{point['ratio']:.2f}", f"{point['theta']:.4f}",
+                          f"{point['realized_ratio']:.3f}", f"{point['ms']:.2f}", f"{point['vs_dense']:.3f}")
+        con.print(table)
+        decode = Table(title="decode")
+        for column in ("ratio", "ms/token", "tokens/s"):
+            decode.add_column(column)
+        for point in entry["decode"]:
+            decode.add_row(f"{point['ratio']:.2f}", f"{point['ms_per_token']:.2f}", f"{point['tokens_per_s']:.1f}")
+        con.print(decode)
+        for overhead in entry["router_overhead"]:
+            con.print(f"router overhead at seq {overhead['seq']}: {100 * overhead['overhead']:+.1f}% "
+                      f"({overhead['dense_ms']:.2f} ms dense vs {overhead['no_router_ms']:.2f} ms without routers)")
     con.print(f"peak RSS {report['peak_rss_mb']:.0f} MB" + (f"; plot {report['plot']}" if report.get("plot") else ""))

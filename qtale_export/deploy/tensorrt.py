@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtale_export.checkpoint import file_sha256
+from qtale_export.contract import file_sha256
 from qtale_export.errors import QtaleError
 from qtale_export.export.manifest import write_manifest
 from qtale_export.safe_write import write_bytes

@@ -207,6 +207,7 @@ def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None
                 for f in files:
                     _place(folder / f, ver / Path(f).name)
                 shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
+                shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the names model.py feeds
                 params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name
                                                           for g in ("prefill", "decode")}),
                           "threads": threads, "plugin_ops": "1" if m.get("ops") == "plugin" else "0"}

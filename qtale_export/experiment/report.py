@@ -177,24 +177,24 @@ def render_headline(res: dict) -> list[str]:
     """The headline section's bullet lines (results.md, the console report, the README block)."""
     h = res["headline"]
     lines = []
-    for k, v in h.items():
-        if isinstance(v, list):
-            for row in v:
-                s = (f"- QTALE+{k.split('_')[1]} at ratio {row['ratio']:g} (realized {_fmt(row['realized_ratio'], '.3f')}): "
+    for key, value in h.items():
+        if isinstance(value, list):
+            for row in value:
+                line = (f"- QTALE+{key.split('_')[1]} at ratio {row['ratio']:g} (realized {_fmt(row['realized_ratio'], '.3f')}): "
                      f"{_pct(row['avg'])} points; gap vs quant-only all-layers {_diff(row['gap_vs_quant_only'])}")
                 if "gap_vs_dllm" in row:
-                    s += f"; vs D-LLM at the same ratio {_diff(row['gap_vs_dllm'])}"
-                lines.append(s)
-        elif k.endswith("_gap_closes_at_ratio"):
-            m, f = k.split("_")[:2]
-            lines.append(f"- {m.upper() if m == 'qtale' else 'D-LLM'}+{f}: gap to quant-only all-layers within "
+                    line += f"; vs D-LLM at the same ratio {_diff(row['gap_vs_dllm'])}"
+                lines.append(line)
+        elif key.endswith("_gap_closes_at_ratio"):
+            method, fmt = key.split("_")[:2]
+            lines.append(f"- {method.upper() if method == 'qtale' else 'D-LLM'}+{fmt}: gap to quant-only all-layers within "
                          f"{h['close_threshold_points']} points from ratio "
-                         + (f"{v:g}" if v is not None else "— never (at the ratios evaluated)"))
+                         + (f"{value:g}" if value is not None else "— never (at the ratios evaluated)"))
     return lines
 
 
 def _sizes(res: dict) -> str:
-    return ", ".join(f"{t} {n}" for t, n in (res.get("validation_sizes") or {}).items())
+    return ", ".join(f"{task} {size}" for task, size in (res.get("validation_sizes") or {}).items())
 
 
 def render_markdown(res: dict) -> str:
@@ -212,7 +212,7 @@ def render_markdown(res: dict) -> str:
               f"Model `{res['recipe']['model']}`; methods {', '.join(res['recipe']['methods'])}; "
               f"ratios {', '.join(str(r) for r in res['recipe']['ratios'])}; formats "
               f"{', '.join(res['recipe']['quantization']['formats'])}; prompt style `{res['style']}`; "
-              f"tasks {', '.join(tasks)} (primary metric: " + ", ".join(f"{t} {PRIMARY[t]}" for t in tasks) + ").",
+              f"tasks {', '.join(tasks)} (primary metric: " + ", ".join(f"{task} {PRIMARY[task]}" for task in tasks) + ").",
               "", f"All-layers reference: {res['reference']}", "",
               "Accuracies in points (%). Δ = paired difference on the same items vs the all-layers model of the "
               "same format (quant-only; dense fp for fp rows), ± its standard error. theta re-calibrated after "
@@ -220,15 +220,15 @@ def render_markdown(res: dict) -> str:
               "| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
               + f" | {avg_name} | Δ vs all-layers | Δ vs D-LLM | ppl | KL |",
               "|" + "---|" * (len(tasks) + 9)]
-    for e in res["configs"]:
-        delta = e.get("vs_quant_only") or e.get("vs_dense")
-        cells = [e["id"] + (f" (= {e['same_as']})" if e.get("same_as") else ""),
-                 "—" if e["target_ratio"] is None else f"{e['target_ratio']:g}",
-                 _fmt(e.get("realized_ratio")), _fmt(e.get("flops_fraction"))]
-        cells += [_pct(e["tasks"][t][PRIMARY[t]], 1) for t in tasks]
-        cells += [_pct(e.get("avg7", e["avg"])), _diff(delta["avg"] if delta else None),
-                  _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None),
-                  _fmt(e.get("ppl"), ".3f"), _fmt(e.get("kl"), ".4f")]
+    for config in res["configs"]:
+        delta = config.get("vs_quant_only") or config.get("vs_dense")
+        cells = [config["id"] + (f" (= {config['same_as']})" if config.get("same_as") else ""),
+                 "—" if config["target_ratio"] is None else f"{config['target_ratio']:g}",
+                 _fmt(config.get("realized_ratio")), _fmt(config.get("flops_fraction"))]
+        cells += [_pct(config["tasks"][task][PRIMARY[task]], 1) for task in tasks]
+        cells += [_pct(config.get("avg7", config["avg"])), _diff(delta["avg"] if delta else None),
+                  _diff(config["vs_dllm"]["avg"] if config.get("vs_dllm") else None),
+                  _fmt(config.get("ppl"), ".3f"), _fmt(config.get("kl"), ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("pending"):
         lines += [f"**Not evaluated yet ({len(res['pending'])} configurations):** "
@@ -239,22 +239,22 @@ def render_markdown(res: dict) -> str:
     lines += ["", "## Calibration after quantization", "",
               "| method | format | ratio | theta (fp) | realized (fp) | realized on the quantized model at theta (fp) "
               "| theta (re-calibrated) | realized |", "|---|---|---|---|---|---|---|---|"]
-    for m, per in res["calibration"].items():
-        for fmt, c in per.items():
+    for method, per in res["calibration"].items():
+        for fmt, calib in per.items():
             if fmt == "fp":
                 continue
-            for k, v in sorted(c["table"].items(), key=lambda kv: float(kv[0])):
-                d = c.get("drift", {}).get(k, {})
-                lines.append(f"| {m} | {fmt} | {k} | {_fmt(d.get('theta_fp'))} | {_fmt(d.get('realized_fp'))} | "
-                             f"{_fmt(d.get('realized_at_theta_fp'))} | {v['theta']:.4f} | {v['realized']:.4f} |")
+            for ratio, entry in sorted(calib["table"].items(), key=lambda item: float(item[0])):
+                drift = calib.get("drift", {}).get(ratio, {})
+                lines.append(f"| {method} | {fmt} | {ratio} | {_fmt(drift.get('theta_fp'))} | {_fmt(drift.get('realized_fp'))} | "
+                             f"{_fmt(drift.get('realized_at_theta_fp'))} | {entry['theta']:.4f} | {entry['realized']:.4f} |")
     lines += ["", "## Training", "", "| run | steps | seconds | final losses |", "|---|---|---|---|"]
-    for m, t in res["training"].items():
-        lines.append(f"| {m} | {t.get('steps_done')} | {_fmt(t.get('seconds'), '.0f')} | "
-                     + ", ".join(f"{k} {v:.4g}" for k, v in (t.get("final_losses") or {}).items()) + " |")
+    for method, run in res["training"].items():
+        lines.append(f"| {method} | {run.get('steps_done')} | {_fmt(run.get('seconds'), '.0f')} | "
+                     + ", ".join(f"{name} {value:.4g}" for name, value in (run.get("final_losses") or {}).items()) + " |")
     lines += ["", "## Recipe", "", "```json", json.dumps(res["recipe"], indent=2), "```", "",
               "## Timings (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in res["timings"].items()]
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in res["machine"].items()]
+    lines += [f"| {key} | {value} |" for key, value in res["timings"].items()]
+    lines += ["", "## Machine", ""] + [f"- {key}: {value}" for key, value in res["machine"].items()]
     lines += ["", f"Created {res['created']}. Plot: `results.png`. Every number: `results.json`.", ""]
     return "\n".join(lines)
 
@@ -267,42 +267,42 @@ def render_plot(res: dict, path: Path) -> None:
 
     cfgs = res["configs"]
     fmts = res["recipe"]["quantization"]["formats"]
-    colors = {f: c for f, c in zip(["fp"] + fmts, ["black", "tab:blue", "tab:red", "tab:green", "tab:purple",
+    colors = {fmt: color for fmt, color in zip(["fp"] + fmts, ["black", "tab:blue", "tab:red", "tab:green", "tab:purple",
                                                    "tab:orange"])}
     n = len(res["tasks"])
     label = "avg7" if n == 7 else f"average of {n} tasks"
     # accuracy (left) and KL to the dense model (right): at a few hundred items per task accuracy
     # differences are noisy, KL on the same held-out tokens is the sensitive measure
     fig, (ax, kx) = plt.subplots(1, 2, figsize=(13, 5))
-    has_kl = any(e.get("kl") is not None for e in cfgs)
-    for e in cfgs:
-        if e["kind"] == "dense":
-            ax.axhline(100 * e["avg"], color="black", lw=1.2, label="dense all-layers (fp)")
-        elif e["kind"] == "quant-only":
-            c = colors.get(e["format"], "gray")
-            ax.axhline(100 * e["avg"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
-            ax.plot([e.get("realized_ratio") or 1.0], [100 * e["avg"]], marker="*", color=c, ms=10, ls="none")
-            if e.get("kl") is not None:
-                kx.axhline(e["kl"], color=c, lw=1, ls=":", label=f"{e['format']} all-layers (quant-only)")
-    def xpos(e):  # the compute the configuration spends, relative to the dense model
-        return e.get("flops_fraction") or e.get("realized_ratio") or e["target_ratio"] or 1.0
+    has_kl = any(config.get("kl") is not None for config in cfgs)
+    for config in cfgs:
+        if config["kind"] == "dense":
+            ax.axhline(100 * config["avg"], color="black", lw=1.2, label="dense all-layers (fp)")
+        elif config["kind"] == "quant-only":
+            color = colors.get(config["format"], "gray")
+            ax.axhline(100 * config["avg"], color=color, lw=1, ls=":", label=f"{config['format']} all-layers (quant-only)")
+            ax.plot([config.get("realized_ratio") or 1.0], [100 * config["avg"]], marker="*", color=color, ms=10, ls="none")
+            if config.get("kl") is not None:
+                kx.axhline(config["kl"], color=color, lw=1, ls=":", label=f"{config['format']} all-layers (quant-only)")
+    def xpos(config):  # the compute the configuration spends, relative to the dense model
+        return config.get("flops_fraction") or config.get("realized_ratio") or config["target_ratio"] or 1.0
 
-    series = [(f"{'QTALE' if m == 'qtale' else 'D-LLM'} + {{fmt}}", marker, ls,
-               lambda e, m=m: e["kind"] == "routed" and e["method"] == m)
-              for m, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--"))]
-    series += [("D-LLM + {fmt}, theta 0.5 (own operating point)", "D", "none", lambda e: e["kind"] == "routed-fixed"),
-               ("static layer drop + {fmt}", "x", ":", lambda e: e["kind"] == "layer-drop")]
+    series = [(f"{'QTALE' if method == 'qtale' else 'D-LLM'} + {{fmt}}", marker, ls,
+               lambda config, method=method: config["kind"] == "routed" and config["method"] == method)
+              for method, marker, ls in (("qtale", "o", "-"), ("dllm", "s", "--"))]
+    series += [("D-LLM + {fmt}, theta 0.5 (own operating point)", "D", "none", lambda config: config["kind"] == "routed-fixed"),
+               ("static layer drop + {fmt}", "x", ":", lambda config: config["kind"] == "layer-drop")]
     for name_t, marker, ls, pick in series:
         for fmt in ["fp"] + fmts:
-            rows = sorted(((xpos(e), e) for e in cfgs if pick(e) and e["format"] == fmt), key=lambda xe: xe[0])
+            rows = sorted(((xpos(config), config) for config in cfgs if pick(config) and config["format"] == fmt), key=lambda item: item[0])
             if not rows:
                 continue
             name = name_t.format(fmt=fmt)
             xs = [x for x, _ in rows]
-            ax.errorbar(xs, [100 * e["avg"] for _, e in rows], yerr=[100 * e.get("avg_stderr", 0.0) for _, e in rows],
+            ax.errorbar(xs, [100 * config["avg"] for _, config in rows], yerr=[100 * config.get("avg_stderr", 0.0) for _, config in rows],
                         marker=marker, ls=ls, color=colors.get(fmt, "gray"), capsize=2, lw=1.4, elinewidth=0.7,
                         label=name)
-            kl = [(x, e["kl"]) for x, e in rows if e.get("kl") is not None and e["kl"] > 0]
+            kl = [(x, config["kl"]) for x, config in rows if config.get("kl") is not None and config["kl"] > 0]
             if kl:
                 kx.plot([x for x, _ in kl], [k for _, k in kl], marker=marker, ls=ls, color=colors.get(fmt, "gray"),
                         lw=1.4, label=name)
@@ -347,14 +347,14 @@ def print_report(run: Run, res: dict) -> None:
     tasks = res["tasks"]
     table = Table(title=f"{res['recipe']['name']}: {'avg7' if len(tasks) == 7 else f'avg of {len(tasks)} tasks'}"
                   + (f" (first {res['limit']} items/task)" if res["subset"] else "") + ", points; per task: results.md")
-    for c in ["configuration", "ratio", "realized", "FLOPs", "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
-        table.add_column(c, no_wrap=c == "configuration")
-    for e in res["configs"]:
-        delta = e.get("vs_quant_only") or e.get("vs_dense")
-        table.add_row(e["id"], "—" if e["target_ratio"] is None else f"{e['target_ratio']:g}", _fmt(e.get("realized_ratio"), ".3f"),
-                      _fmt(e.get("flops_fraction"), ".3f"), _pct(e["avg"]), _diff(delta["avg"] if delta else None),
-                      _diff(e["vs_dllm"]["avg"] if e.get("vs_dllm") else None), _fmt(e.get("ppl"), ".2f"),
-                      _fmt(e.get("kl"), ".4f"))
+    for column in ["configuration", "ratio", "realized", "FLOPs", "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
+        table.add_column(column, no_wrap=column == "configuration")
+    for config in res["configs"]:
+        delta = config.get("vs_quant_only") or config.get("vs_dense")
+        table.add_row(config["id"], "—" if config["target_ratio"] is None else f"{config['target_ratio']:g}", _fmt(config.get("realized_ratio"), ".3f"),
+                      _fmt(config.get("flops_fraction"), ".3f"), _pct(config["avg"]), _diff(delta["avg"] if delta else None),
+                      _diff(config["vs_dllm"]["avg"] if config.get("vs_dllm") else None), _fmt(config.get("ppl"), ".2f"),
+                      _fmt(config.get("kl"), ".4f"))
     run.console.print(table)
     for line in res.get("training_ratio_failures") or []:
         run.console.print(f"[bold red]{line}[/]")
@@ -379,13 +379,13 @@ def render_readme_block(res: dict, results_sha256: str) -> str:
              "paired difference on the same items ± its standard error.", "",
              f"| configuration | realized ratio | FLOPs frac. | {avg_name} | Δ vs all-layers (same format) "
              "| Δ vs D-LLM | KL to dense |", "|---|---|---|---|---|---|---|"]
-    for e in res["configs"]:
-        if e.get("same_as"):
+    for config in res["configs"]:
+        if config.get("same_as"):
             continue
-        delta = e.get("vs_quant_only") or e.get("vs_dense")
-        lines.append(f"| {e['id']} | {_fmt(e.get('realized_ratio'), '.3f')} | {_fmt(e.get('flops_fraction'), '.3f')} "
-                     f"| {_pct(e.get('avg7', e['avg']))} | {_diff(delta['avg'] if delta else None)} "
-                     f"| {_diff(e['vs_dllm']['avg'] if e.get('vs_dllm') else None)} | {_fmt(e.get('kl'), '.4f')} |")
+        delta = config.get("vs_quant_only") or config.get("vs_dense")
+        lines.append(f"| {config['id']} | {_fmt(config.get('realized_ratio'), '.3f')} | {_fmt(config.get('flops_fraction'), '.3f')} "
+                     f"| {_pct(config.get('avg7', config['avg']))} | {_diff(delta['avg'] if delta else None)} "
+                     f"| {_diff(config['vs_dllm']['avg'] if config.get('vs_dllm') else None)} | {_fmt(config.get('kl'), '.4f')} |")
     lines += [""] + [f"- **{x}**" for x in res.get("training_ratio_failures") or []] + render_headline(res)
     if res.get("pending"):
         lines += [f"- Not evaluated yet ({len(res['pending'])} configurations): "

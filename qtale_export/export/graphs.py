@@ -12,6 +12,7 @@ K/V rows with exec=false where the gate is off. At batch 1 a skipped token skips
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -722,18 +723,21 @@ def cut_routers(m: onnx.ModelProto) -> int:
 PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 FUSED = {part: fused for fused, parts in PARTS.items() for part in parts}
 NEG = float(np.finfo(np.float32).min)  # attention bias of a hidden key (finite: no NaN rows)
+# W [V, K] fp32 -> (packed uint8 [V, K/2], scales [V, K/block], block): precision.int4_table
+TableFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, int]]
 
 
 class OrtLowering(Lowering):
     """Lowering for ONNX Runtime on CPU.
 
     fuse: q/k/v and gate/up as one projection each (float checkpoints; a quantized checkpoint keeps
-    its per-projection grids). table_bits: 4 stores the embedding (GatherBlockQuantized) and the
-    LM head (MatMulNBits) as one block-quantized table; tied weights share its bytes on disk."""
+    its per-projection grids). table_fn (precision.int4_table, passed in as weight_fn is): stores the
+    embedding (GatherBlockQuantized) and the LM head (MatMulNBits) as one int4 block-quantized table;
+    tied weights share its bytes on disk."""
 
-    def __init__(self, b: Builder, w: Weights, ops: str, fuse: bool = True, table_bits: int | None = None):
+    def __init__(self, b: Builder, w: Weights, ops: str, fuse: bool = True, table_fn: TableFn | None = None):
         super().__init__(b, w, ops)
-        self.fuse, self.table_bits = fuse, table_bits
+        self.fuse, self.table_fn = fuse, table_fn
         self._fused: dict = {}
         self._split: dict = {}
         self._tables: dict = {}
@@ -784,13 +788,11 @@ class OrtLowering(Lowering):
     def table(self, name: str):
         """(packed uint8 [V, K/2], scales [V, K/block], block) of an int4 table, made once."""
         if name not in self._tables:
-            from .precision import int4_table
-
-            self._tables[name] = int4_table(self.w.tensors[name])
+            self._tables[name] = self.table_fn(self.w.tensors[name])
         return self._tables[name]
 
     def embed(self, ids):
-        if not self.table_bits:
+        if self.table_fn is None:
             return super().embed(ids)
         data, scales, bs = self.table("embed")
         b = self.b
@@ -799,7 +801,7 @@ class OrtLowering(Lowering):
                     bits=4, block_size=bs)
 
     def head(self, x):
-        if not self.table_bits:
+        if self.table_fn is None:
             return super().head(x)
         b, s = self.b, self.s
         h = self.rmsnorm(x, "norm.weight", s.eps)
@@ -879,13 +881,15 @@ class OrtLowering(Lowering):
         return b.op("Add", [x, self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")])
 
 
-def build_prefill_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bits=None) -> onnx.ModelProto:
+def build_prefill_ort(w: Weights, ops: str, opset: int, act, weight_fn,
+                      table_fn: TableFn | None = None) -> onnx.ModelProto:
     fuse = bool(getattr(weight_fn, "fusable", True))
     return build_prefill(w, ops, opset, act, weight_fn,
-                         lowering=lambda b, w_, o: OrtLowering(b, w_, o, fuse=fuse, table_bits=table_bits))
+                         lowering=lambda b, w_, o: OrtLowering(b, w_, o, fuse=fuse, table_fn=table_fn))
 
 
-def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bits=None) -> onnx.ModelProto:
+def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
+                     table_fn: TableFn | None = None) -> onnx.ModelProto:
     """Decode for ONNX Runtime on CPU: the inputs and outputs of `build_decode`, and past.{i}.* may
     also be a preallocated buffer of any length >= total that is bound as present.{i}.* too (the
     runtime's IO binding): GroupQueryAttention then writes the new K/V in place and nothing is copied.
@@ -897,7 +901,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn, table_bit
     if act != np.float32:
         raise QtaleError("the ort-cpu decode graph takes fp32 activations")
     b = Builder(opset, act, weight_fn)
-    L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_bits=table_bits)
+    L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_fn=table_fn)
     elem = NP2ONNX[b.act]
     _declare_inputs(b, s, "decode")
     full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)

@@ -4,7 +4,7 @@
 "target", "opset", "ratio", "theta", "theta_table", "theta_calibration" (what the table was
 calibrated on, theta.py), "router", "graphs", "model", "files", "engines",
 "tools", "verification", "files_sha256"}; "files" maps every other file's relative path to its
-sha256 and "files_sha256" covers that listing (checkpoint.check_listing: an unlisted file or a
+sha256 and "files_sha256" covers that listing (contract.check_listing: an unlisted file or a
 missing listing is an error).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .. import safe_write
-from ..checkpoint import check_listing, file_sha256, read_contract, seal, write_json_atomic
+from ..contract import check_listing, file_sha256, read_contract, seal
 
 FORMAT = "qtale-export"
 FORMAT_VERSION = 1
@@ -33,7 +33,7 @@ def checksums(folder: str | os.PathLike) -> dict[str, str]:
 def write_manifest(folder: str | os.PathLike, data: dict) -> Path:
     """Write manifest.json atomically (temporary file + rename), with the checksum of its listing."""
     path = Path(folder) / MANIFEST
-    write_json_atomic(path, seal(data))
+    safe_write.write_json(path, seal(data))
     return path
 
 

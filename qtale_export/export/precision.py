@@ -144,13 +144,6 @@ def checkpoint_grid(w: np.ndarray, entry: dict) -> dict:
             "block": k // nb, "bits": bits, "fp8": False}
 
 
-def grid_dequant(grid: dict) -> np.ndarray:
-    """codes * scale [N, K] fp32 (what the exported graphs compute)."""
-    c = grid["codes"].astype(np.float32)
-    n, k = c.shape
-    return (c.reshape(n, -1, grid["block"]) * grid["scale"][..., None]).reshape(n, k)
-
-
 def pack_matmul_nbits(codes: np.ndarray, block: int) -> np.ndarray:
     """Signed 4-bit codes [N, K] (-8..7) -> MatMulNBits B uint8 [N, K/block, block/2]: unsigned
     code + 8 (the default zero point of a symmetric 4-bit MatMulNBits), element 2j in the low and

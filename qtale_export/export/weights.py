@@ -79,13 +79,3 @@ class SharedWeights:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def external_files(model_path: str | Path) -> list[str]:
-    """The external data files an ONNX file refers to (names relative to its folder)."""
-    m = onnx.load(str(model_path), load_external_data=False)
-    names = set()
-    for t in graph_tensors(m.graph):
-        if t.data_location == TensorProto.EXTERNAL:
-            names.update(e.value for e in t.external_data if e.key == "location")
-    return sorted(names)

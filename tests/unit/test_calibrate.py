@@ -36,7 +36,7 @@ def test_calibration_generalizes_to_heldout_text(model, tmp_path):
         assert abs(realized_ratio(model, heldout, entry["theta"]) - target) <= 0.02
     assert table["1.0"] == {"theta": 0.0, "realized": 1.0}
     model.set_ratio(0.5)
-    assert model.threshold == table["0.5"]["theta"]
+    assert model.theta == table["0.5"]["theta"]
 
 
 def test_builtin_calibration_text_is_usable(model):

@@ -6,9 +6,9 @@ for a requested execution ratio (`select.py`) and runs prefill + decode with a K
 """
 from ...errors import QtaleError
 from .generate import GenerationResult, Runtime, Sampler
-from .select import select_budget, select_theta
+from .select import select_theta
 
-__all__ = ["Runtime", "GenerationResult", "Sampler", "select_theta", "select_budget", "QtaleError", "open"]
+__all__ = ["Runtime", "GenerationResult", "Sampler", "select_theta", "QtaleError", "open"]
 
 
 def open(export_dir, **kwargs) -> Runtime:  # noqa: A001 - mirrors Runtime.open

@@ -313,35 +313,35 @@ class Runtime:
             raise QtaleError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         theta_value = float(self.select(ratio, theta)["theta"])
         items = []
-        for c, x in zip(contexts, continuations):
-            if not c:
+        for context, continuation in zip(contexts, continuations):
+            if not context:
                 raise QtaleError("empty context")
-            if not x:
+            if not continuation:
                 raise QtaleError("empty continuation")
-            ctx = self.tokenizer.encode(c)
-            whole = self.tokenizer.encode(c + x)
+            ctx = self.tokenizer.encode(context)
+            whole = self.tokenizer.encode(context + continuation)
             n_ctx = len(ctx)
             if whole[:n_ctx] != ctx:  # a merge across the boundary: encode the parts separately
-                whole = ctx + self.tokenizer.encode(x, special=False)
+                whole = ctx + self.tokenizer.encode(continuation, special=False)
             if len(whole) <= n_ctx:
-                raise QtaleError(f"continuation {x!r} adds no tokens")
+                raise QtaleError(f"continuation {continuation!r} adds no tokens")
             if len(whole) > self.max_length:
                 raise QtaleError(f"context + continuation is {len(whole)} tokens; the maximum is {self.max_length}")
             items.append((whole, n_ctx))
         results = []
-        for s in range(0, len(items), max(int(batch_size), 1)):
-            chunk = items[s:s + batch_size]
-            T = max(len(w) for w, _ in chunk)
-            ids = np.full((len(chunk), T), self.tokenizer.pad_id, np.int64)
-            mask = np.zeros((len(chunk), T), np.int64)
-            for b, (w, _) in enumerate(chunk):  # left padding
-                ids[b, T - len(w):] = w
-                mask[b, T - len(w):] = 1
+        for start in range(0, len(items), max(int(batch_size), 1)):
+            chunk = items[start:start + batch_size]
+            longest = max(len(tokens) for tokens, _ in chunk)
+            ids = np.full((len(chunk), longest), self.tokenizer.pad_id, np.int64)
+            mask = np.zeros((len(chunk), longest), np.int64)
+            for row, (tokens, _) in enumerate(chunk):  # left padding
+                ids[row, longest - len(tokens):] = tokens
+                mask[row, longest - len(tokens):] = 1
             logits = self.loop(theta_value, len(chunk)).prefill(ids, mask)[graph_io.LOGITS]
-            for b, (w, n_ctx) in enumerate(chunk):
-                off = T - len(w)
-                lp = _log_softmax(logits[b, off + n_ctx - 1: off + len(w) - 1])
-                tgt = np.asarray(w[n_ctx:])
+            for row, (tokens, n_ctx) in enumerate(chunk):
+                off = longest - len(tokens)
+                lp = _log_softmax(logits[row, off + n_ctx - 1: off + len(tokens) - 1])
+                tgt = np.asarray(tokens[n_ctx:])
                 ll = float(lp[np.arange(len(tgt)), tgt].sum())
                 greedy = bool((lp.argmax(-1) == tgt).all())
                 results.append((ll, greedy) if return_greedy else ll)

@@ -4,11 +4,13 @@ ONNX Runtime (CPU), with the weights file they share held once.
 Written by `qtale triton-repo --backend python`. Parameters in config.pbtxt: graphs (JSON
 {"prefill": file, "decode": file} in this version folder), threads, plugin_ops. A request that
 carries past_exec runs the decode graph, any other the prefill graph; theta is an input, one per
-sequence, so this one model serves every ratio. Needs numpy and onnxruntime in the server's
-Python; plugin-op graphs also need qtale_export.
+sequence, so this one model serves every ratio. The graph contract's names come from graph_io.py,
+a copy of qtale_export/deploy/graph_io.py in this version folder. Needs numpy and onnxruntime in the
+server's Python; plugin-op graphs also need qtale_export.
 """
 import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -33,6 +35,10 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (cfg.get("parameters") or {}).items()}
         folder = os.path.join(args["model_repository"], args["model_version"])
+        sys.path.insert(0, folder)
+        import graph_io
+
+        self.graph_io = graph_io
         threads = int(params.get("threads") or 0)
         self.sessions = {g: _session(os.path.join(folder, f), threads, params.get("plugin_ops") == "1")
                          for g, f in json.loads(params["graphs"]).items()}
@@ -43,8 +49,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                # past_exec (graph_io.PAST_EXEC): an input of the decode graph only
-                graph = "decode" if pb_utils.get_input_tensor_by_name(request, "past_exec") is not None else "prefill"
+                past_exec = pb_utils.get_input_tensor_by_name(request, self.graph_io.PAST_EXEC)
+                graph = "prefill" if past_exec is None else "decode"  # past_exec: a decode-only input
                 feeds = {}
                 for name in self.inputs[graph]:
                     t = pb_utils.get_input_tensor_by_name(request, name)

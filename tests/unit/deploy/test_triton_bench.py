@@ -51,8 +51,8 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
             assert sorted(p.name for p in ver.iterdir()) == sorted([f"{graph}.onnx", "weights.onnx.data"])
         else:  # both graphs and the weights they share, once
             assert cfg.backend == "python" and (ver / "model.py").is_file()
-            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "model.py", "prefill.onnx",
-                                                             "weights.onnx.data"]
+            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "graph_io.py", "model.py",
+                                                             "prefill.onnx", "weights.onnx.data"]
             assert inputs["past_exec"].optional and not inputs["input_ids"].optional
     sizes = {}
     for ratios in ("0.6", "0.5,0.6,0.7,0.8,1.0"):  # the repository does not grow with the ratios
@@ -99,10 +99,9 @@ def test_bench_schema(tiny_export, tmp_path, capsys):
         assert [d["ratio"] for d in e["decode"]] == [1.0, 0.6, 0.5]
         assert all(d["tokens_per_s"] > 0 for d in e["decode"])
         assert [o["seq"] for o in e["router_overhead"]] == [16, 32] and e["router_overhead"][0]["routers_cut"] == 4
-    # --record wrote the decode latencies for budgets, and the checksums still hold
+    # --record wrote the decode latencies (one per ratio), and the checksums still hold
     from qtale_export.export.manifest import read_manifest
-    from qtale_export.deploy.runtime.select import budget_points
 
     m = read_manifest(tiny_export, verify=True)
     assert len([b for b in m["benchmarks"] if b["backend"] == "ort-cpu"]) == 3
-    assert len(budget_points([("tiny", m)])) == 3
+    assert len({b["ratio"] for b in m["benchmarks"] if b.get("ms_per_token") is not None}) == 3

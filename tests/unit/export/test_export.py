@@ -257,7 +257,13 @@ def test_manifest_and_files(exported, spread_ckpt):
 def test_graphs_share_one_weights_file(exported, precision, target):
     import onnx
 
-    from qtale_export.export.weights import external_files, graph_tensors
+    from qtale_export.export.weights import graph_tensors
+
+    def external_files(model_path) -> list[str]:
+        """The external data files an ONNX file refers to (names relative to its folder)."""
+        m = onnx.load(str(model_path), load_external_data=False)
+        return sorted({e.value for t in graph_tensors(m.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"})
 
     out = exported(precision, "standard", target)
     data = read_manifest(out)

@@ -13,11 +13,19 @@ from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
 from qtale_export.export.graphs import extract
-from qtale_export.export.precision import checkpoint_grid, grid_dequant
+from qtale_export.export.precision import checkpoint_grid
 from qtale_export.export.verify import reference_model, verify_export
 from qtale_export.quantize import quantize, quantizer_tensors
 
 from qtale_testing import TEXT, random_batch, spread_routers
+
+
+def grid_dequant(grid: dict) -> np.ndarray:
+    """codes * scale [N, K] fp32 (what the exported graphs compute)."""
+    c = grid["codes"].astype(np.float32)
+    n, k = c.shape
+    return (c.reshape(n, -1, grid["block"]) * grid["scale"][..., None]).reshape(n, k)
+
 
 ATOL = 1e-3
 

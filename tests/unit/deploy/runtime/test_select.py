@@ -1,10 +1,10 @@
-"""Theta selection for a ratio (exact / interpolated / nearest) and for budgets."""
+"""Theta selection for a ratio (exact / interpolated / nearest)."""
 from __future__ import annotations
 
 import pytest
 
 from qtale_export.errors import QtaleError
-from qtale_export.deploy.runtime.select import budget_points, select_budget, select_theta
+from qtale_export.deploy.runtime.select import select_theta
 
 TABLE = {"0.5": {"theta": 0.6, "realized": 0.5}, "0.6": {"theta": 0.4, "realized": 0.6},
          "0.8": {"theta": 0.1, "realized": 0.8}}
@@ -36,37 +36,3 @@ def test_bad_ratios(ratio, msg):
     with pytest.raises(QtaleError, match="unknown"):
         select_theta(TABLE, 0.6, mode="cubic")
 
-
-MANIFESTS = [
-    ("fp32", {"precision": "fp32",
-              "benchmarks": [{"ratio": 1.0, "ms_per_token": 20.0}, {"ratio": 0.6, "ms_per_token": 14.0},
-                             {"ratio": 0.5, "ms_per_token": 12.0}],
-              "eval": [{"ratio": 1.0, "accuracy": 0.60}, {"ratio": 0.6, "accuracy": 0.58},
-                       {"ratio": 0.5, "accuracy": 0.50}, {"ratio": 0.5, "accuracy": 0.54, "task": "b"}]}),
-    ("int4", {"precision": "int4", "benchmarks": [{"ratio": 0.6, "ms_per_token": 8.0}],
-              "eval": [{"ratio": 0.6, "accuracy": 0.56}]}),
-]
-
-
-def test_budget_latency_and_accuracy():
-    pts = budget_points(MANIFESTS)
-    assert len(pts) == 4
-    assert next(p for p in pts if p["export"] == "fp32" and p["ratio"] == 0.5)["accuracy"] == pytest.approx(0.52)
-    best = select_budget(pts, max_ms_per_token=15)
-    assert (best["export"], best["ratio"]) == ("fp32", 0.6)  # highest ratio within the latency
-    best = select_budget(pts, min_accuracy=0.55)
-    assert (best["export"], best["ratio"]) == ("int4", 0.6)  # fastest that is accurate enough
-    best = select_budget(pts, max_ms_per_token=13, min_accuracy=0.5)
-    assert (best["export"], best["ratio"]) == ("int4", 0.6)
-
-
-def test_budget_errors():
-    pts = budget_points(MANIFESTS)
-    with pytest.raises(QtaleError, match="closest: int4 ratio 0.6"):
-        select_budget(pts, max_ms_per_token=5)
-    with pytest.raises(QtaleError, match="closest: fp32 ratio 1.0"):
-        select_budget(pts, min_accuracy=0.9)
-    with pytest.raises(QtaleError, match="no benchmark"):
-        select_budget(budget_points([("x", {"eval": [{"ratio": 1.0, "accuracy": 0.5}]})]), max_ms_per_token=5)
-    with pytest.raises(QtaleError, match="needs"):
-        select_budget(pts)
