@@ -134,10 +134,6 @@ def _graph_files(folder: Path, manifest: dict, graph: str) -> list[str]:
     return [main] + sorted(f for f in manifest["files"] if f.startswith(main + ".") and f != main)
 
 
-def _variant_name(precision: str, ratio_key: str) -> str:
-    return f"qtale_{precision}_r{ratio_key.replace('.', '_')}"
-
-
 def _io_union(prefill: dict, decode: dict) -> dict:
     """One model serving both graphs: decode-only inputs are optional (their presence picks decode)."""
     ins = {n: dict(v) for n, v in prefill["inputs"].items()}

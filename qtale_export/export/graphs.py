@@ -439,6 +439,18 @@ class Lowering:
             self._w_inits[key] = self.b.init(name + ".T", np.ascontiguousarray(self.w.tensors[name].T.astype(np.float32)))
         return self._w_inits[key]
 
+    def decode_positions(self, past_positions: bool = False):
+        """A decode graph's masks from its attention mask: (valid, position) of every key [B, total],
+        of the new token [B, 1], the past keys' valid [B, total - 1] and, when asked, their
+        positions (else None: no node nobody reads)."""
+        b = self.b
+        full_valid, full_pos = self.positions(graph_io.ATTENTION_MASK)
+        last, end, step = b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])
+        valid, pos = (b.op("Slice", [t, last, end, step]) for t in (full_valid, full_pos))
+        past_valid = b.op("Slice", [full_valid, b.const([0]), last, step])
+        past_pos = b.op("Slice", [full_pos, b.const([0]), last, step]) if past_positions else None
+        return full_valid, full_pos, valid, pos, past_valid, past_pos
+
     def keep_mask(self, valid, pos):
         b = self.b
         return b.op("And", [valid, b.op("Less", [pos, b.const(self.s.keep_initial)])])
@@ -586,10 +598,7 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
     L = Lowering(b, w, ops)
     elem = NP2ONNX[b.act]
     _declare_inputs(b, s, "decode")
-    full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)
-    valid = b.op("Slice", [full_valid, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
-    pos = b.op("Slice", [full_pos, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
-    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
+    full_valid, full_pos, valid, pos, past_valid, _ = L.decode_positions()
     keep = L.keep_mask(valid, pos)
     x = L.embed(graph_io.INPUT_IDS)
     zkv = None
@@ -641,12 +650,7 @@ def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> 
     b = Builder(opset, act, weight_fn)
     L = Lowering(b, w, ops, "tensorrt")
     _declare_inputs(b, s, "decode")
-    full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)
-    end = b.const([np.iinfo(np.int64).max])
-    valid = b.op("Slice", [full_valid, b.const([-1]), end, b.const([1])])
-    pos = b.op("Slice", [full_pos, b.const([-1]), end, b.const([1])])
-    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
-    past_pos = b.op("Slice", [full_pos, b.const([0]), b.const([-1]), b.const([1])])
+    full_valid, full_pos, valid, pos, past_valid, past_pos = L.decode_positions(past_positions=True)
     keep = L.keep_mask(valid, pos)
     x = L.embed(graph_io.INPUT_IDS)
     zeros = None
@@ -904,11 +908,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_fn=table_fn)
     elem = NP2ONNX[b.act]
     _declare_inputs(b, s, "decode")
-    full_valid, full_pos = L.positions(graph_io.ATTENTION_MASK)
-    end = np.iinfo(np.int64).max
-    valid = b.op("Slice", [full_valid, b.const([-1]), b.const([end]), b.const([1])])
-    pos = b.op("Slice", [full_pos, b.const([-1]), b.const([end]), b.const([1])])
-    past_valid = b.op("Slice", [full_valid, b.const([0]), b.const([-1]), b.const([1])])
+    full_valid, full_pos, valid, pos, past_valid, _ = L.decode_positions()
     keep = L.keep_mask(valid, pos)
     # GroupQueryAttention's lengths: every row holds `total` slots (left padding is masked by the bias)
     total = b.op("Shape", [graph_io.ATTENTION_MASK], start=1, end=2)
