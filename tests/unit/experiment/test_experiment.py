@@ -444,5 +444,8 @@ def test_recommended_ratio_is_the_lowest_within_half_a_point():
     res = {"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.5, -0.02), row(0.6, -0.004), row(0.7, 0.003)]},
            "subset": True, "limit": 100}
     rec = X.recommended_ratio(res)
-    assert rec["ratio"] == 0.6 and rec["subset"] is True and "0.5 points" in rec["rule"]
-    assert X.recommended_ratio({"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.6, -0.02)]}}) is None
+    assert rec["ratio"] == 0.6 and rec["within"] and rec["subset"] is True and "0.5 points" in rec["rule"]
+    # none within half a point: the smallest gap, and it says so
+    rec = X.recommended_ratio({"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.6, -0.013), row(0.7, -0.012)]}})
+    assert rec["ratio"] == 0.7 and rec["within"] is False
+    assert X.recommended_ratio({"headline": {}}) is None
