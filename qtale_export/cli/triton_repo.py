@@ -13,9 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("export_dirs", nargs="+", metavar="EXPORT_DIR",
                         help="export folder(s); one per precision")
     parser.add_argument("--out", required=True, help="model repository folder to create")
-    parser.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                        help="graph models: onnxruntime_onnx, tensorrt_plan (engines from `qtale build`) "
-                             "or the Python backend running ONNX Runtime")
+    parser.add_argument("--backend", choices=BACKENDS, default="python",
+                        help="graph models: the Python backend running ONNX Runtime (default: one model per "
+                             "precision holding both graphs and their weights once), or onnxruntime_onnx / "
+                             "tensorrt_plan (engines from `qtale build`), one model per graph")
     parser.add_argument("--ratios", type=arg(validate.ratios, "--ratios"), default=None,
                         help="comma-separated execution ratios to check and list (every ratio the theta "
                              "policy accepts is served by the same models)")

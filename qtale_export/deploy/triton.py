@@ -143,7 +143,7 @@ def _io_union(prefill: dict, decode: dict) -> dict:
     return {"inputs": ins, "outputs": dict(prefill["outputs"])}
 
 
-def build_repository(export_dirs, out, backend: str = "onnxruntime", ratios=None, max_batch: int = 8,
+def build_repository(export_dirs, out, backend: str = "python", ratios=None, max_batch: int = 8,
                      instances: int = 1, kind: str | None = None, threads: int = 0, force: bool = False,
                      max_new_tokens: int = 32, ratio_mode: str = "interpolate") -> dict:
     """Write the repository: per export (precision) its graphs and weights once, plus the router,
