@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qtale_export.deploy.kernels import load_kernels  # noqa: E402
 DTYPES = {"fp32": (0, 4), "fp16": (1, 2), "bf16": (2, 2)}  # qtale_dtype, bytes
 D2D, H2D = 3, 1  # cudaMemcpyKind
 
@@ -114,16 +117,6 @@ class Cuda:
         ms = ctypes.c_float()
         self.check(self.rt.cudaEventElapsedTime(ctypes.byref(ms), start, stop), "cudaEventElapsedTime")
         return ms.value / iters
-
-
-def load_kernels(build_dir: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_dir / "libqtale_kernels.so"))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qtale_token_compact.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.qtale_token_scatter.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr]
-    lib.qtale_token_compact_workspace_size.argtypes = [i64, i64]
-    lib.qtale_token_compact_workspace_size.restype = ctypes.c_size_t
-    return lib
 
 
 def bench(lib, cuda: Cuda, batch: int, tokens: int, hidden: int, dtype: str, ratio: float, iters: int) -> dict:

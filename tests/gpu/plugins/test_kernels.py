@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qtale_export.deploy.kernels import load_kernels
 from qtale_testing import REPO
 
 ROOT = REPO
@@ -81,16 +82,6 @@ class Cuda:
         for ptr in self.ptrs:
             self.rt.cudaFree(ptr)
         self.ptrs.clear()
-
-
-def load_kernels(build_dir: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_dir / "libqtale_kernels.so"))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qtale_token_compact.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.qtale_token_scatter.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr]
-    lib.qtale_token_compact_workspace_size.argtypes = [i64, i64]
-    lib.qtale_token_compact_workspace_size.restype = ctypes.c_size_t
-    return lib
 
 
 def test_c_abi_matches_golden_vectors(build_dir):
