@@ -70,3 +70,14 @@ def build_tiny_model(tiny_dir: Path):
     spread_routers(model)
     model.theta_table = {k: {"theta": t, "realized": None} for k, t in THETAS.items()}
     return model.eval()
+
+
+def spread_checkpoint(tiny_dir: Path, folder: Path):
+    """(model, checkpoint folder): the tiny model with spread routers and theta 0.5 for ratio 0.6, saved."""
+    import qtale_export
+    from qtale_export import checkpoint
+
+    model = qtale_export.load(tiny_dir)
+    spread_routers(model)
+    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+    return model, checkpoint.save(model, folder)

@@ -15,7 +15,7 @@ import pytest
 import qtale_export
 from qtale_export import checkpoint, safe_write
 from qtale_export.export.manifest import read_manifest
-from qtale_testing import spread_routers
+from qtale_testing import spread_checkpoint
 
 KILLER = textwrap.dedent("""
     import importlib, os, signal, sys
@@ -67,10 +67,7 @@ def old_or_complete_new(out, before, load):
 
 @pytest.fixture(scope="module")
 def ck(tiny_dir, tmp_path_factory):
-    m = qtale_export.load(tiny_dir)
-    spread_routers(m)
-    m.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
-    return checkpoint.save(m, tmp_path_factory.mktemp("faults") / "ck")
+    return spread_checkpoint(tiny_dir, tmp_path_factory.mktemp("faults") / "ck")[1]
 
 
 def load_checkpoint(folder):

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 import qtale_export
-from qtale_export import checkpoint
 from qtale_export.cli import export as cli_export, verify as cli_verify
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
 from qtale_export.export.manifest import read_manifest
 
-from qtale_testing import random_batch, spread_routers
+from qtale_testing import random_batch, spread_checkpoint, spread_routers
 
 CASES = [("fp32", "standard", None), ("fp32", "plugin", None), ("fp16", "standard", None), ("fp16", "plugin", None),
          ("int4", "standard", "ort-cpu"), ("int4", "plugin", "ort-cpu"), ("int4", "standard", "tensorrt"),
@@ -28,10 +27,7 @@ CASES = [("fp32", "standard", None), ("fp32", "plugin", None), ("fp16", "standar
 
 @pytest.fixture(scope="session")
 def spread_ckpt(tiny_dir, tmp_path_factory):
-    model = qtale_export.load(tiny_dir)
-    spread_routers(model)
-    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
-    return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "routed")
+    return spread_checkpoint(tiny_dir, tmp_path_factory.mktemp("ckpt") / "routed")[1]
 
 
 @pytest.fixture(scope="session")

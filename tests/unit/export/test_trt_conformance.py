@@ -6,22 +6,17 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import qtale_export
-from qtale_export import checkpoint
 from qtale_export.errors import QtaleError
 from qtale_export.export import graphs
 from qtale_export.export import main as export_main
 from qtale_export.export.trt_conformance import check, problems
 
-from qtale_testing import spread_routers
+from qtale_testing import spread_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trt_exports(tiny_dir, tmp_path_factory):
-    model = qtale_export.load(tiny_dir)
-    spread_routers(model)
-    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
-    ckpt = checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "routed")
+    model, ckpt = spread_checkpoint(tiny_dir, tmp_path_factory.mktemp("ckpt") / "routed")
     root = tmp_path_factory.mktemp("trt-exports")
     cache = {}
 

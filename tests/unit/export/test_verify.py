@@ -5,13 +5,10 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import qtale_export
-from qtale_export import checkpoint
 from qtale_export.checkpoint import file_sha256
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
@@ -19,17 +16,14 @@ from qtale_export.export import reference
 from qtale_export.export.manifest import read_manifest, write_manifest
 from qtale_export.export.verify import verify_with_polygraphy
 
-from qtale_testing import REPO, spread_routers
+from qtale_testing import REPO, spread_checkpoint
 
 ROOT = REPO
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_dir, tmp_path_factory):
-    model = qtale_export.load(tiny_dir)
-    spread_routers(model)
-    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
-    ckpt = checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "routed")
+    model, ckpt = spread_checkpoint(tiny_dir, tmp_path_factory.mktemp("ckpt") / "routed")
     root = tmp_path_factory.mktemp("pg-exports")
     out = {}
     for precision, ops, target in (("fp16", "plugin", "ort-cpu"), ("int4", "plugin", "tensorrt")):
