@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-PEER_PACKAGES = ["onnxruntime-genai", "torch", "transformers", "onnx", "onnx_ir", "tqdm"]
+TORCH = "torch==2.13.0"  # pinned as scripts/setup.sh pins it: an unpinned torch pulls GBs of CUDA wheels
+PEER_PACKAGES = ["onnxruntime-genai", TORCH, "transformers", "onnx", "onnx_ir", "tqdm"]
 
 # runs inside the peer's venv: one JSON command per line on stdin, one JSON answer per line on stdout
 WORKER = r"""
@@ -78,10 +79,10 @@ def peer_python(venv: Path) -> Path | None:
         return py
     if not py.is_file() and run([sys.executable, "-m", "venv", venv]).returncode != 0:
         return None
-    # torch first and pinned as this project pins it (scripts/setup.sh), so pip takes the CPU build
-    # where one is offered (a local wheel, PIP_FIND_LINKS, PIP_INDEX_URL)
-    if run([py, "-m", "pip", "install", "-q", "torch==2.13.0"]).returncode != 0:
-        run([py, "-m", "pip", "install", "-q", "torch"])
+    # torch first, so pip takes the CPU build where one is offered (a local wheel, PIP_FIND_LINKS,
+    # PIP_INDEX_URL); never an unpinned fallback
+    if run([py, "-m", "pip", "install", "-q", TORCH]).returncode != 0:
+        return None
     if run([py, "-m", "pip", "install", "-q", *PEER_PACKAGES]).returncode != 0:
         return None
     ok = run([py, "-c", "import onnxruntime_genai, torch, transformers"], capture_output=True).returncode == 0
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-spin", action="store_true",
                     help="also run ours with ORT's idle-thread spinning off (the peer keeps its default)")
     ap.add_argument("--json", default=None, help="also write the raw numbers here")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="install the peer, build both models and stop (prepare on a busy machine, time on a quiet one)")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     work = Path(args.work)
@@ -172,6 +175,9 @@ def main(argv=None) -> int:
     export = Path(args.export) if args.export else work / "qtale-int4"
     if not args.export:
         build_export(export)
+    if args.prepare_only:
+        print(f"peer_bench: prepared {peer_dir} and {export}")
+        return 0
 
     from qtale_export.deploy.bench import _prompt_ids
     from qtale_export.deploy.runtime import Runtime

@@ -116,6 +116,10 @@ def reference_model(manifest: dict, folder: Path, model=None):
         if not tables:
             return model.eval()
     ref = copy.deepcopy(model)
+    if hasattr(ref.base, "peft_config"):
+        # the export's weights are W + BA (graphs.extract merges); overwriting the base weights of an
+        # unmerged adapter would add BA a second time
+        ref.base = ref.base.merge_and_unload()
     lm = ref.causal_lm
     with torch.no_grad():  # tied: the LM head is the embedding, one table in the export as well
         if "embed" in tables:

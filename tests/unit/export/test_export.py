@@ -400,3 +400,31 @@ def test_default_model_export(tmp_path):
     reference = (tmp_path / "int4" / "reference.npz").stat().st_size
     assert size(tmp_path / "int4") - reference < 86e6
     assert reference < 16e6
+
+
+@pytest.mark.parametrize("precision,target", [("fp32", None), ("int4", "ort-cpu"), ("int8", None)])
+def test_export_with_lora_adapter(tiny_dir, tmp_path, precision, target):
+    """A trained checkpoint carries a LoRA adapter: the export runs W + BA, and its verification
+    reference must add BA once (not on top of weights that already hold it)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = qtale_export.load(tiny_dir)
+    spread_routers(model)
+    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+    model.base = get_peft_model(model.base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero: make the adapter change the model
+        for name, p in model.base.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.eval()
+    ids, mask = random_batch(model)
+    with torch.no_grad():
+        with model.base.disable_adapter():
+            plain = model(ids, mask, theta=torch.zeros(ids.shape[0])).logits
+        adapted = model(ids, mask, theta=torch.zeros(ids.shape[0])).logits
+    assert (adapted - plain).abs().max() > 0.1  # the adapter matters, so a doubled BA would show
+    data = export_main.export(model, tmp_path / precision, checkpoint=str(tiny_dir), ratio=0.6,
+                              precision=precision, target=target, decode_steps=2)
+    assert data["verification"]["ok"], data["verification"]
