@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             for r in ratios:
                 for name, v in variants.items():
-                    res = v.generate(text, ratio=r, max_new_tokens=args.new_tokens)
+                    res = v.generate(text, ratio=r, max_new_tokens=args.new_tokens, ignore_eos=True)  # as the peer's min_length
                     ours[(name, r)].append({"prefill_s": res.prefill_s, "decode_tok_s": res.decode_tokens_per_s,
                                             "new_tokens": res.new_tokens, "realized": res.realized_ratio})
                 p = peer.generate(ids, args.new_tokens)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     rt, sess = profiled_runtime(args.export_dir, args.threads)
     text = rt.tokenizer.decode(_prompt_ids(rt, args.prompt_tokens)[0])
     t0 = time.perf_counter()
-    res = rt.generate(text, ratio=args.ratio, max_new_tokens=args.tokens)
+    res = rt.generate(text, ratio=args.ratio, max_new_tokens=args.tokens, ignore_eos=True)
     wall = time.perf_counter() - t0
     per_op, runs = op_totals(sess.end_profiling())
     nodes = per_op.pop("If", 0.0)  # an If's time includes its branch's nodes, listed on their own

@@ -397,8 +397,9 @@ class Lowering:
         m = self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")
         return b.op("Add", [x, m]), k, v
 
-    def router_gate(self, i, x, theta, valid, keep):
-        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32.
+    def router_gate(self, i, x, theta, valid, keep, squeeze: bool = True):
+        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32. With
+        squeeze False, gate, valid and keep are [B, T, 1] (the decode form: no Squeeze/Unsqueeze).
 
         P(execute) = softmax(l)[0] = sigmoid(l0 - l1), so the test is (w0 - w1) h + (b0 - b1) >=
         logit(theta): one [hidden, 1] MatMul instead of the [hidden, 2] one, Softmax and Slice, and
@@ -414,7 +415,9 @@ class Lowering:
         w_diff = b.init(f"{p}.out.exec_minus_skip.weight", np.ascontiguousarray((w_out[0] - w_out[1])[:, None]))
         b_diff = b.init(f"{p}.out.exec_minus_skip.bias", np.asarray([b_out[0] - b_out[1]], np.float32))
         margin = b.op("Add", [b.op("MatMul", [h, w_diff], name=f"{p}.out/MatMul"), b_diff])  # [B, T, 1]
-        on = b.op("Squeeze", [b.op(GATE_OP, [margin, self.logit_theta(theta)]), b.const([-1])])  # cut_routers finds it
+        on = b.op(GATE_OP, [margin, self.logit_theta(theta)])  # cut_routers finds it
+        if squeeze:
+            on = b.op("Squeeze", [on, b.const([-1])])
         return b.op("Or", [b.op("And", [on, valid]), keep])
 
     def logit_theta(self, theta):
@@ -838,22 +841,29 @@ class OrtLowering(Lowering):
             self._tables["rope.cos"] = tuple(out)
         return self._tables["rope.cos"]
 
-    def key_bias(self, k_ok, q_pos, k_pos):
-        """attention_bias [B, 1, 1, total]: 0 where the new token may attend, NEG elsewhere."""
+    def key_biases(self, past_valid, q_pos, past_pos):
+        """attention_bias of every layer, [L, B, 1, 1, total]: 0 where the new token may attend, NEG
+        elsewhere; layer i's is Gather(., i). A past key counts where its layer executed it
+        (past_exec) and it is valid (and, with a window, near). The new token's own key is always
+        open: where a row's gate is off, its attention output is discarded (the layer passes x),
+        so the mask is made once per step instead of once per layer."""
         b = self.b
-        if self.s.window:
-            near = b.op("Greater", [k_pos, b.op("Sub", [q_pos, b.const(self.s.window)])])
-            k_ok = b.op("And", [k_ok, near])
-        return b.op("Where", [b.unsq(k_ok, [1, 2]), b.const(0.0, np.float32), b.const(NEG, np.float32)])
+        ok = b.op("And", [graph_io.PAST_EXEC, past_valid])  # [L, B, total - 1]
+        if self.s.window:  # the new key sits at q_pos, inside its own window
+            ok = b.op("And", [ok, b.op("Greater", [past_pos, b.op("Sub", [q_pos, b.const(self.s.window)])])])
+        bias = b.op("Where", [ok, b.const(0.0, np.float32), b.const(NEG, np.float32)])
+        bias = b.op("Pad", [bias, b.const([0, 0, 0, 0, 0, 1]), b.const(0.0, np.float32)])  # the new key: 0
+        return b.unsq(bias, [2, 3])
 
     def qkv_packed(self, i, x, gate=None):
-        """ln1 + q/k/v of x [B, 1, H] -> [B, 1, (nh + 2 kv) hd], zero rows where `gate` is off."""
+        """ln1 + q/k/v of x [B, 1, H] -> [B, 1, (nh + 2 kv) hd], zero rows where `gate` ([B, 1, 1])
+        is off."""
         b, s = self.b, self.s
         p = f"layers.{i}"
         h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
         if self.fuse and not s.qk_norm:  # GroupQueryAttention takes the fused output as it is
             qkv = self.fused_proj(h, p, "qkv_proj")[0]
-            return qkv if gate is None else b.op("Where", [b.unsq(gate, [2]), qkv, b.const(0.0, np.float32)])
+            return qkv if gate is None else b.op("Where", [gate, qkv, b.const(0.0, np.float32)])
         q, k, v = (self.proj(h, p, n) for n in ("q_proj", "k_proj", "v_proj"))
         if s.qk_norm:
             q = b.op("Reshape", [self.rmsnorm(b.op("Reshape", [q, b.const([0, 0, s.heads, s.head_dim])]),
@@ -861,7 +871,7 @@ class OrtLowering(Lowering):
             k = b.op("Reshape", [self.rmsnorm(b.op("Reshape", [k, b.const([0, 0, s.kv_heads, s.head_dim])]),
                                               f"{p}.k_norm.weight", s.eps), b.const([0, 0, -1])])
         qkv = b.op("Concat", [q, k, v], axis=-1)
-        return qkv if gate is None else b.op("Where", [b.unsq(gate, [2]), qkv, b.const(0.0, np.float32)])
+        return qkv if gate is None else b.op("Where", [gate, qkv, b.const(0.0, np.float32)])
 
     def attention(self, i, qkv, bias, pos, seqlens, total):
         """GroupQueryAttention of the new token; writes present.{i}.* (past.{i}.* in place when bound
@@ -908,29 +918,31 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_fn=table_fn)
     elem = NP2ONNX[b.act]
     _declare_inputs(b, s, "decode")
-    full_valid, full_pos, valid, pos, past_valid, _ = L.decode_positions()
+    _, _, valid, pos, past_valid, past_pos = L.decode_positions(past_positions=bool(s.window))
     keep = L.keep_mask(valid, pos)
+    valid3, keep3 = b.unsq(valid, [2]), b.unsq(keep, [2])  # [B, 1, 1]: gates stay in this shape
     # GroupQueryAttention's lengths: every row holds `total` slots (left padding is masked by the bias)
     total = b.op("Shape", [graph_io.ATTENTION_MASK], start=1, end=2)
     seqlens = b.cast(b.op("Expand", [b.op("Sub", [total, b.const([1])]), b.op("Shape", [graph_io.INPUT_IDS], end=1)]),
                      TensorProto.INT32)
     total32 = b.cast(b.op("Squeeze", [total, b.const([0])]), TensorProto.INT32)
+    biases = L.key_biases(past_valid, pos, past_pos)
     x = L.embed(graph_io.INPUT_IDS)
     width = (s.heads + 2 * s.kv_heads) * s.head_dim
     zqkv = None
     execs = []
     for i in range(s.num_layers):
-        pe = b.op("Gather", [graph_io.PAST_EXEC, b.const(i)], axis=0)  # [B, past]
-        routed = i in s.routed
-        gate = L.router_gate(i, x, graph_io.THETA, valid, keep) if routed else valid
-        k_ok = b.op("Concat", [b.op("And", [pe, past_valid]), gate], axis=1)
-        bias = L.key_bias(k_ok, pos, full_pos)
-        if routed:
+        bias = b.op("Gather", [biases, b.const(i)], axis=0)  # [B, 1, 1, total]
+        if i in s.routed:
+            gate = L.router_gate(i, x, graph_io.THETA, valid3, keep3, squeeze=False)
             if zqkv is None:
                 shape = b.op("Concat", [b.op("Shape", [x], end=1), b.const([1, width])], axis=0)
                 zqkv = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
-            cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1], keepdims=0),
-                          TensorProto.BOOL)
+            if b.opset >= 20:  # ReduceMax takes bool from opset 20
+                cond = b.reduce("ReduceMax", gate, [0, 1, 2], keepdims=0)
+            else:
+                cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1, 2], keepdims=0),
+                              TensorProto.BOOL)
             with b.subgraph() as run1:
                 qkv_run = L.qkv_packed(i, x, gate)
             with b.subgraph() as skip1:
@@ -940,15 +952,17 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
                        else_branch=b.branch(skip1, f"layers.{i}.qkv_skip", [qkv_skip], [elem]))
             attn = L.attention(i, qkv, bias, pos, seqlens, total32)
             with b.subgraph() as run2:
-                y = b.op("Where", [b.unsq(gate, [2]), L.mlp_block(i, x, attn), x])
+                y = b.op("Where", [gate, L.mlp_block(i, x, attn), x])
             with b.subgraph() as skip2:
                 y_skip = b.op("Identity", [x])
             x = b.op("If", [cond], name=f"layers.{i}/If",
                      then_branch=b.branch(run2, f"layers.{i}.run", [y], [elem]),
                      else_branch=b.branch(skip2, f"layers.{i}.skip", [y_skip], [elem]))
         else:
+            gate = valid3
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
-        execs.append(b.unsq(gate, [0]))  # [1, B, 1]
-    b.op("Concat", [graph_io.PAST_EXEC, b.op("Concat", execs, axis=0)], outputs=[graph_io.EXEC_MASK], axis=2)
+        execs.append(gate)  # [B, 1, 1]
+    new = b.op("Transpose", [b.op("Concat", execs, axis=2)], perm=[2, 0, 1])  # [B, 1, L] -> [L, B, 1]
+    b.op("Concat", [graph_io.PAST_EXEC, new], outputs=[graph_io.EXEC_MASK], axis=2)
     _logits_and_cache_outputs(b, s, L.head(x), "decode")
     return b.model("qtale_decode")

@@ -218,9 +218,10 @@ class Runtime:
     def stream(self, prompt: str, ratio: float | None = None, theta: float | None = None,
                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, chat: bool = False,
-               result: list | None = None) -> Iterator[str]:
+               result: list | None = None, ignore_eos: bool = False) -> Iterator[str]:
         """Yield the generated text piece by piece; the GenerationResult is appended to `result`
-        (a list) at the end, and kept as `self.last_result`."""
+        (a list) at the end, and kept as `self.last_result`. ignore_eos: keep generating past an
+        end-of-sequence token (benchmarks: a fixed number of new tokens, as a peer's min_length)."""
         if int(max_new_tokens) < 1:
             raise QtaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         selection = self.select(ratio, theta)
@@ -248,7 +249,7 @@ class Runtime:
         text = ""
         while True:
             token = sampler(logits)
-            if token in self.eos_ids:
+            if token in self.eos_ids and not ignore_eos:
                 reason = "eos"
                 break
             gen.append(token)
@@ -293,10 +294,11 @@ class Runtime:
     def generate(self, prompt: str, ratio: float | None = None, theta: float | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None, chat: bool = False,
-                 callback: Callable[[str], None] | None = None) -> GenerationResult:
+                 callback: Callable[[str], None] | None = None, ignore_eos: bool = False) -> GenerationResult:
         """Generate a continuation; `callback(piece)` gets the text as it is produced."""
         box: list = []
-        for piece in self.stream(prompt, ratio, theta, max_new_tokens, temperature, top_p, seed, stop, chat, box):
+        for piece in self.stream(prompt, ratio, theta, max_new_tokens, temperature, top_p, seed, stop, chat, box,
+                                 ignore_eos):
             if callback is not None:
                 callback(piece)
         return box[0]
