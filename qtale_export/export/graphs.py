@@ -873,16 +873,18 @@ class OrtLowering(Lowering):
         qkv = b.op("Concat", [q, k, v], axis=-1)
         return qkv if gate is None else b.op("Where", [gate, qkv, b.const(0.0, np.float32)])
 
-    def attention(self, i, qkv, bias, pos, seqlens, total):
-        """GroupQueryAttention of the new token; writes present.{i}.* (past.{i}.* in place when bound
-        to the same buffer)."""
+    def attention(self, i, qkv, bias, pos, seqlens, total, cache_out: bool = True):
+        """GroupQueryAttention of the new token: its output, and with cache_out present.{i}.* as
+        graph outputs (past.{i}.* in place when bound to the same buffer); without, (attn, key,
+        value) under fresh names (inside an If branch, whose outputs are present.{i}.*)."""
         b, s = self.b, self.s
         cos, sin = self.rope_tables()
         cache = [graph_io.past(i, "key"), graph_io.past(i, "value")]
-        return b.op("GroupQueryAttention", [qkv, "", "", *cache, seqlens, total, cos, sin, pos, bias],
-                    name=f"layers.{i}/GroupQueryAttention", domain=MS_DOMAIN, n_out=3,
-                    outputs=[f"layers.{i}/attn", graph_io.present(i, "key"), graph_io.present(i, "value")],
-                    num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)[0]
+        outputs = [f"layers.{i}/attn", graph_io.present(i, "key"), graph_io.present(i, "value")] if cache_out else None
+        out = b.op("GroupQueryAttention", [qkv, "", "", *cache, seqlens, total, cos, sin, pos, bias],
+                   name=f"layers.{i}/GroupQueryAttention", domain=MS_DOMAIN, n_out=3, outputs=outputs,
+                   num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)
+        return out[0] if cache_out else out
 
     def mlp_block(self, i, x, attn):
         """o_proj + residual, ln2, SiLU MLP + residual."""
@@ -908,9 +910,12 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     also be a preallocated buffer of any length >= total that is bound as present.{i}.* too (the
     runtime's IO binding): GroupQueryAttention then writes the new K/V in place and nothing is copied.
 
-    A routed layer is two Ifs on "some row executes it" around GroupQueryAttention: ln1 + q/k/v
-    (else zeros) and o_proj + MLP (else the hidden state passes). A row whose gate is off gets zero
-    K/V and exec false, as in `build_decode`; a skipped layer costs the attention of one token."""
+    A routed layer is one If on "some row executes it": the whole layer (ln1, q/k/v, attention
+    and MLP; a row whose gate is off gets zero K/V, exec false and its hidden state passed, as in
+    `build_decode`), else the hidden state passes and attention is not run at all: the cache's new
+    slot is left as it is in a preallocated buffer (zero as the runtime allocates it, and hidden
+    from every later step by exec false) or, for an exact-length past, padded with a zero slot.
+    A skipped layer costs its router and the If."""
     s = w.spec
     if act != np.float32:
         raise QtaleError("the ort-cpu decode graph takes fp32 activations")
@@ -928,39 +933,42 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     total32 = b.cast(b.op("Squeeze", [total, b.const([0])]), TensorProto.INT32)
     biases = L.key_biases(past_valid, pos, past_pos)
     x = L.embed(graph_io.INPUT_IDS)
-    width = (s.heads + 2 * s.kv_heads) * s.head_dim
-    zqkv = None
+    cache = NP2ONNX[b.act]
+    # the past is a preallocated buffer (length >= total, in place) or exactly total - 1 long
+    in_place = b.op("Squeeze", [b.op("GreaterOrEqual", [b.op("Shape", [graph_io.past(0, "key")], start=2, end=3),
+                                                         total]), b.const([0])])
+    pad_slot = b.const([0, 0, 0, 0, 0, 0, 1, 0])  # one zero slot at the end of the sequence axis
     execs = []
     for i in range(s.num_layers):
         bias = b.op("Gather", [biases, b.const(i)], axis=0)  # [B, 1, 1, total]
-        if i in s.routed:
-            gate = L.router_gate(i, x, graph_io.THETA, valid3, keep3, squeeze=False)
-            if zqkv is None:
-                shape = b.op("Concat", [b.op("Shape", [x], end=1), b.const([1, width])], axis=0)
-                zqkv = b.op("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
-            if b.opset >= 20:  # ReduceMax takes bool from opset 20
-                cond = b.reduce("ReduceMax", gate, [0, 1, 2], keepdims=0)
-            else:
-                cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1, 2], keepdims=0),
-                              TensorProto.BOOL)
-            with b.subgraph() as run1:
-                qkv_run = L.qkv_packed(i, x, gate)
-            with b.subgraph() as skip1:
-                qkv_skip = b.op("Identity", [zqkv])
-            qkv = b.op("If", [cond], name=f"layers.{i}/If_qkv",
-                       then_branch=b.branch(run1, f"layers.{i}.qkv", [qkv_run], [elem]),
-                       else_branch=b.branch(skip1, f"layers.{i}.qkv_skip", [qkv_skip], [elem]))
-            attn = L.attention(i, qkv, bias, pos, seqlens, total32)
-            with b.subgraph() as run2:
-                y = b.op("Where", [gate, L.mlp_block(i, x, attn), x])
-            with b.subgraph() as skip2:
-                y_skip = b.op("Identity", [x])
-            x = b.op("If", [cond], name=f"layers.{i}/If",
-                     then_branch=b.branch(run2, f"layers.{i}.run", [y], [elem]),
-                     else_branch=b.branch(skip2, f"layers.{i}.skip", [y_skip], [elem]))
-        else:
+        if i not in s.routed:
             gate = valid3
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
+            execs.append(gate)
+            continue
+        gate = L.router_gate(i, x, graph_io.THETA, valid3, keep3, squeeze=False)
+        if b.opset >= 20:  # ReduceMax takes bool from opset 20
+            cond = b.reduce("ReduceMax", gate, [0, 1, 2], keepdims=0)
+        else:
+            cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1, 2], keepdims=0),
+                          TensorProto.BOOL)
+        with b.subgraph() as run:
+            attn, k_run, v_run = L.attention(i, L.qkv_packed(i, x, gate), bias, pos, seqlens, total32, cache_out=False)
+            y = b.op("Where", [gate, L.mlp_block(i, x, attn), x])
+        past = [graph_io.past(i, "key"), graph_io.past(i, "value")]
+        with b.subgraph() as keep_buf:
+            kept = [b.op("Identity", [t]) for t in past]
+        with b.subgraph() as pad_buf:
+            padded = [b.op("Pad", [t, pad_slot, b.const(0.0, np.float32)]) for t in past]
+        with b.subgraph() as skip:
+            y_skip = b.op("Identity", [x])
+            k_skip, v_skip = b.op("If", [in_place], n_out=2, name=f"layers.{i}/If_cache",
+                                  then_branch=b.branch(keep_buf, f"layers.{i}.cache_in_place", kept, [cache] * 2),
+                                  else_branch=b.branch(pad_buf, f"layers.{i}.cache_padded", padded, [cache] * 2))
+        x = b.op("If", [cond], name=f"layers.{i}/If", n_out=3,
+                 outputs=[f"layers.{i}/out", graph_io.present(i, "key"), graph_io.present(i, "value")],
+                 then_branch=b.branch(run, f"layers.{i}.run", [y, k_run, v_run], [elem, cache, cache]),
+                 else_branch=b.branch(skip, f"layers.{i}.skip", [y_skip, k_skip, v_skip], [elem, cache, cache]))[0]
         execs.append(gate)  # [B, 1, 1]
     new = b.op("Transpose", [b.op("Concat", execs, axis=2)], perm=[2, 0, 1])  # [B, 1, L] -> [L, B, 1]
     b.op("Concat", [graph_io.PAST_EXEC, new], outputs=[graph_io.EXEC_MASK], axis=2)
