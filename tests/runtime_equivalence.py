@@ -50,6 +50,15 @@ def check_realized_ratio_matches_pytorch(rt, model) -> None:
         r = model(torch.tensor([ids]), theta=torch.tensor([THETAS["0.5"]]), use_cache=True)
     ref = float(torch.stack([r.past_key_values[i][2] for i in model.layer_ids]).float().mean())
     assert res.prefill_ratio == pytest.approx(ref)
+    # the decode ratio covers the fed generated tokens only (ignore_eos: exactly max_new_tokens)
+    res = rt.generate(PROMPT, ratio=0.5, max_new_tokens=6, ignore_eos=True)
+    assert res.new_tokens == 6
+    fed = torch.tensor([ids + res.token_ids[:-1]])
+    with torch.no_grad():  # routing is per token and causal: one forward gives every step's decisions
+        r = model(fed, theta=torch.tensor([THETAS["0.5"]]), use_cache=True)
+    ex = torch.stack([r.past_key_values[i][2] for i in model.layer_ids]).float()
+    assert res.decode_ratio == pytest.approx(float(ex[..., len(ids):].mean()))
+    assert res.realized_ratio == pytest.approx(float(ex.mean()))
 
 
 def check_score_matches_pytorch(rt, model, atol: float = 1e-4) -> None:

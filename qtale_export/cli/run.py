@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
            "tokens_per_s": round(res.tokens_per_s, 3), "engine": res.engine, "theta": res.theta,
            "requested_ratio": args.ratio, "selection": res.selection.get("mode"),
            "prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens, "stop_reason": res.stop_reason,
-           "prefill_ratio": round(res.prefill_ratio, 6), "decode_tokens_per_s": round(res.decode_tokens_per_s, 3)}
+           "prefill_ratio": round(res.prefill_ratio, 6), "decode_ratio": round(res.decode_ratio, 6),
+           "decode_tokens_per_s": round(res.decode_tokens_per_s, 3)}
     if not json_out:
         print(f"[{res.engine}] theta {res.theta:.4f} ({out['selection']}), realized ratio "
               f"{res.realized_ratio:.3f}, {res.new_tokens} tokens, {res.tokens_per_s:.1f} tokens/s, "

@@ -397,9 +397,9 @@ class Lowering:
         m = self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")
         return b.op("Add", [x, m]), k, v
 
-    def router_gate(self, i, x, theta, valid, keep, squeeze: bool = True):
-        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32. With
-        squeeze False, gate, valid and keep are [B, T, 1] (the decode form: no Squeeze/Unsqueeze).
+    def router_gate(self, i, x, theta, valid, keep, threshold=None):
+        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32. With a
+        `threshold` ([B, T, 1], `gate_threshold`), gate = margin >= threshold, [B, T, 1] (the decode form).
 
         P(execute) = softmax(l)[0] = sigmoid(l0 - l1), so the test is (w0 - w1) h + (b0 - b1) >=
         logit(theta): one [hidden, 1] MatMul instead of the [hidden, 2] one, Softmax and Slice, and
@@ -415,10 +415,18 @@ class Lowering:
         w_diff = b.init(f"{p}.out.exec_minus_skip.weight", np.ascontiguousarray((w_out[0] - w_out[1])[:, None]))
         b_diff = b.init(f"{p}.out.exec_minus_skip.bias", np.asarray([b_out[0] - b_out[1]], np.float32))
         margin = b.op("Add", [b.op("MatMul", [h, w_diff], name=f"{p}.out/MatMul"), b_diff])  # [B, T, 1]
-        on = b.op(GATE_OP, [margin, self.logit_theta(theta)])  # cut_routers finds it
-        if squeeze:
-            on = b.op("Squeeze", [on, b.const([-1])])
+        if threshold is not None:
+            return b.op(GATE_OP, [margin, threshold])  # cut_routers finds it
+        on = b.op("Squeeze", [b.op(GATE_OP, [margin, self.logit_theta(theta)]), b.const([-1])])
         return b.op("Or", [b.op("And", [on, valid]), keep])
+
+    def gate_threshold(self, theta, valid, keep):
+        """logit(theta) where a token is routed, -inf where it is kept (keep_initial), +inf where it
+        is padding: margin >= this is the whole gate, one node per router instead of three."""
+        b = self.b
+        inf = float("inf")
+        routed = b.op("Where", [valid, self.logit_theta(theta), b.const(inf, np.float32)])
+        return b.op("Where", [keep, b.const(-inf, np.float32), routed])
 
     def logit_theta(self, theta):
         """log(theta) - log(1 - theta) as [B, 1, 1], made once per graph for every router."""
@@ -925,7 +933,8 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     _declare_inputs(b, s, "decode")
     _, _, valid, pos, past_valid, past_pos = L.decode_positions(past_positions=bool(s.window))
     keep = L.keep_mask(valid, pos)
-    valid3, keep3 = b.unsq(valid, [2]), b.unsq(keep, [2])  # [B, 1, 1]: gates stay in this shape
+    valid3 = b.unsq(valid, [2])  # [B, 1, 1]: gates stay in this shape
+    threshold = L.gate_threshold(graph_io.THETA, valid3, b.unsq(keep, [2]))
     # GroupQueryAttention's lengths: every row holds `total` slots (left padding is masked by the bias)
     total = b.op("Shape", [graph_io.ATTENTION_MASK], start=1, end=2)
     seqlens = b.cast(b.op("Expand", [b.op("Sub", [total, b.const([1])]), b.op("Shape", [graph_io.INPUT_IDS], end=1)]),
@@ -946,7 +955,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
             execs.append(gate)
             continue
-        gate = L.router_gate(i, x, graph_io.THETA, valid3, keep3, squeeze=False)
+        gate = L.router_gate(i, x, graph_io.THETA, None, None, threshold=threshold)
         if b.opset >= 20:  # ReduceMax takes bool from opset 20
             cond = b.reduce("ReduceMax", gate, [0, 1, 2], keepdims=0)
         else:
