@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="decode steps checked by the verification")
     parser.add_argument("--allow-stale-theta", action="store_true",
                         help="export a theta table calibrated on other weights (e.g. before quantization)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="do not store reference.npz (PyTorch outputs for torch-free `qtale verify`, "
+                             "~12 MB on the default model); verifying such an export later needs PyTorch")
     parser.add_argument("--json", action="store_true", help="print the manifest's verification as JSON")
     return parser
 
@@ -41,7 +44,7 @@ def export_of(args: argparse.Namespace) -> dict:
     return export_checkpoint(args.checkpoint, args.out, ratio=args.ratio, theta=args.theta,
                              precision=args.precision, ops=args.ops, target=args.target, opset=args.opset,
                              force=args.force, decode_steps=args.decode_steps,
-                             allow_stale_theta=args.allow_stale_theta)
+                             allow_stale_theta=args.allow_stale_theta, reference=not args.no_reference)
 
 
 def run(args: argparse.Namespace) -> int:

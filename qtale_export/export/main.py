@@ -53,9 +53,10 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
 def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | None = None,
            precision: str | None = None, ops: str = "standard", target: str | None = None,
            opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
-           verify_thetas=None, allow_stale_theta: bool = False) -> dict:
+           verify_thetas=None, allow_stale_theta: bool = False, reference: bool = True) -> dict:
     """Export a loaded RoutedModel to `out` (see docs/export.md); returns the manifest.
-    A theta table calibrated on other weights (`model.theta_stale`, theta.py) is refused."""
+    A theta table calibrated on other weights (`model.theta_stale`, theta.py) is refused.
+    reference False: no reference.npz (a smaller folder; `qtale verify` then needs PyTorch)."""
     import numpy as np
     import onnx
     import onnxruntime
@@ -110,7 +111,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         # reference inputs + PyTorch outputs, so `qtale verify` works without PyTorch (Polygraphy)
-        reference_entry = store_reference(tmp, model, precision, described, theta)
+        reference_entry = store_reference(tmp, model, precision, described, theta) if reference else None
         t_build = time.time() - t0
         ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
         eos = s.eos_token_id
@@ -169,7 +170,7 @@ FALLBACK_RATIO = 0.6  # a checkpoint without a recommended ratio (one not shippe
 def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta: float | None = None,
                       precision: str | None = None, ops: str = "standard", target: str | None = None,
                       opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
-                      allow_stale_theta: bool = False) -> dict:
+                      allow_stale_theta: bool = False, reference: bool = True) -> dict:
     """Load `checkpoint` (folder or model name) and export it to `out`; the options are checked
     before the model is loaded. ratio None: the checkpoint's recommended ratio, else FALLBACK_RATIO."""
     check_options(ratio if ratio is not None else FALLBACK_RATIO, precision, ops, target, opset, out, force, theta)
@@ -181,7 +182,7 @@ def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta
         ratio = float((model.recommended or {}).get("ratio") or FALLBACK_RATIO)
     return export(model, out, checkpoint=checkpoint, ratio=ratio, theta=theta, precision=precision, ops=ops,
                   target=target, opset=opset, force=force, decode_steps=decode_steps,
-                  allow_stale_theta=allow_stale_theta)
+                  allow_stale_theta=allow_stale_theta, reference=reference)
 
 
 def verify(folder, *, thetas: list[float] | None = None, decode_steps: int | None = None, trt: bool = False,

@@ -453,3 +453,17 @@ def test_sliding_window_export(tmp_path, target):
     data = export_main.export(model, tmp_path / "out", checkpoint=str(folder), ratio=0.6, precision="fp32",
                               target=target, decode_steps=12)
     assert data["verification"]["ok"], data["verification"]
+
+
+def test_no_reference_export(spread_ckpt, tmp_path):
+    """--no-reference: no reference.npz in the folder or the manifest; `qtale verify` then checks
+    against PyTorch run now (the stored path would need the file)."""
+    out = tmp_path / "noref"
+    cli_export.export_of(_args([str(spread_ckpt), "--precision", "int4", "--target", "ort-cpu", "--out", str(out),
+                                "--decode-steps", "2", "--no-reference"]))
+    assert not (out / "reference.npz").exists()
+    manifest = read_manifest(out)
+    assert manifest["reference"] is None and "reference.npz" not in manifest.get("files", {})
+    report = cli_verify.verify_of(cli_verify.add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(out), "--decode-steps", "2"]))
+    assert report["ok"] and report["reference"].startswith("live pytorch")
