@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """This project's INT4 ort-cpu export against onnxruntime-genai's own INT4 CPU build of the same model.
 
-    python benchmarks/peer_bench.py [--export DIR] [--ratios 1.0,0.8,0.6] [--repeats 3] [--threads 2]
+    python benchmarks/peer_bench.py [--export DIR] [--also DIR2,...] [--ratios 1.0,0.8,0.6] [--repeats 3]
+                                    [--threads 2] [--no-spin] [--prepare-only] [--json OUT]
 
 Same prompt (--prompt-tokens of held-out text, the same token ids for both), then --new-tokens
 greedy tokens, --threads intra-op threads each. Our export runs in this process (the torch-free
@@ -145,6 +146,9 @@ class Peer:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", default=None, help="our INT4 ort-cpu export folder (default: made from smollm2-135m)")
+    ap.add_argument("--also", default=None,
+                    help="comma-separated further export folders of ours (e.g. an older build), measured in the "
+                         "same interleaved run")
     ap.add_argument("--peer", default=None, help="onnxruntime-genai model folder (default: built)")
     ap.add_argument("--venv", default=str(HERE / ".venv-peer"), help="the peer's own virtual environment")
     ap.add_argument("--work", default=str(HERE / ".peer-work"))
@@ -185,6 +189,8 @@ def main(argv=None) -> int:
     variants = {"ours": Runtime.open(export, threads=args.threads)}  # ORT's defaults, as the peer
     if args.no_spin:
         variants["ours, no spin"] = Runtime.open(export, threads=args.threads, spin=False)
+    for extra in (args.also.split(",") if args.also else []):
+        variants[f"ours: {Path(extra).name}"] = Runtime.open(extra, threads=args.threads)
     rt = variants["ours"]
     ids = [int(i) for i in _prompt_ids(rt, args.prompt_tokens)[0]]
     text = rt.tokenizer.decode(ids)

@@ -12,6 +12,8 @@ Prefill: input_ids / attention_mask [batch, seq] int64 (left padding allowed), t
 Decode: one new token per row, attention_mask over every position so far, the previous step's
 present.{i}.key/value as past.{i}.key/value and its exec_mask as past_exec. exec_mask and
 past_exec are [num_layers, batch, positions]: the batch is their second axis (`batch_axis`).
+K/V at padding positions are unspecified (the attention mask hides them; the ort-cpu form writes
+zeros there, PyTorch the pad tokens' K/V).
 
 numpy only and no package imports: `qtale triton-repo` copies this file next to the Triton router
 model, which runs in tritonserver's own Python.

@@ -280,6 +280,10 @@ class Builder:
 # the decoder math
 # ---------------------------------------------------------------------------------------------
 class Lowering:
+    # prefill: the unrouted layers also go through compaction (gate = valid), so that a `layer`
+    # only ever sees right-padded token runs (OrtLowering's GroupQueryAttention needs them)
+    compact_unrouted = False
+
     def __init__(self, b: Builder, w: Weights, ops: str, target: str = "ort-cpu"):
         self.b, self.w, self.s, self.ops, self.target = b, w, w.spec, ops, target
         self._w_inits: dict[str, str] = {}
@@ -591,6 +595,9 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
         if i in s.routed:
             gate = L.router_gate(i, x, graph_io.THETA, valid, keep)
             x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros)
+        elif L.compact_unrouted:
+            gate = valid
+            x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros)
         else:
             gate = valid
             x, k, v = L.layer(i, x, pos, pos, valid)
@@ -894,6 +901,31 @@ class OrtLowering(Lowering):
                    num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)
         return out[0] if cache_out else out
 
+    def layer(self, i, x, q_pos, k_pos, k_ok, past=None):
+        """Prefill on a compacted run x [B, N, H] (row b's first count[b] tokens real, `k_ok`):
+        rotary at the original positions q_pos, GroupQueryAttention's prompt mode (causal over the
+        run, which keeps the tokens' order; padding only after a row's real tokens), o_proj + MLP. K/V [B, kv, N, hd] as the plain form.
+        Falls back to the plain attention where GQA's masking is not the model's (sliding window,
+        q/k norm) or for a cached past."""
+        s = self.s
+        if past is not None or s.window or s.qk_norm or not self.compact_unrouted:
+            return super().layer(i, x, q_pos, k_pos, k_ok, past)
+        b = self.b
+        count = b.reduce("ReduceSum", b.cast(k_ok, TensorProto.INT32), [1], keepdims=0)
+        seqlens = b.op("Max", [b.op("Sub", [count, b.const(1, np.int32)]), b.const(0, np.int32)])  # a row of none: 0
+        total = b.cast(b.op("Squeeze", [b.op("Shape", [x], start=1, end=2), b.const([0])]), TensorProto.INT32)
+        cos, sin = self.rope_tables()
+        q, k, v = b.op("Split", [self.qkv_packed(i, x), b.const([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                                                                 s.kv_heads * s.head_dim])], n_out=3, axis=-1)
+        # rotary by com.microsoft::RotaryEmbedding, which takes every token's own position: GQA's
+        # prompt mode rotates by position_ids[b, 0] + index, wrong for a run with skipped tokens
+        q, k = (b.op("RotaryEmbedding", [t, q_pos, cos, sin], domain=MS_DOMAIN, num_heads=n)
+                for t, n in ((q, s.heads), (k, s.kv_heads)))
+        attn, k, v = b.op("GroupQueryAttention", [q, k, v, "", "", seqlens, total], domain=MS_DOMAIN,
+                          name=f"layers.{i}/GroupQueryAttention", n_out=3, num_heads=s.heads,
+                          kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=0)
+        return self.mlp_block(i, x, attn), k, v
+
     def mlp_block(self, i, x, attn):
         """o_proj + residual, ln2, SiLU MLP + residual."""
         b, s = self.b, self.s
@@ -907,9 +939,15 @@ class OrtLowering(Lowering):
 
 def build_prefill_ort(w: Weights, ops: str, opset: int, act, weight_fn,
                       table_fn: TableFn | None = None) -> onnx.ModelProto:
+    """Prefill for ONNX Runtime on CPU: every layer on its compacted token run (unrouted layers:
+    the valid tokens) with GroupQueryAttention's prompt mode (`OrtLowering.layer`)."""
     fuse = bool(getattr(weight_fn, "fusable", True))
-    return build_prefill(w, ops, opset, act, weight_fn,
-                         lowering=lambda b, w_, o: OrtLowering(b, w_, o, fuse=fuse, table_fn=table_fn))
+
+    def lowering(b, w_, o):
+        low = OrtLowering(b, w_, o, fuse=fuse, table_fn=table_fn)
+        low.compact_unrouted = not (w_.spec.window or w_.spec.qk_norm)
+        return low
+    return build_prefill(w, ops, opset, act, weight_fn, lowering=lowering)
 
 
 def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
