@@ -871,8 +871,8 @@ class OrtLowering(Lowering):
         return b.unsq(bias, [2, 3])
 
     def qkv_packed(self, i, x, gate=None):
-        """ln1 + q/k/v of x [B, 1, H] -> [B, 1, (nh + 2 kv) hd], zero rows where `gate` ([B, 1, 1])
-        is off."""
+        """ln1 + q/k/v of x [B, T, H] -> [B, T, (nh + 2 kv) hd], zero rows where `gate` ([B, 1, 1],
+        decode) is off."""
         b, s = self.b, self.s
         p = f"layers.{i}"
         h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
@@ -904,8 +904,8 @@ class OrtLowering(Lowering):
     def layer(self, i, x, q_pos, k_pos, k_ok, past=None):
         """Prefill on a compacted run x [B, N, H] (row b's first count[b] tokens real, `k_ok`):
         rotary at the original positions q_pos, GroupQueryAttention's prompt mode (causal over the
-        run, which keeps the tokens' order; padding only after a row's real tokens), o_proj + MLP. K/V [B, kv, N, hd] as the plain form.
-        Falls back to the plain attention where GQA's masking is not the model's (sliding window,
+        run, which keeps the tokens' order; padding only after a row's real tokens), o_proj + MLP.
+        K/V [B, kv, N, hd] as the plain form. Falls back to the plain attention where GQA's masking is not the model's (sliding window,
         q/k norm) or for a cached past."""
         s = self.s
         if past is not None or s.window or s.qk_norm or not self.compact_unrouted:
