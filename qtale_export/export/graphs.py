@@ -745,7 +745,8 @@ def cut_routers(m: onnx.ModelProto) -> int:
 PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 FUSED = {part: fused for fused, parts in PARTS.items() for part in parts}
 NEG = float(np.finfo(np.float32).min)  # attention bias of a hidden key (finite: no NaN rows)
-# W [V, K] fp32 -> (packed uint8 [V, K/2], scales [V, K/block], block): precision.int4_table
+# W [V, K] fp32 -> (packed uint8 [V, K * bits / 8], scales [V, K/block], block), with a `.bits`
+# attribute (4 or 8): precision.int4_table / int8_table
 TableFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, int]]
 
 
@@ -753,8 +754,8 @@ class OrtLowering(Lowering):
     """Lowering for ONNX Runtime on CPU.
 
     fuse: q/k/v and gate/up as one projection each (float checkpoints; a quantized checkpoint keeps
-    its per-projection grids). table_fn (precision.int4_table, passed in as weight_fn is): stores the
-    embedding (GatherBlockQuantized) and the LM head (MatMulNBits) as one int4 block-quantized table;
+    its per-projection grids). table_fn (precision.TABLES, passed in as weight_fn is): stores the
+    embedding (GatherBlockQuantized) and the LM head (MatMulNBits) as one int4 or int8 block-quantized table;
     tied weights share its bytes on disk."""
 
     def __init__(self, b: Builder, w: Weights, ops: str, fuse: bool = True, table_fn: TableFn | None = None):
@@ -817,10 +818,10 @@ class OrtLowering(Lowering):
         if self.table_fn is None:
             return super().embed(ids)
         data, scales, bs = self.table("embed")
-        b = self.b
-        return b.op("GatherBlockQuantized", [b.init("embed.q4", data), ids, b.init("embed.q4_scales", scales)],
+        b, bits = self.b, self.table_fn.bits
+        return b.op("GatherBlockQuantized", [b.init(f"embed.q{bits}", data), ids, b.init(f"embed.q{bits}_scales", scales)],
                     name="embed/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                    bits=4, block_size=bs)
+                    bits=bits, block_size=bs)
 
     def head(self, x):
         if self.table_fn is None:
@@ -829,12 +830,14 @@ class OrtLowering(Lowering):
         h = self.rmsnorm(x, "norm.weight", s.eps)
         src = "embed" if s.tied else "lm_head.weight"
         data, scales, bs = self.table(src)
-        n, k = data.shape[0], data.shape[1] * 2
-        # the same bytes as the embedding's table (weights.SharedWeights stores them once)
-        bn = b.init(f"{src}.q4.nbits", data.reshape(n, k // bs, bs // 2))
-        sn = b.init(f"{src}.q4_scales.nbits", scales.reshape(-1))
-        y = b.op("MatMulNBits", [h, bn, sn], name="lm_head/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4,
-                 block_size=bs, accuracy_level=4)
+        bits = self.table_fn.bits
+        n, k = data.shape[0], data.shape[1] * 8 // bits
+        # the same bytes as the embedding's table (weights.SharedWeights stores them once); 8 bit runs
+        # at fp32 accuracy (level 4 would quantize the activations to int8 as well: not the int8 contract)
+        bn = b.init(f"{src}.q{bits}.nbits", data.reshape(n, k // bs, bs * bits // 8))
+        sn = b.init(f"{src}.q{bits}_scales.nbits", scales.reshape(-1))
+        y = b.op("MatMulNBits", [h, bn, sn], name="lm_head/MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=bits,
+                 block_size=bs, accuracy_level=4 if bits == 4 else 0)
         if "lm_head.bias" in self.w.tensors:
             y = b.op("Add", [y, self.tensor("lm_head.bias")])
         return y

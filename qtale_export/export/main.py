@@ -65,7 +65,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
 
     from . import graphs
     from .manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
-    from .precision import activation_dtype, int4_group, int4_group_sizes, int4_table, make_weight_fn
+    from .precision import TABLES, activation_dtype, int4_group, int4_group_sizes, make_weight_fn
     from .trt_conformance import check as check_tensorrt_conformance
     from .verify import store_reference, verify_export
     from .weights import SharedWeights
@@ -93,7 +93,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         builders = graphs.graph_builders(target)
         ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
         if ort_form:
-            table = int4_table if precision == "int4" else None  # int4 embedding / LM head table
+            table = TABLES.get(precision)  # the int4 / int8 embedding + LM head table
             builders = (("prefill", functools.partial(graphs.build_prefill_ort, table_fn=table)),
                         ("decode", functools.partial(graphs.build_decode_ort, table_fn=table)))
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights

@@ -1,8 +1,8 @@
 """Weight precision policies: how each precision's weights are lowered into ONNX.
 
 Only decoder projections (q/k/v/o, gate/up/down) are quantized; routers stay fp32, embeddings, norms
-and lm_head stay in the activation dtype (an int4 `ort-cpu` export stores the embedding / LM head as
-one int4 table, `int4_table`). The grids are quantize's (`qtale_export.quantize` owns formats, grids
+and lm_head stay in the activation dtype (an int4 or int8 `ort-cpu` export stores the embedding / LM head as
+one table of that precision, `int4_table` / `int8_table`). The grids are quantize's (`qtale_export.quantize` owns formats, grids
 and group sizes); this module only lowers them:
 
 * a quantized checkpoint (`qtale quantize`): `checkpoint_grid` recomputes the checkpoint's own
@@ -160,6 +160,25 @@ def int4_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     v, k = w.shape
     grid = float_int4_grid(w, "embedding")
     return pack_matmul_nbits(grid["codes"], grid["block"]).reshape(v, k // 2), grid["scale"], grid["block"]
+
+
+int4_table.bits = 4
+
+
+def int8_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The 8-bit table of the int8 exports: W [V, K] fp32 -> (uint8 [V, K] = code + 128, fp32 scales
+    [V, K/block], block), symmetric absmax per block of K (the int4 table's block rule), the layout
+    MatMulNBits (bits 8) and GatherBlockQuantized (bits 8) both read with their default zero point."""
+    v, k = w.shape
+    block = int4_group(k, "embedding")
+    blocks = np.ascontiguousarray(w, dtype=np.float32).reshape(v, k // block, block)
+    scale = _scale_from(np.abs(blocks).max(-1), 127.0)
+    codes = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16)
+    return (codes + 128).astype(np.uint8).reshape(v, k), scale, block
+
+
+int8_table.bits = 8
+TABLES = {"int4": int4_table, "int8": int8_table}  # the precisions whose ort-cpu form quantizes the tables
 
 
 def int4_group_sizes(weights) -> dict[str, int]:

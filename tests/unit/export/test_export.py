@@ -280,11 +280,13 @@ def test_graphs_share_one_weights_file(exported, precision, target):
     assert spans["decode"] <= spans["prefill"]  # the decode graph adds nothing to the file
     size = (out / "weights.onnx.data").stat().st_size
     assert size < sum(n for _, n in spans["prefill"]) + 4096 * len(spans["prefill"])  # one copy (+ alignment)
-    if precision == "int4":  # the embedding and the LM head: one int4 table (the tiny model is untied: two)
+    if precision in ("int4", "int8"):  # the embedding and the LM head: one table of that precision (untied here: two)
         p = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
-        names = {n.name: n.op_type for n in p.graph.node}
-        assert names["embed/GatherBlockQuantized"] == "GatherBlockQuantized"
-        assert names["lm_head/MatMulNBits"] == "MatMulNBits"
+        nodes = {n.name: n for n in p.graph.node}
+        bits = {"int4": 4, "int8": 8}[precision]
+        for name in ("embed/GatherBlockQuantized", "lm_head/MatMulNBits"):
+            assert {a.name: a.i for a in nodes[name].attribute}["bits"] == bits, name
+        assert not any(n.op_type == "Gather" and n.input[0] == "embed" for n in p.graph.node)  # no fp32 table
     # onnx reads the tensors back at their offsets, equal for both graphs
     p = onnx.load(str(out / "prefill.onnx"))
     d = onnx.load(str(out / "decode.onnx"))
@@ -390,7 +392,7 @@ def test_default_model_export(tmp_path):
     theta, realized = _default_model_theta(model)
     model.theta_table = {"0.6": {"theta": theta, "realized": realized}}
     timings = {}
-    for precision in ("fp32", "int4"):
+    for precision in ("fp32", "int4", "int8"):
         t = time.time()
         data = export_main.export(model, tmp_path / precision, checkpoint="smollm2-135m", ratio=0.6,
                                   precision=precision, decode_steps=2, verify_thetas=[0.0, theta])
@@ -407,6 +409,9 @@ def test_default_model_export(tmp_path):
     reference = (tmp_path / "int4" / "reference.npz").stat().st_size
     assert size(tmp_path / "int4") - reference < 86e6
     assert reference < 16e6
+    # int8: one byte per weight, the tied table too (an fp32 table would add 113 MB: 0.40 of fp32)
+    int8_ref = (tmp_path / "int8" / "reference.npz").stat().st_size
+    assert size(tmp_path / "int8") - int8_ref < 0.3 * size(tmp_path / "fp32")
 
 
 @pytest.mark.parametrize("precision,target", [("fp32", None), ("int4", "ort-cpu"), ("int8", None)])
