@@ -119,11 +119,11 @@ def headline(run: Run, results: list[dict]) -> dict:
             rows.append(row)
         out[f"qtale_{int4}_at_ratio_le_{HEADLINE_MAX_RATIO:g}"] = rows
     for f in fmts:
-        if not f.startswith("int3"):
+        if not (f.startswith("int3") or f == int4):
             continue
         for m in run.r["methods"]:
-            if not any(f"{m}/{f}/{ratio_key(r)}" in ids for r in run.r["ratios"]):
-                continue  # not evaluated yet: no claim either way
+            if not any("vs_quant_only" in ids.get(f"{m}/{f}/{ratio_key(r)}", {}) for r in run.r["ratios"]):
+                continue  # not evaluated yet, or its all-layers reference is not: no claim either way
             closes = None
             for r in run.r["ratios"]:
                 e = ids.get(f"{m}/{f}/{ratio_key(r)}")

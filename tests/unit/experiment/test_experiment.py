@@ -449,3 +449,19 @@ def test_recommended_ratio_is_the_lowest_within_half_a_point():
     rec = X.recommended_ratio({"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.6, -0.013), row(0.7, -0.012)]}})
     assert rec["ratio"] == 0.7 and rec["within"] is False
     assert X.recommended_ratio({"headline": {}}) is None
+
+
+def test_recommended_ratio_looks_past_the_headline_ratios():
+    """With per-configuration results, every evaluated QTALE+INT4 ratio below 1 counts, also above
+    the headline's 0.7: here only 0.8 is within half a point, so 0.8 is the default."""
+    cfg = lambda r, d, method="qtale", fmt="int4-awq": {  # noqa: E731
+        "id": f"{method}/{fmt}/{r}", "kind": "routed", "method": method, "format": fmt, "target_ratio": r,
+        "vs_quant_only": {"avg": {"diff": d, "stderr": 0.006}}}
+    res = {"configs": [cfg(0.6, -0.012), cfg(0.7, -0.012), cfg(0.8, -0.0044), cfg(0.5, 0.0, method="dllm"),
+                       cfg(0.5, 0.0, fmt="int3")],
+           "headline": {"qtale_int4-awq_at_ratio_le_0.7": []}}
+    rec = X.recommended_ratio(res)
+    assert rec["ratio"] == 0.8 and rec["within"] is True
+    res["configs"][2]["vs_quant_only"]["avg"]["diff"] = -0.02  # none within: the smallest gap
+    rec = X.recommended_ratio(res)
+    assert rec["ratio"] == 0.6 and rec["within"] is False
