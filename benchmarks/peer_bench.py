@@ -222,12 +222,13 @@ def main(argv=None) -> int:
     peer_prefill = med(t["prefill_s"] for t in theirs)
     print(f"\nprompt {len(ids)} tokens, {args.new_tokens} greedy new tokens, {args.threads} threads, "
           f"{args.repeats} interleaved repeats (medians); onnxruntime-genai {peer.version}")
+    peer_mb, ours_mb = folder_mb(peer_dir), folder_mb(export)
     print(f"peer (onnxruntime-genai INT4 CPU): prefill {peer_prefill:.3f} s, decode {peer_decode:.1f} tok/s, "
-          f"folder {folder_mb(peer_dir):.1f} MB")
+          f"folder {peer_mb:.1f} MB")
     ref = export / "reference.npz"  # verification data (qtale-export --no-reference leaves it out)
-    deploy_mb = folder_mb(export) - (ref.stat().st_size / 1e6 if ref.is_file() else 0.0)
-    print(f"ours ({export}): folder {folder_mb(export):.1f} MB, {deploy_mb:.1f} MB without reference.npz "
-          f"(size ratio ours/peer {folder_mb(export) / folder_mb(peer_dir):.3f} / {deploy_mb / folder_mb(peer_dir):.3f})")
+    deploy_mb = ours_mb - (ref.stat().st_size / 1e6 if ref.is_file() else 0.0)
+    print(f"ours ({export}): folder {ours_mb:.1f} MB, {deploy_mb:.1f} MB without reference.npz "
+          f"(size ratio ours/peer {ours_mb / peer_mb:.3f} / {deploy_mb / peer_mb:.3f})")
     print("\n| engine | ratio | realized (all) | realized (decode) | new tokens | decode tok/s | decode vs peer | "
           "prefill s | prefill speedup vs peer | prefill time / ratio 1.0 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -249,9 +250,9 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "threads": args.threads,
-            "repeats": args.repeats, "peer": {"version": peer.version, "folder_mb": folder_mb(peer_dir),
+            "repeats": args.repeats, "peer": {"version": peer.version, "folder_mb": peer_mb,
                                               "prefill_s": peer_prefill, "decode_tok_s": peer_decode, "raw": theirs},
-            "ours": {"folder_mb": folder_mb(export), "folder_mb_without_reference": deploy_mb, "rows": rows, "raw": {f"{k[0]}@{k[1]}": v for k, v in ours.items()}},
+            "ours": {"folder_mb": ours_mb, "folder_mb_without_reference": deploy_mb, "rows": rows, "raw": {f"{k[0]}@{k[1]}": v for k, v in ours.items()}},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
     return 0
 

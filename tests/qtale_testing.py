@@ -72,12 +72,19 @@ def build_tiny_model(tiny_dir: Path):
     return model.eval()
 
 
-def spread_checkpoint(tiny_dir: Path, folder: Path):
-    """(model, checkpoint folder): the tiny model with spread routers and theta 0.5 for ratio 0.6, saved."""
+def spread_routed_model(model_dir: Path):
+    """The routed model of `model_dir` with spread routers and theta 0.5 for ratio 0.6."""
     import qtale_export
-    from qtale_export import checkpoint
 
-    model = qtale_export.load(tiny_dir)
+    model = qtale_export.load(model_dir)
     spread_routers(model)
     model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+    return model
+
+
+def spread_checkpoint(tiny_dir: Path, folder: Path):
+    """(model, checkpoint folder): `spread_routed_model` of the tiny model, saved."""
+    from qtale_export import checkpoint
+
+    model = spread_routed_model(tiny_dir)
     return model, checkpoint.save(model, folder)

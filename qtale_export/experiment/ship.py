@@ -97,9 +97,6 @@ def recommended_ratio(res: dict) -> dict | None:
             for e in res.get("configs") or [] if e.get("kind") == "routed" and e.get("method") == "qtale"
             and str(e.get("format", "")).startswith("int4") and "vs_quant_only" in e
             and e.get("target_ratio") is not None and e["target_ratio"] < 1.0]
-    if not rows:  # results without per-configuration entries: the headline's rows
-        rows = next((v for k, v in res.get("headline", {}).items() if k.startswith("qtale_int4")
-                     and isinstance(v, list)), [])
     if not rows:
         return None
     ok = [r for r in rows if r["gap_vs_quant_only"]["diff"] >= -report.CLOSE_POINTS / 100]

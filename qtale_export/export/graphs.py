@@ -401,13 +401,18 @@ class Lowering:
         m = self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")
         return b.op("Add", [x, m]), k, v
 
-    def router_gate(self, i, x, theta, valid, keep, threshold=None):
-        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32. With a
-        `threshold` ([B, T, 1], `gate_threshold`), gate = margin >= threshold, [B, T, 1] (the decode form).
+    def router_gate(self, i, x, theta, valid, keep):
+        """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32.
 
         P(execute) = softmax(l)[0] = sigmoid(l0 - l1), so the test is (w0 - w1) h + (b0 - b1) >=
         logit(theta): one [hidden, 1] MatMul instead of the [hidden, 2] one, Softmax and Slice, and
         logit(theta) made once per graph (theta 0 -> -inf: every token; 1 -> +inf: none)."""
+        b = self.b
+        on = b.op(GATE_OP, [self.router_margin(i, x), self.logit_theta(theta)])  # cut_routers finds it
+        return b.op("Or", [b.op("And", [b.op("Squeeze", [on, b.const([-1])]), valid]), keep])
+
+    def router_margin(self, i, x):
+        """(w0 - w1) h + (b0 - b1) of router i on x [B, T, H]: [B, T, 1], logit(P(execute))."""
         b = self.b
         p = f"router.{i}"
         xf = b.to_f32(x)
@@ -418,15 +423,12 @@ class Lowering:
         w_out, b_out = t[f"{p}.out.weight"].astype(np.float32), t[f"{p}.out.bias"].astype(np.float32)
         w_diff = b.init(f"{p}.out.exec_minus_skip.weight", np.ascontiguousarray((w_out[0] - w_out[1])[:, None]))
         b_diff = b.init(f"{p}.out.exec_minus_skip.bias", np.asarray([b_out[0] - b_out[1]], np.float32))
-        margin = b.op("Add", [b.op("MatMul", [h, w_diff], name=f"{p}.out/MatMul"), b_diff])  # [B, T, 1]
-        if threshold is not None:
-            return b.op(GATE_OP, [margin, threshold])  # cut_routers finds it
-        on = b.op("Squeeze", [b.op(GATE_OP, [margin, self.logit_theta(theta)]), b.const([-1])])
-        return b.op("Or", [b.op("And", [on, valid]), keep])
+        return b.op("Add", [b.op("MatMul", [h, w_diff], name=f"{p}.out/MatMul"), b_diff])
 
     def gate_threshold(self, theta, valid, keep):
         """logit(theta) where a token is routed, -inf where it is kept (keep_initial), +inf where it
-        is padding: margin >= this is the whole gate, one node per router instead of three."""
+        is padding: margin >= this is the whole gate (decode, [B, 1, 1]), one node per router
+        instead of three."""
         b = self.b
         inf = float("inf")
         routed = b.op("Where", [valid, self.logit_theta(theta), b.const(inf, np.float32)])
@@ -592,14 +594,10 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
     zeros = None
     execs = []
     for i in range(s.num_layers):
-        if i in s.routed:
-            gate = L.router_gate(i, x, graph_io.THETA, valid, keep)
-            x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros)
-        elif L.compact_unrouted:
-            gate = valid
+        gate = L.router_gate(i, x, graph_io.THETA, valid, keep) if i in s.routed else valid
+        if i in s.routed or L.compact_unrouted:
             x, k, v, zeros = L.compacted_layer(i, x, gate, pos, zeros)
         else:
-            gate = valid
             x, k, v = L.layer(i, x, pos, pos, valid)
         b.op("Identity", [k], outputs=[graph_io.present(i, "key")])
         b.op("Identity", [v], outputs=[graph_io.present(i, "value")])
@@ -761,6 +759,9 @@ class OrtLowering(Lowering):
     def __init__(self, b: Builder, w: Weights, ops: str, fuse: bool = True, table_fn: TableFn | None = None):
         super().__init__(b, w, ops)
         self.fuse, self.table_fn = fuse, table_fn
+        # GroupQueryAttention's prompt mode for every prefill layer, except where its masking is not
+        # the model's (sliding window) or q/k norm sits between projection and rotary
+        self.compact_unrouted = not (self.s.window or self.s.qk_norm)
         self._fused: dict = {}
         self._split: dict = {}
         self._tables: dict = {}
@@ -908,12 +909,11 @@ class OrtLowering(Lowering):
         """Prefill on a compacted run x [B, N, H] (row b's first count[b] tokens real, `k_ok`):
         rotary at the original positions q_pos, GroupQueryAttention's prompt mode (causal over the
         run, which keeps the tokens' order; padding only after a row's real tokens), o_proj + MLP.
-        K/V [B, kv, N, hd] as the plain form. Falls back to the plain attention where GQA's masking is not the model's (sliding window,
-        q/k norm) or for a cached past."""
-        s = self.s
-        if past is not None or s.window or s.qk_norm or not self.compact_unrouted:
+        K/V [B, kv, N, hd] as the plain form. The plain attention where `compact_unrouted` is off
+        or for a cached past."""
+        if past is not None or not self.compact_unrouted:
             return super().layer(i, x, q_pos, k_pos, k_ok, past)
-        b = self.b
+        b, s = self.b, self.s
         count = b.reduce("ReduceSum", b.cast(k_ok, TensorProto.INT32), [1], keepdims=0)
         seqlens = b.op("Max", [b.op("Sub", [count, b.const(1, np.int32)]), b.const(0, np.int32)])  # a row of none: 0
         total = b.cast(b.op("Squeeze", [b.op("Shape", [x], start=1, end=2), b.const([0])]), TensorProto.INT32)
@@ -945,12 +945,8 @@ def build_prefill_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     """Prefill for ONNX Runtime on CPU: every layer on its compacted token run (unrouted layers:
     the valid tokens) with GroupQueryAttention's prompt mode (`OrtLowering.layer`)."""
     fuse = bool(getattr(weight_fn, "fusable", True))
-
-    def lowering(b, w_, o):
-        low = OrtLowering(b, w_, o, fuse=fuse, table_fn=table_fn)
-        low.compact_unrouted = not (w_.spec.window or w_.spec.qk_norm)
-        return low
-    return build_prefill(w, ops, opset, act, weight_fn, lowering=lowering)
+    return build_prefill(w, ops, opset, act, weight_fn,
+                         lowering=lambda b, w_, o: OrtLowering(b, w_, o, fuse=fuse, table_fn=table_fn))
 
 
 def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
@@ -983,7 +979,6 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     total32 = b.cast(b.op("Squeeze", [total, b.const([0])]), TensorProto.INT32)
     biases = L.key_biases(past_valid, pos, past_pos)
     x = L.embed(graph_io.INPUT_IDS)
-    cache = NP2ONNX[b.act]
     # the past is a preallocated buffer (length >= total, in place) or exactly total - 1 long
     in_place = b.op("Squeeze", [b.op("GreaterOrEqual", [b.op("Shape", [graph_io.past(0, "key")], start=2, end=3),
                                                          total]), b.const([0])])
@@ -996,7 +991,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
             execs.append(gate)
             continue
-        gate = L.router_gate(i, x, graph_io.THETA, None, None, threshold=threshold)
+        gate = b.op(GATE_OP, [L.router_margin(i, x), threshold])  # cut_routers finds it
         if b.opset >= 20:  # ReduceMax takes bool from opset 20
             cond = b.reduce("ReduceMax", gate, [0, 1, 2], keepdims=0)
         else:
@@ -1013,12 +1008,12 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
         with b.subgraph() as skip:
             y_skip = b.op("Identity", [x])
             k_skip, v_skip = b.op("If", [in_place], n_out=2, name=f"layers.{i}/If_cache",
-                                  then_branch=b.branch(keep_buf, f"layers.{i}.cache_in_place", kept, [cache] * 2),
-                                  else_branch=b.branch(pad_buf, f"layers.{i}.cache_padded", padded, [cache] * 2))
+                                  then_branch=b.branch(keep_buf, f"layers.{i}.cache_in_place", kept, [elem] * 2),
+                                  else_branch=b.branch(pad_buf, f"layers.{i}.cache_padded", padded, [elem] * 2))
         x = b.op("If", [cond], name=f"layers.{i}/If", n_out=3,
                  outputs=[f"layers.{i}/out", graph_io.present(i, "key"), graph_io.present(i, "value")],
-                 then_branch=b.branch(run, f"layers.{i}.run", [y, k_run, v_run], [elem, cache, cache]),
-                 else_branch=b.branch(skip, f"layers.{i}.skip", [y_skip, k_skip, v_skip], [elem, cache, cache]))[0]
+                 then_branch=b.branch(run, f"layers.{i}.run", [y, k_run, v_run], [elem] * 3),
+                 else_branch=b.branch(skip, f"layers.{i}.skip", [y_skip, k_skip, v_skip], [elem] * 3))[0]
         execs.append(gate)  # [B, 1, 1]
     new = b.op("Transpose", [b.op("Concat", execs, axis=2)], perm=[2, 0, 1])  # [B, 1, L] -> [L, B, 1]
     b.op("Concat", [graph_io.PAST_EXEC, new], outputs=[graph_io.EXEC_MASK], axis=2)

@@ -167,14 +167,15 @@ int4_table.bits = 4
 
 def int8_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """The 8-bit table of the int8 exports: W [V, K] fp32 -> (uint8 [V, K] = code + 128, fp32 scales
-    [V, K/block], block), symmetric absmax per block of K (the int4 table's block rule), the layout
-    MatMulNBits (bits 8) and GatherBlockQuantized (bits 8) both read with their default zero point."""
-    v, k = w.shape
-    block = int4_group(k, "embedding")
-    blocks = np.ascontiguousarray(w, dtype=np.float32).reshape(v, k // block, block)
-    scale = _scale_from(np.abs(blocks).max(-1), 127.0)
-    codes = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int16)
-    return (codes + 128).astype(np.uint8).reshape(v, k), scale, block
+    [V, K/block], block): quantize's 8-bit round-to-nearest grid (`rtn_codes`) with the int4 table's
+    block rule, the layout MatMulNBits and GatherBlockQuantized (bits 8) read with their default zero point."""
+    import torch
+
+    from ..quantize import rtn_codes
+
+    block = int4_group(w.shape[1], "embedding")
+    codes, scale = rtn_codes(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), 8, block)
+    return (codes.numpy().astype(np.int16) + 128).astype(np.uint8), scale.numpy(), block
 
 
 int8_table.bits = 8

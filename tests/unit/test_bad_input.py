@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-import qtale_export
-from qtale_export import checkpoint, cli
-from qtale_testing import spread_routers
+from qtale_export import cli
+from qtale_testing import spread_checkpoint
 
 # (command line, expected exit code, text the one-line error must contain)
 CASES = [
@@ -78,10 +77,7 @@ def tree(folder):
 @pytest.fixture(scope="module")
 def world(tiny_dir, text_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad-input")
-    m = qtale_export.load(tiny_dir)
-    spread_routers(m)
-    m.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
-    ck = checkpoint.save(m, root / "ck")
+    ck = spread_checkpoint(tiny_dir, root / "ck")[1]
     (ck / "inner").mkdir()
 
     def variant(name, change):

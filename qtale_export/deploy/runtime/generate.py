@@ -284,7 +284,7 @@ class Runtime:
         res = GenerationResult(
             text=text, token_ids=gen, prompt_tokens=n_prompt, new_tokens=len(gen),
             realized_ratio=self._exec_ratio(exec_mask), prefill_ratio=prefill_ratio,
-            decode_ratio=self._exec_ratio(exec_mask[:, :, n_prompt:]) if exec_mask.shape[2] > n_prompt else 1.0,
+            decode_ratio=self._exec_ratio(exec_mask[:, :, n_prompt:]),  # 1.0 when no token was fed
             tokens_per_s=len(gen) / max(t_end - t0, 1e-9),
             decode_tokens_per_s=max(len(gen) - 1, 0) / max(decode_s, 1e-9) if len(gen) > 1 else 0.0,
             prefill_s=t_prefill, decode_s=decode_s, stop_reason=reason, engine=self.engine,

@@ -439,27 +439,29 @@ def test_keep_then_a_new_run_folder_starts_from_the_kept_training(tiny_dir, tmp_
         assert torch.equal(v, ref.routers.state_dict()[k])
 
 
+def _routed_result(r, d, method="qtale", fmt="int4-awq"):
+    """A results.json configuration entry of a routed model at target ratio r, gap d to all-layers."""
+    return {"id": f"{method}/{fmt}/{r}", "kind": "routed", "method": method, "format": fmt, "target_ratio": r,
+            "vs_quant_only": {"avg": {"diff": d, "stderr": 0.01}}}
+
+
 def test_recommended_ratio_is_the_lowest_within_half_a_point():
-    row = lambda r, d: {"ratio": r, "gap_vs_quant_only": {"diff": d, "stderr": 0.01}}  # noqa: E731
-    res = {"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.5, -0.02), row(0.6, -0.004), row(0.7, 0.003)]},
-           "subset": True, "limit": 100}
+    row = _routed_result
+    res = {"configs": [row(0.5, -0.02), row(0.6, -0.004), row(0.7, 0.003)], "subset": True, "limit": 100}
     rec = X.recommended_ratio(res)
     assert rec["ratio"] == 0.6 and rec["within"] and rec["subset"] is True and "0.5 points" in rec["rule"]
     # none within half a point: the smallest gap, and it says so
-    rec = X.recommended_ratio({"headline": {"qtale_int4-awq_at_ratio_le_0.7": [row(0.6, -0.013), row(0.7, -0.012)]}})
+    rec = X.recommended_ratio({"configs": [row(0.6, -0.013), row(0.7, -0.012)]})
     assert rec["ratio"] == 0.7 and rec["within"] is False
-    assert X.recommended_ratio({"headline": {}}) is None
+    assert X.recommended_ratio({"configs": []}) is None
 
 
 def test_recommended_ratio_looks_past_the_headline_ratios():
-    """With per-configuration results, every evaluated QTALE+INT4 ratio below 1 counts, also above
-    the headline's 0.7: here only 0.8 is within half a point, so 0.8 is the default."""
-    cfg = lambda r, d, method="qtale", fmt="int4-awq": {  # noqa: E731
-        "id": f"{method}/{fmt}/{r}", "kind": "routed", "method": method, "format": fmt, "target_ratio": r,
-        "vs_quant_only": {"avg": {"diff": d, "stderr": 0.006}}}
+    """Every evaluated QTALE+INT4 ratio below 1 counts, also above the headline's 0.7, and only
+    QTALE+INT4: here only 0.8 is within half a point, so 0.8 is the default."""
+    cfg = _routed_result
     res = {"configs": [cfg(0.6, -0.012), cfg(0.7, -0.012), cfg(0.8, -0.0044), cfg(0.5, 0.0, method="dllm"),
-                       cfg(0.5, 0.0, fmt="int3")],
-           "headline": {"qtale_int4-awq_at_ratio_le_0.7": []}}
+                       cfg(0.5, 0.0, fmt="int3")]}
     rec = X.recommended_ratio(res)
     assert rec["ratio"] == 0.8 and rec["within"] is True
     res["configs"][2]["vs_quant_only"]["avg"]["diff"] = -0.02  # none within: the smallest gap

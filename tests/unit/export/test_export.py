@@ -17,7 +17,7 @@ from qtale_export.export import main as export_main
 from qtale_export.export import ort_ops
 from qtale_export.export.manifest import read_manifest
 
-from qtale_testing import random_batch, spread_checkpoint, spread_routers
+from qtale_testing import make_tiny, random_batch, spread_checkpoint, spread_routed_model, spread_routers
 
 CASES = [("fp32", "standard", None), ("fp32", "plugin", None), ("fp16", "standard", None), ("fp16", "plugin", None),
          ("int4", "standard", "ort-cpu"), ("int4", "plugin", "ort-cpu"), ("int4", "standard", "tensorrt"),
@@ -88,10 +88,15 @@ def test_export_matches_pytorch(exported, spread_model, precision, ops, target):
         if th == 1.0:
             assert not got["exec_mask"][2:, valid].sum() > (3 * 2 * len(ref.layer_ids))  # only keep_initial
         assert np.abs(got["logits"] - r.logits.numpy())[valid].max() <= atol * max(1.0, np.abs(r.logits.numpy()).max())
-        real = valid[:, None, :, None]  # K/V at padding positions are unspecified (graph_io)
         for i in (0, 3):
-            np.testing.assert_allclose(np.where(real, got[f"present.{i}.key"].astype(np.float32), 0.0),
-                                       np.where(real, r.past_key_values[i][0].numpy(), 0.0), atol=atol * 10, rtol=0)
+            _assert_kv_close(got[f"present.{i}.key"], r.past_key_values[i][0].numpy(), valid, atol * 10)
+
+
+def _assert_kv_close(got, want, valid, atol):
+    """K/V [B, kv, T, hd] equal within atol at the valid positions ([B, T]); at padding positions they
+    are unspecified (graph_io)."""
+    real = valid[:, None, :, None]
+    np.testing.assert_allclose(np.where(real, got.astype(np.float32), 0.0), np.where(real, want, 0.0), atol=atol, rtol=0)
 
 
 def _decode_pairs(m, pre, dec, ids, mask, theta, steps):
@@ -167,10 +172,8 @@ def test_in_place_decode_batched_paths(exported, spread_model, precision, target
         np.testing.assert_allclose(got["logits"], r.logits.numpy(), atol=1e-4 * max(1.0, float(r.logits.abs().max())),
                                    rtol=0)
         n = mask.shape[1]
-        real = mask.bool().numpy()[:, None, :, None]  # K/V at padding positions are unspecified (graph_io)
         for (name, buf, _), i in zip(dec.buffers[::2], range(L)):
-            np.testing.assert_allclose(np.where(real, buf[:, :, :n], 0.0),
-                                       np.where(real, r.past_key_values[i][0].numpy(), 0.0), atol=1e-3, rtol=0)
+            _assert_kv_close(buf[:, :, :n], r.past_key_values[i][0].numpy(), mask.bool().numpy(), 1e-3)
         new = exec_mask[m.layer_ids, :, -1]
         differ += int((new[:, 0] != new[:, 1]).sum())
         past, nxt = r.past_key_values, r.logits[:, -1].argmax(-1, keepdim=True)
@@ -420,9 +423,7 @@ def test_export_with_lora_adapter(tiny_dir, tmp_path, precision, target):
     reference must add BA once (not on top of weights that already hold it)."""
     from peft import LoraConfig, get_peft_model
 
-    model = qtale_export.load(tiny_dir)
-    spread_routers(model)
-    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+    model = spread_routed_model(tiny_dir)
     model.base = get_peft_model(model.base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                        target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
     torch.manual_seed(0)
@@ -446,18 +447,12 @@ def test_export_with_lora_adapter(tiny_dir, tmp_path, precision, target):
 def test_sliding_window_export(tmp_path, target):
     """A sliding-window model (Mistral, window 8): prompts and decode steps run past the window, and
     both graph forms (the decode mask of the ort-cpu form is made once per step) match PyTorch."""
-    import json as _json
-
-    from qtale_testing import make_tiny
-
     folder = make_tiny(tmp_path / "mistral", layers=5, model_type="mistral")
-    cfg = _json.loads((folder / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
     cfg.update(sliding_window=8, use_sliding_window=True)
-    (folder / "config.json").write_text(_json.dumps(cfg))
-    model = qtale_export.load(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model = spread_routed_model(folder)
     assert model._window() == 8
-    spread_routers(model)
-    model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
     data = export_main.export(model, tmp_path / "out", checkpoint=str(folder), ratio=0.6, precision="fp32",
                               target=target, decode_steps=12)
     assert data["verification"]["ok"], data["verification"]

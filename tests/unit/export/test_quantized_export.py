@@ -17,7 +17,7 @@ from qtale_export.export.precision import checkpoint_grid
 from qtale_export.export.verify import reference_model, verify_export
 from qtale_export.quantize import quantize, quantizer_tensors
 
-from qtale_testing import TEXT, random_batch, spread_routers
+from qtale_testing import TEXT, random_batch, spread_routed_model
 
 
 def grid_dequant(grid: dict) -> np.ndarray:
@@ -36,9 +36,7 @@ def quantized_ckpt(tiny_dir, tmp_path_factory):
 
     def get(fmt):
         if fmt not in cache:
-            model = qtale_export.load(tiny_dir)
-            spread_routers(model)
-            model.theta_table = {"0.6": {"theta": 0.5, "realized": 0.6}}
+            model = spread_routed_model(tiny_dir)
             calib = [TEXT] * 4 if fmt == "int4-awq" else []  # AWQ searches its scales on activations
             info = quantize(model, fmt, calib, model.tokenizer, max_length=64)
             cache[fmt] = checkpoint.save(model, tmp_path_factory.mktemp("qckpt") / fmt, quantization=info,
