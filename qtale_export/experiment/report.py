@@ -23,15 +23,26 @@ HEADLINE_MAX_RATIO = 0.7  # the claim: QTALE+INT4 within CLOSE_POINTS of INT4 al
 # ---- statistics ------------------------------------------------------------------------------
 def paired(items_a: dict, items_b: dict, tasks: list[str]) -> dict:
     """Paired difference a - b of the primary metric on the same items, per task and averaged."""
+    return pooled([(items_a, items_b)], tasks)
+
+
+def pooled(pairs: list[tuple[dict, dict]], tasks: list[str]) -> dict:
+    """The paired difference a - b averaged over several comparisons on the same items (one test
+    over ratios): each item's mean difference across the pairs, then its mean and standard error
+    per task and the task average, so the correlation between comparisons on one item is kept."""
     from ..tasks import PRIMARY
 
     per = {}
     for t in tasks:
         metric = PRIMARY[t]
-        a = {it["idx"]: it[metric] for it in items_a.get(t, [])}
-        b = {it["idx"]: it[metric] for it in items_b.get(t, [])}
-        common = sorted(set(a) & set(b))
-        diff, stderr = mean_stderr([a[i] - b[i] for i in common])
+        sums: dict | None = None
+        for items_a, items_b in pairs:
+            a = {it["idx"]: it[metric] for it in items_a.get(t, [])}
+            b = {it["idx"]: it[metric] for it in items_b.get(t, [])}
+            d = {i: a[i] - b[i] for i in a.keys() & b.keys()}
+            sums = d if sums is None else {i: sums[i] + d[i] for i in sums.keys() & d.keys()}
+        common = sorted(sums or {})
+        diff, stderr = mean_stderr([sums[i] / len(pairs) for i in common])
         per[t] = {"diff": diff, "stderr": stderr, "n": len(common), "metric": metric}
     diffs = [per[t]["diff"] for t in tasks]
     avg = {"diff": sum(diffs) / len(diffs), "stderr": math.sqrt(sum(per[t]["stderr"] ** 2 for t in tasks)) / len(tasks)}
@@ -99,7 +110,7 @@ def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
     return results, items
 
 
-def headline(run: Run, results: list[dict]) -> dict:
+def headline(run: Run, results: list[dict], items: dict[str, dict]) -> dict:
     ids = {e["id"]: e for e in results}
     fmts = run.r["quantization"]["formats"]
     out: dict = {"units": "accuracy fractions (x100 = points); gap = paired difference in the task average"}
@@ -131,6 +142,14 @@ def headline(run: Run, results: list[dict]) -> dict:
                     closes = r
                     break
             out[f"{m}_{f}_gap_closes_at_ratio"] = closes
+    if "qtale" in run.r["methods"] and "dllm" in run.r["methods"]:
+        tasks = run.r["eval"]["tasks"]
+        for f in fmts:  # does the entropy term pay? one test over every ratio both methods were evaluated at
+            both = [r for r in run.r["ratios"] if r < 1 and all(
+                f"{m}/{f}/{ratio_key(r)}" in items for m in ("qtale", "dllm"))]
+            if len(both) > 1:
+                p = pooled([(items[f"qtale/{f}/{ratio_key(r)}"], items[f"dllm/{f}/{ratio_key(r)}"]) for r in both], tasks)
+                out[f"qtale_vs_dllm_{f}_pooled"] = {"ratios": both, **p["avg"]}
     out["close_threshold_points"] = CLOSE_POINTS
     return out
 
@@ -185,6 +204,10 @@ def render_headline(res: dict) -> list[str]:
                 if "gap_vs_dllm" in row:
                     line += f"; vs D-LLM at the same ratio {_diff(row['gap_vs_dllm'])}"
                 lines.append(line)
+        elif key.startswith("qtale_vs_dllm_") and key.endswith("_pooled"):
+            fmt = key[len("qtale_vs_dllm_"):-len("_pooled")]
+            lines.append(f"- QTALE - D-LLM ({fmt}), pooled over ratios {', '.join(f'{r:g}' for r in value['ratios'])} "
+                         f"(each item's mean difference): {_diff(value)}")
         elif key.endswith("_gap_closes_at_ratio"):
             method, fmt = key.split("_")[:2]
             lines.append(f"- {method.upper() if method == 'qtale' else 'D-LLM'}+{fmt}: gap to quant-only all-layers within "

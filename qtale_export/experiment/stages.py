@@ -291,7 +291,7 @@ def stage_report(run: Run) -> dict:
     from .. import checkpoint
     from ..tasks import PRIMARY, validation_size
 
-    results, _ = report.collect(run)
+    results, items = report.collect(run)
     calib = {}
     for method in run.r["methods"]:
         calib[method] = {}
@@ -317,7 +317,7 @@ def stage_report(run: Run) -> dict:
            "machine": report.machine(), "timings": read_json(run.timings_file) if run.timings_file.is_file() else {},
            "training": _training_info(run), "calibration": calib, "quantization": quant,
            "configs": results}
-    res["headline"] = report.headline(run, results)
+    res["headline"] = report.headline(run, results, items)
     res["training_ratio_failures"] = report.ratio_failures(res["training"])
     res["pending"] = list(run.pending)
     run.docs.mkdir(parents=True, exist_ok=True)

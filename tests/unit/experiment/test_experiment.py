@@ -293,6 +293,18 @@ def test_paired_difference_by_hand():
     assert p["avg"] == {"diff": 0.5, "stderr": pytest.approx(d["stderr"])}
 
 
+def test_pooled_difference_averages_each_item_over_the_pairs():
+    """One test over two ratios: the items' mean differences (0, 1, 0.5, 0.5), not the two
+    comparisons' standard errors combined as if independent."""
+    def res(v):
+        return {"arc_e": [{"idx": i, "acc_norm": x} for i, x in enumerate(v)]}
+    pairs = [(res([1, 1, 0, 1]), res([1, 0, 0, 0])), (res([0, 1, 1, 0]), res([0, 0, 0, 0]))]
+    p = X.pooled(pairs, ["arc_e"])["tasks"]["arc_e"]
+    assert p["n"] == 4 and p["diff"] == pytest.approx(0.5)
+    assert p["stderr"] == pytest.approx((1 / 6) ** 0.5 / 2)  # item means 0, 1, .5, .5: sample var 1/6
+    assert X.pooled(pairs[:1], ["arc_e"]) == X.paired(*pairs[0], ["arc_e"])
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda r: r.pop("ratios"), "missing required key 'ratios'"),
     (lambda r: r.pop("model"), "missing required key 'model'"),
