@@ -21,7 +21,7 @@ package. Modules: recipe (schema), layout (run folder, configurations), stages, 
 command (the command line).
 """
 from .command import ExperimentOptions, run_experiment
-from .layout import Run, configurations, read_json as _read_json
+from .layout import Run, configurations
 from .recipe import load_recipe
 from .report import (README_BEGIN, README_END, SCHEMA, paired, pooled, render_markdown, render_readme_block,
                      update_readme)

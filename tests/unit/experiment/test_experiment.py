@@ -14,6 +14,7 @@ import qtale_export
 from qtale_export import checkpoint
 from qtale_export import evaluate as E
 from qtale_export import experiment as X
+from qtale_export.experiment.layout import read_json as read_eval_json
 from qtale_export.cli import experiment as cli_experiment
 from qtale_export import tasks as T
 from qtale_export.errors import QtaleError
@@ -257,12 +258,12 @@ def test_interrupted_eval_resumes_from_its_finished_tasks(tiny_dir, tmp_path, fa
     cli_experiment.run(args_for(recipe, tmp_path, *args))
     assert scored == ["boolq"]  # arc_e came from its saved part
     assert not (docs_eval / "partial" / "qtale__int3__0.6").exists()
-    resumed = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
+    resumed = read_eval_json(docs_eval / "qtale__int3__0.6.json.gz")
     (docs_eval / "qtale__int3__0.6.json.gz").unlink()
     scored.clear()
     cli_experiment.run(args_for(recipe, tmp_path, *args))
     assert scored == ["arc_e", "boolq"]
-    fresh = X._read_json(docs_eval / "qtale__int3__0.6.json.gz")
+    fresh = read_eval_json(docs_eval / "qtale__int3__0.6.json.gz")
     for key in ("tasks", "items", "tokens", "realized_ratio", "theta"):
         assert resumed[key] == fresh[key], key
 
@@ -355,7 +356,6 @@ def test_cli_one_line_error(tmp_path, capsys):
 
 
 def test_shipped_recipe_is_valid():
-    from pathlib import Path
 
     path = REPO / "recipes" / "smollm2-135m.yaml"
     try:
