@@ -8,7 +8,10 @@ the benchmark, the verifiers and the Triton router model feed the graphs through
     out = loop.prefill(input_ids, attention_mask)        # logits, present.{i}.*, exec_mask
     out = loop.step(greedy(out))                         # present.* -> past.*, exec_mask -> past_exec
 
-Prefill: input_ids / attention_mask [batch, seq] int64 (left padding allowed), theta [batch] fp32.
+Prefill: input_ids / attention_mask [batch, seq] int64 (left padding allowed), theta [batch] fp32,
+and (`optional_inputs`, the ONNX Runtime forms) logits_to_keep, an int64 scalar with a default:
+logits for the last N positions only, as transformers' `logits_to_keep` (0, the default: every
+position, for scoring; a generation loop asks for 1 and skips the LM head on the rest of the prompt).
 Decode: one new token per row, attention_mask over every position so far, the previous step's
 present.{i}.key/value as past.{i}.key/value and its exec_mask as past_exec. exec_mask and
 past_exec are [num_layers, batch, positions]: the batch is their second axis (`batch_axis`).
@@ -27,6 +30,7 @@ import numpy as np
 GRAPHS = ("prefill", "decode")
 INPUT_IDS, ATTENTION_MASK, THETA = "input_ids", "attention_mask", "theta"
 PAST_EXEC = "past_exec"
+LOGITS_TO_KEEP = "logits_to_keep"
 LOGITS, EXEC_MASK = "logits", "exec_mask"
 KV = ("key", "value")
 
@@ -71,10 +75,17 @@ def inputs(graph: str, num_layers: int, kv_heads: int, head_dim: int, act: str =
     return spec
 
 
+def optional_inputs(graph: str) -> dict:
+    """{name: (dtype, shape, default)} of the inputs a graph may declare with a default value (an
+    initializer of the same name, so a consumer that does not feed it gets the default). The
+    tensorrt form declares none: TensorRT reads such an input as a constant."""
+    return {LOGITS_TO_KEEP: ("int64", [], 0)} if graph == "prefill" else {}
+
+
 def outputs(graph: str, num_layers: int, kv_heads: int, head_dim: int, vocab: int, act: str = "float32") -> dict:
     """{name: (dtype, shape)} of a graph's outputs in graph order (logits of the new positions,
     K/V and exec mask over every position so far)."""
-    new, total = ("seq", "seq") if graph == "prefill" else (1, "total")
+    new, total = ("kept", "seq") if graph == "prefill" else (1, "total")  # kept: logits_to_keep or seq
     spec = {LOGITS: ("float32", ["batch", new, vocab])}
     spec.update({name: (act, ["batch", kv_heads, total, head_dim]) for name in present_names(num_layers)})
     spec[EXEC_MASK] = ("bool", [num_layers, "batch", total])
@@ -82,9 +93,13 @@ def outputs(graph: str, num_layers: int, kv_heads: int, head_dim: int, vocab: in
 
 
 # ---- feeds ----------------------------------------------------------------------------------------
-def prefill_feeds(input_ids, attention_mask, theta) -> dict:
-    return {INPUT_IDS: np.asarray(input_ids, np.int64), ATTENTION_MASK: np.asarray(attention_mask, np.int64),
-            THETA: np.asarray(theta, np.float32)}
+def prefill_feeds(input_ids, attention_mask, theta, logits_to_keep: int | None = None) -> dict:
+    """Prefill feeds; logits_to_keep only where given (the graph must declare it)."""
+    feeds = {INPUT_IDS: np.asarray(input_ids, np.int64), ATTENTION_MASK: np.asarray(attention_mask, np.int64),
+             THETA: np.asarray(theta, np.float32)}
+    if logits_to_keep is not None:
+        feeds[LOGITS_TO_KEEP] = np.asarray(int(logits_to_keep), np.int64)
+    return feeds
 
 
 def decode_feeds(last: dict, token_ids, attention_mask, theta, num_layers: int, cache: bool = True) -> dict:
@@ -124,9 +139,9 @@ class Loop:
         self.out: dict = {}
         self.mask: np.ndarray | None = None
 
-    def prefill(self, input_ids, attention_mask) -> dict:
+    def prefill(self, input_ids, attention_mask, logits_to_keep: int | None = None) -> dict:
         self.mask = np.asarray(attention_mask, np.int64)
-        self.out = self.run("prefill", prefill_feeds(input_ids, self.mask, self.theta))
+        self.out = self.run("prefill", prefill_feeds(input_ids, self.mask, self.theta, logits_to_keep))
         return self.out
 
     def step(self, token_ids) -> dict:

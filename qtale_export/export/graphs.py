@@ -565,10 +565,14 @@ class Lowering:
 # ---------------------------------------------------------------------------------------------
 # the two graphs
 # ---------------------------------------------------------------------------------------------
-def _declare_inputs(b: Builder, s: Spec, graph: str) -> None:
-    """The graph inputs of the contract (deploy/graph_io.py)."""
+def _declare_inputs(b: Builder, s: Spec, graph: str, optional: bool = False) -> None:
+    """The graph inputs of the contract (deploy/graph_io.py); with `optional`, also those with a
+    default (an input and an initializer of the same name: ONNX Runtime feeds it or keeps it)."""
     for name, (dtype, shape) in graph_io.inputs(graph, s.num_layers, s.kv_heads, s.head_dim, b.act.name).items():
         b.add_input(name, NP2ONNX[np.dtype(dtype)], shape)
+    for name, (dtype, shape, default) in (graph_io.optional_inputs(graph) if optional else {}).items():
+        b.add_input(name, NP2ONNX[np.dtype(dtype)], shape)
+        b.init(name, np.asarray(default, dtype).reshape(shape))
 
 
 def _logits_and_cache_outputs(b: Builder, s: Spec, logits: str, graph: str) -> None:
@@ -587,7 +591,8 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
     s = w.spec
     b = Builder(opset, act, weight_fn)
     L = lowering(b, w, ops) if lowering else Lowering(b, w, ops, target)
-    _declare_inputs(b, s, "prefill")
+    optional = target != "tensorrt"
+    _declare_inputs(b, s, "prefill", optional)
     valid, pos = L.positions(graph_io.ATTENTION_MASK)
     keep = L.keep_mask(valid, pos)
     x = L.embed(graph_io.INPUT_IDS)
@@ -603,6 +608,9 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
         b.op("Identity", [v], outputs=[graph_io.present(i, "value")])
         execs.append(b.unsq(gate, [0]))
     b.op("Concat", execs, outputs=[graph_io.EXEC_MASK], axis=0)
+    if optional:  # logits of the last logits_to_keep positions (start -0 = 0: every position)
+        start = b.op("Neg", [b.op("Reshape", [graph_io.LOGITS_TO_KEEP, b.const([1])])])
+        x = b.op("Slice", [x, start, b.const([np.iinfo(np.int64).max]), b.const([1])])
     _logits_and_cache_outputs(b, s, L.head(x), "prefill")
     return b.model("qtale_prefill")
 
@@ -704,7 +712,10 @@ def io_description(m: onnx.ModelProto) -> dict:
             out[vi.name] = {"dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
                             "shape": [d.dim_param or d.dim_value for d in tt.shape.dim]}
         return out
-    return {"inputs": desc(m.graph.input), "outputs": desc(m.graph.output)}
+    defaults = {t.name for t in m.graph.initializer}
+    return {"inputs": desc(vi for vi in m.graph.input if vi.name not in defaults),
+            "optional_inputs": desc(vi for vi in m.graph.input if vi.name in defaults),
+            "outputs": desc(m.graph.output)}
 
 
 def cut_routers(m: onnx.ModelProto) -> int:

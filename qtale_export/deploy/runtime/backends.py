@@ -53,9 +53,15 @@ class OrtBackend:
             self.sessions[g] = ort_ops.session(self.folder / info["file"], providers=self.providers,
                                                threads=threads, exact=exact, spin=spin)
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
+        self.inputs = {g: {i.name for i in s.get_inputs()} | {i.name for i in s.get_overridable_initializers()}
+                       for g, s in self.sessions.items()}
         self.name = f"onnxruntime:{device}:{manifest.get('precision')}"
 
         self.in_place = manifest["graphs"]["decode"].get("kv_cache") == "in-place"
+
+    def accepts(self, graph: str, name: str) -> bool:
+        """Whether `graph` takes input `name` (graph_io.optional_inputs are not in every export)."""
+        return name in self.inputs[graph]
 
     def run(self, graph: str, feeds: dict) -> dict:
         sess = self.sessions[graph]
@@ -176,6 +182,12 @@ class TensorRTBackend:
             self.contexts[g] = engine.create_execution_context()
         self.stream = _ck(cudart.cudaStreamCreate())
         self.name = f"tensorrt:{engines['prefill'].get('precision')}"
+
+    def accepts(self, graph: str, name: str) -> bool:
+        """Whether the `graph` engine has input `name`."""
+        engine = self.engines[graph]
+        return any(engine.get_tensor_name(i) == name and engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT
+                   for i in range(engine.num_io_tensors))
 
     def run(self, graph: str, feeds: dict) -> dict:
         trt, cudart = self.trt, self.cudart

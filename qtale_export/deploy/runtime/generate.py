@@ -234,7 +234,9 @@ class Runtime:
         n_prompt = len(ids)
         t0 = time.perf_counter()
         loop = self.loop(theta_value)
-        out = loop.prefill([ids], np.ones((1, n_prompt), np.int64))
+        # only the last position's logits: the LM head skips the rest of the prompt where the graph can
+        keep = 1 if self.backend.accepts("prefill", graph_io.LOGITS_TO_KEEP) else None
+        out = loop.prefill([ids], np.ones((1, n_prompt), np.int64), logits_to_keep=keep)
         t_prefill = time.perf_counter() - t0
         prefill_ratio = self._exec_ratio(out[graph_io.EXEC_MASK])
         exec_mask = out[graph_io.EXEC_MASK]

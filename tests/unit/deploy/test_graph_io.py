@@ -36,7 +36,8 @@ def test_names_follow_the_graph_order():
     assert decode["past.1.value"] == ("float16", ["batch", 3, "past", 8])
     assert decode["past_exec"] == ("bool", [2, "batch", "past"])
     assert list(graph_io.inputs("prefill", 2, 3, 8)) == ["input_ids", "attention_mask", "theta"]
-    assert graph_io.outputs("prefill", 2, 3, 8, vocab=11)["logits"] == ("float32", ["batch", "seq", 11])
+    assert graph_io.outputs("prefill", 2, 3, 8, vocab=11)["logits"] == ("float32", ["batch", "kept", 11])
+    assert graph_io.optional_inputs("prefill") == {"logits_to_keep": ("int64", [], 0)} and not graph_io.optional_inputs("decode")
     assert graph_io.outputs("decode", 2, 3, 8, vocab=11)["exec_mask"] == ("bool", [2, "batch", "total"])
     assert graph_io.batch_axis("exec_mask") == graph_io.batch_axis("past_exec") == 1
     assert graph_io.batch_axis("present.0.key") == 0

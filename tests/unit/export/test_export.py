@@ -180,6 +180,35 @@ def test_in_place_decode_batched_paths(exported, spread_model, precision, target
     assert differ > 0  # the rows did take different paths
 
 
+@pytest.mark.parametrize("precision,ops,target", [("fp32", "standard", None), ("int4", "standard", "ort-cpu"),
+                                                  ("int4", "standard", "tensorrt")])
+def test_prefill_logits_to_keep(exported, precision, ops, target):
+    """logits_to_keep N gives the last N positions' logits of the full prefill (0 or none: every
+    position; N above the length: every position), K/V and exec mask unchanged; the tensorrt form
+    does not declare it (TensorRT would read an input with a default as a constant)."""
+    from qtale_export.deploy import graph_io
+
+    out = exported(precision, ops, target)
+    sess = ort_ops.session(out / "prefill.onnx", exact=True)
+    declared = {i.name for i in sess.get_overridable_initializers()}
+    assert (graph_io.LOGITS_TO_KEEP in declared) == (target != "tensorrt")
+    if target == "tensorrt":
+        return
+    m = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
+    ids = np.array([[5, 7, 9, 11, 13, 2, 4], [0, 0, 3, 8, 6, 1, 9]], np.int64)
+    mask = np.array([[1] * 7, [0, 0, 1, 1, 1, 1, 1]], np.int64)
+    names = [o.name for o in m.graph.output]
+    base = graph_io.prefill_feeds(ids, mask, np.array([0.0, 0.6], np.float32))
+    full = dict(zip(names, sess.run(None, base)))
+    assert full["logits"].shape[1] == 7
+    for keep, want in ((0, 7), (1, 1), (3, 3), (50, 7)):
+        got = dict(zip(names, sess.run(None, graph_io.prefill_feeds(ids, mask, base["theta"], keep))))
+        assert got["logits"].shape[1] == want
+        np.testing.assert_allclose(got["logits"], full["logits"][:, 7 - want:], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(got["exec_mask"], full["exec_mask"])
+        np.testing.assert_array_equal(got["present.0.key"], full["present.0.key"])
+
+
 def _if_nodes(path):
     m = onnx.load(str(path), load_external_data=False)
     ifs = {n.name: n for n in m.graph.node if n.op_type == "If"}

@@ -139,6 +139,8 @@ def test_the_export_declares_the_graph_contract(tiny_export):
         described = manifest["graphs"][graph]
         want_in = graph_io.inputs(graph, *dims, m["activation_dtype"])
         want_out = graph_io.outputs(graph, *dims, m["vocab"], m["activation_dtype"])
-        for got, want in ((described["inputs"], want_in), (described["outputs"], want_out)):
+        want_opt = {n: (dtype, shape) for n, (dtype, shape, _) in graph_io.optional_inputs(graph).items()}
+        for got, want in ((described["inputs"], want_in), (described["outputs"], want_out),
+                          (described["optional_inputs"], want_opt)):
             assert list(got) == list(want)
             assert {n: (v["dtype"], v["shape"]) for n, v in got.items()} == want
