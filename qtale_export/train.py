@@ -46,6 +46,7 @@ class TrainConfig:
     lambda1: float = 1.0  # ratio loss weight
     lambda1_warmup: int = 0  # steps of linear warm-up of lambda1
     lambda2: float = 0.1  # entropy weight (qtale only)
+    full_every: int = 0  # every Nth step runs every layer, distillation only (0: never); see _train
     tau: float = 1.0
     lora_rank: int = 0
     lora_lr: float | None = None  # LoRA factors' learning rate (None: lr); routers train at lr
@@ -239,6 +240,7 @@ def ratio_reached(log: Path, target: float, tail: float = 0.1) -> dict | None:
     if not log.is_file():
         return None
     rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if not r.get("all_layers")]  # full_every steps run every layer by design
     if not rows:
         return None
     last = rows[-max(1, int(len(rows) * tail)):]
@@ -341,6 +343,9 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
         torch.manual_seed(cfg.seed * 1000003 + step * world + rank)  # Gumbel noise, resumable
         warm = 1.0 if cfg.lambda1_warmup <= 0 else min(1.0, (step + 1) / cfg.lambda1_warmup)
         lambda1 = cfg.lambda1 * warm
+        # an all-layers step: the adapter is trained for routed execution only and otherwise drifts
+        # from the base on the all-layers path (the high-ratio end); no router loss on such a step
+        all_layers = cfg.full_every > 0 and (step + 1) % cfg.full_every == 0
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             b = {k: v.to(device()) for k, v in
@@ -348,7 +353,7 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
             valid = b["attention_mask"].bool()
             vf = valid.float()
             o = runner(b["input_ids"], attention_mask=b["attention_mask"],
-                       labels=b["labels"] if loss_kind == "task" else None)
+                       labels=b["labels"] if loss_kind == "task" else None, execute_all=all_layers)
             if loss_kind == "task":
                 main = o.loss
             else:
@@ -356,7 +361,7 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
                 main = distill_loss(o.logits, teacher, vf)
             r_loss = ratio_loss(o.gates, vf, cfg.target_ratio)
             ent = router_entropy(o.router_logits, vf)
-            total = main + lambda1 * r_loss - lambda2 * ent
+            total = main if all_layers else main + lambda1 * r_loss - lambda2 * ent
             (total / cfg.grad_accum).backward()
             stats = path_stats(o.gates, valid)
             for k, v in {"loss": total.item(), loss_kind + "_loss": main.item(), "ratio_loss": r_loss.item(),
@@ -373,7 +378,8 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
             out.mkdir(parents=True, exist_ok=True)
             with open(out / LOG, "a") as f:
                 f.write(json.dumps({"step": step + 1, "lambda1": lambda1, "lambda2": lambda2,
-                                    "time_s": round(time.time() - started, 2), **losses}) + "\n")
+                                    "time_s": round(time.time() - started, 2), **losses,
+                                    **({"all_layers": True} if all_layers else {})}) + "\n")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             # gathering full state is a collective under FSDP: every rank takes part
             opt_state, routers = optimizer_state(model, optimizer, sharded), model.router_state()

@@ -127,7 +127,7 @@ TRAIN_KINDS: dict[str, Callable] = {
     "steps": nonnegative_int, "batch_size": positive_int, "grad_accum": positive_int,
     "seq_len": positive_int, "lora_rank": nonnegative_int, "seed": nonnegative_int,
     "save_every": positive_int, "first_routed_layer": nonnegative_int, "keep_initial": nonnegative_int,
-    "router_hidden": positive_int, "lambda1_warmup": nonnegative_int,
+    "router_hidden": positive_int, "lambda1_warmup": nonnegative_int, "full_every": nonnegative_int,
     "lr": positive, "weight_decay": nonnegative, "lambda1": nonnegative, "lambda2": nonnegative,
     "tau": positive, "target_ratio": ratio,
 }

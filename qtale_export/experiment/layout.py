@@ -22,6 +22,9 @@ from ..deploy.theta import ratio_key
 
 REPO = Path(__file__).resolve().parents[2]
 FROZEN = ("model", "seed", "methods", "ratios", "train", "calibration", "quantization")
+# keys added after run folders were first frozen, with the value that means "as before": a stored
+# recipe without one of them still matches a recipe that gives it this value
+ADDED_LATER = {"train": {"full_every": 0}}
 
 
 # ---- files -----------------------------------------------------------------------------------
@@ -157,6 +160,8 @@ class Run:
                                  "(or --out another folder)")
             old = read_json(stored)
             for k in FROZEN:
+                if isinstance(old.get(k), dict) and k in ADDED_LATER:
+                    old[k] = {**ADDED_LATER[k], **old[k]}
                 if old.get(k) != frozen[k]:
                     raise QtaleError(f"recipe key '{k}' differs from the one run folder {self.root} was "
                                      "started with; use another --out")

@@ -25,7 +25,7 @@ REQUIRED = ("name", "model", "train", "ratios", "quantization", "eval")
 # from elsewhere in the recipe
 TRAIN_NAMES = ("data", "steps", "loss", "batch_size", "grad_accum", "lr", "weight_decay", "seq_len",
                "target_ratio", "lambda1", "lambda1_warmup", "lambda2", "tau", "lora_rank", "save_every",
-               "max_examples", "first_routed_layer", "keep_initial", "router_hidden", "lora_lr", "dtype")
+               "max_examples", "first_routed_layer", "keep_initial", "router_hidden", "lora_lr", "dtype", "full_every")
 CALIB_NAMES = ("data", "seq_len", "max_tokens", "tol")
 QUANT_NAMES = ("formats", "calib_data", "calib_samples", "calib_length", "group_size")
 # evaluate has no config object: its recipe defaults are written here
@@ -102,8 +102,9 @@ def _train_section(raw: dict, keys: dict, here: Path) -> dict:
     if not data:
         raise QtaleError("recipe: 'train.data' lists no files")
     train["data"] = [_resolve_data(d, here, "training data") for d in data]
-    for key in ("steps", "batch_size", "grad_accum", "seq_len", "lora_rank", "save_every", "lambda1_warmup"):
-        low = 0 if key in ("lora_rank", "lambda1_warmup") else 1
+    for key in ("steps", "batch_size", "grad_accum", "seq_len", "lora_rank", "save_every", "lambda1_warmup",
+                "full_every"):
+        low = 0 if key in ("lora_rank", "lambda1_warmup", "full_every") else 1
         if not isinstance(train[key], int) or isinstance(train[key], bool) or train[key] < low:
             raise QtaleError(f"recipe: 'train.{key}' must be an integer >= {low}, got {train[key]!r}")
     if train["dtype"] not in ("float32", "bfloat16"):

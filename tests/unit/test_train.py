@@ -45,6 +45,30 @@ def test_qtale_has_higher_router_entropy_than_dllm(tiny_dir, text_file, tmp_path
     assert ent["qtale"] > ent["dllm"]
 
 
+def test_full_every_steps_run_every_layer_and_train_only_the_adapter(tiny_dir, text_file, tmp_path):
+    """full_every N: every Nth step executes every layer on distillation alone (logged as
+    all_layers, realized ratio 1, left out of ratio_reached); with N = 1 the routers get no gradient
+    at all and stay as initialised while the LoRA factors move."""
+    out = train(cfg_for(tiny_dir, text_file, tmp_path / "mix", steps=6, full_every=3, loss="distill", lora_rank=4),
+                progress=False)
+    rows = log(out)
+    assert [r.get("all_layers", False) for r in rows] == [False, False, True, False, False, True]
+    assert all(r["realized_ratio"] == 1.0 for r in rows if r.get("all_layers"))
+    routed = [r["realized_ratio"] for r in rows if not r.get("all_layers")]
+    reached = train_mod.ratio_reached(out / train_mod.LOG, 0.3, tail=0.5)
+    assert reached["mean_last"] == pytest.approx(sum(routed[-2:]) / 2, abs=1e-4)
+
+    out1 = train(cfg_for(tiny_dir, text_file, tmp_path / "all", steps=3, full_every=1, loss="distill", lora_rank=4,
+                         weight_decay=0.0), progress=False)
+    init = train(cfg_for(tiny_dir, text_file, tmp_path / "init", steps=0, loss="distill", lora_rank=4), progress=False)
+    a, b = qtale_export.load(out1), qtale_export.load(init)
+    for (name, pa), pb in zip(a.routers.state_dict().items(), b.routers.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    lora = [(n, p) for n, p in a.base.named_parameters() if "lora_B" in n]
+    lora0 = dict((n, p) for n, p in b.base.named_parameters() if "lora_B" in n)
+    assert lora and any(not torch.equal(p, lora0[n]) for n, p in lora)
+
+
 def test_resume_continues_from_saved_step(tiny_dir, text_file, tmp_path, monkeypatch):
     ref = train(cfg_for(tiny_dir, text_file, tmp_path / "ref", steps=10), progress=False)
     real_batch = train_mod.batch_for
