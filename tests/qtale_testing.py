@@ -88,3 +88,13 @@ def spread_checkpoint(tiny_dir: Path, folder: Path):
 
     model = spread_routed_model(tiny_dir)
     return model, checkpoint.save(model, folder)
+
+
+def load_script(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

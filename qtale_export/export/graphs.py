@@ -30,7 +30,12 @@ PLUGIN_ATTRS = {"plugin_version": "1", "plugin_namespace": "qtale"}
 NP2ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
            np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
 MIN_OPSET = 18
-GATE_OP = "GreaterOrEqual"  # a router's gate, margin >= logit(theta): the graphs' only node of this op
+GATE_OP = "GreaterOrEqual"  # a router's gate, margin >= logit(theta), named gate_name(i)
+
+
+def gate_name(i: int) -> str:
+    """The node name of router i's gate (cut_routers finds the gates by it)."""
+    return f"router.{i}/gate"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +413,7 @@ class Lowering:
         logit(theta): one [hidden, 1] MatMul instead of the [hidden, 2] one, Softmax and Slice, and
         logit(theta) made once per graph (theta 0 -> -inf: every token; 1 -> +inf: none)."""
         b = self.b
-        on = b.op(GATE_OP, [self.router_margin(i, x), self.logit_theta(theta)])  # cut_routers finds it
+        on = b.op(GATE_OP, [self.router_margin(i, x), self.logit_theta(theta)], name=gate_name(i))
         return b.op("Or", [b.op("And", [b.op("Squeeze", [on, b.const([-1])]), valid]), keep])
 
     def router_margin(self, i, x):
@@ -718,6 +723,18 @@ def io_description(m: onnx.ModelProto) -> dict:
             "outputs": desc(m.graph.output)}
 
 
+def _branch_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every value the subgraphs of `node` (If branches, recursively) read: an over-approximation
+    of their outer-scope references, which is what dead-node elimination must keep."""
+    names: set[str] = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for n in a.g.node:
+                names.update(i for i in n.input if i)
+                names |= _branch_inputs(n)
+    return names
+
+
 def cut_routers(m: onnx.ModelProto) -> int:
     """Replace every router's gate of graph `m` by "execute" and drop the nodes no output needs
     (the router subgraphs), in place; returns the number of gates cut. `qtale bench` measures
@@ -725,7 +742,7 @@ def cut_routers(m: onnx.ModelProto) -> int:
     nodes = list(m.graph.node)
     cut = 0
     for node in nodes:
-        if node.op_type == GATE_OP and len(node.input) == 2:  # GreaterOrEqual(margin, logit(theta))
+        if node.op_type == GATE_OP and node.name.startswith("router.") and node.name.endswith("/gate"):
             node.input[0] = node.input[1]  # logit(theta) >= itself: always true ([B, 1, 1], broadcast by And)
             cut += 1
     needed = {o.name for o in m.graph.output}
@@ -734,6 +751,7 @@ def cut_routers(m: onnx.ModelProto) -> int:
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
+            needed.update(_branch_inputs(node))
     del m.graph.node[:]
     m.graph.node.extend(reversed(keep))
     inits = [i for i in m.graph.initializer if i.name in needed]
@@ -1002,7 +1020,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
             x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
             execs.append(gate)
             continue
-        gate = b.op(GATE_OP, [L.router_margin(i, x), threshold])  # cut_routers finds it
+        gate = b.op(GATE_OP, [L.router_margin(i, x), threshold], name=gate_name(i))
         if b.opset >= 20:  # ReduceMax takes bool from opset 20
             cond = b.reduce("ReduceMax", gate, [0, 1, 2], keepdims=0)
         else:

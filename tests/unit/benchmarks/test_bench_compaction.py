@@ -1,19 +1,12 @@
 """benchmarks/bench_compaction.py: skips cleanly without CUDA (the GPU run itself is tests/gpu's job)."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from qtale_testing import REPO
-
-SCRIPT = REPO / "benchmarks" / "bench_compaction.py"
+from qtale_testing import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_compaction", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_compaction")
 
 
 def test_skips_without_cuda(capsys, monkeypatch):

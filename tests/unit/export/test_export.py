@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 
 import numpy as np
@@ -207,6 +208,34 @@ def test_prefill_logits_to_keep(exported, precision, ops, target):
         np.testing.assert_allclose(got["logits"], full["logits"][:, 7 - want:], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(got["exec_mask"], full["exec_mask"])
         np.testing.assert_array_equal(got["present.0.key"], full["present.0.key"])
+
+
+def test_cut_routers_keeps_what_if_branches_read(exported, spread_model):
+    """graphs.cut_routers on the int4 ort-cpu decode graph, whose If branches read outer-scope
+    values: no router MatMul is left, the graph still runs, and at theta 0 (every layer executes
+    either way) it gives the original's logits and exec mask."""
+    from qtale_export.export.graphs import cut_routers
+    from qtale_export.export.verify import reference_model
+
+    out = exported("int4", "standard", "ort-cpu")
+    manifest = read_manifest(out)
+    m = reference_model(manifest, out, spread_model)
+    g = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    assert cut_routers(g) == len(m.layer_ids)
+    assert not any(n.op_type == "MatMul" and n.name.startswith("router.") for n in g.graph.node)
+    cut_file = out.parent / "decode-cut" / "decode.onnx"
+    cut_file.parent.mkdir(exist_ok=True)
+    for f in out.iterdir():  # the external weights next to the graph, as ONNX Runtime wants them
+        if f.suffix == ".data" and not (cut_file.parent / f.name).exists():
+            shutil.copy2(f, cut_file.parent / f.name)  # a hard link would fail onnx's checker elsewhere
+    onnx.save(g, str(cut_file))
+    pre = ort_ops.session(out / "prefill.onnx", exact=True)
+    sessions = [ort_ops.session(out / "decode.onnx", exact=True), ort_ops.session(cut_file, exact=True)]
+    ids, mask = random_batch(m, n=1, t=6, seed=2, left_pad=())
+    theta = torch.zeros(1)
+    got = [list(_decode_pairs(m, pre, dec, ids, mask, theta, steps=2))[-1][0] for dec in sessions]
+    np.testing.assert_allclose(got[1]["logits"], got[0]["logits"], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(got[1]["exec_mask"], got[0]["exec_mask"])
 
 
 def _if_nodes(path):
