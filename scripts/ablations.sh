@@ -31,13 +31,22 @@ ROWS=(
   "records|--data $RECORDS"
   "seq512|--seq-len 512 --batch-size 2"
 )
-want=" $* "
-for row in "${ROWS[@]}"; do
-  name=${row%%|*}; flags=${row#*|}
-  [ $# -gt 0 ] && [[ "$want" != *" $name "* ]] && continue
+declare -A FLAGS
+order=()
+for row in "${ROWS[@]}"; do FLAGS[${row%%|*}]=${row#*|}; order+=("${row%%|*}"); done
+[ $# -gt 0 ] && order=("$@")  # the named rows, in the order given
+for name in "${order[@]}"; do
+  [ -n "${FLAGS[$name]+x}" ] || { echo "== $name: no such row (${!FLAGS[*]})"; exit 2; }
+  flags=${FLAGS[$name]}
   out=runs/ablate/$name; js=docs/ablations/heldout_kl_$name.json
   if [ -f "$js" ]; then echo "== $name: done ($js)"; continue; fi
   echo "== $name: $flags ($(date +%H:%M))"
+  # steps400 continues the v2 run where its 200 steps ended, when that run (with its optimizer
+  # state) is here: data order and Gumbel noise depend on (seed, step) only, so this is the
+  # uninterrupted 400-step run
+  if [ "$name" = steps400 ] && [ ! -e "$out" ] && [ -f runs/smollm2-135m/train/qtale/optimizer.pt ]; then
+    mkdir -p runs/ablate && cp -r runs/smollm2-135m/train/qtale "$out"
+  fi
   resume=; [ -f "$out/train_state.json" ] && resume=--resume
   # shellcheck disable=SC2086  # word splitting of the flag lists is intended
   $PY -m qtale_export.cli train $V2 --data $DATA $flags --out "$out" $resume || { echo "== $name: training failed"; exit 1; }
