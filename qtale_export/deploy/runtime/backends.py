@@ -78,11 +78,14 @@ class OrtBackend:
 class InPlaceDecoder:
     """Decode steps on one preallocated KV buffer per layer and K/V, bound as both past.{i}.* and
     present.{i}.* (ONNX Runtime IO binding): GroupQueryAttention writes the new token's K/V into
-    its slot, so a step copies no cache. Slots not yet written are zero."""
+    its slot, so a step copies no cache. Slots not yet written are zero. The K/V bindings are made
+    once; a step binds its inputs and two fresh numpy outputs (logits, the exec mask, which grows),
+    so nothing is rebound or wrapped per layer."""
 
     def __init__(self, sess, prefill_out: dict, num_layers: int, capacity: int):
         import onnxruntime as ort
 
+        self.ort = ort
         self.sess, self.io = sess, sess.io_binding()
         first = prefill_out["present.0.key"]
         b, kv, n, hd = first.shape
@@ -95,26 +98,25 @@ class InPlaceDecoder:
                 buf[:, :, :n] = prefill_out[f"present.{i}.{name}"]
                 ov = ort.OrtValue.ortvalue_from_numpy(buf)
                 self.io.bind_ortvalue_input(f"past.{i}.{name}", ov)
+                self.io.bind_ortvalue_output(f"present.{i}.{name}", ov)
                 self.buffers.append((f"present.{i}.{name}", buf, ov))
-        self.capacity = capacity
+        self.capacity, self.batch, self.num_layers = capacity, b, num_layers
+        self.vocab = prefill_out["logits"].shape[-1]
 
     def step(self, feeds: dict) -> dict:
         """feeds: input_ids [B, 1], attention_mask [B, total], theta [B], past_exec [L, B, total - 1]
         -> {"logits", "exec_mask"}."""
-        if feeds["attention_mask"].shape[1] > self.capacity:
+        total = feeds["attention_mask"].shape[1]
+        if total > self.capacity:
             raise QtaleError(f"the KV buffers hold {self.capacity} tokens")
         for name, value in feeds.items():
             self.io.bind_cpu_input(name, np.ascontiguousarray(value))
-        # fresh output bindings each step (exec_mask grows), logits first: io.get_outputs() lists
-        # them in binding order
-        self.io.clear_binding_outputs()
-        self.io.bind_output("logits")
-        self.io.bind_output("exec_mask")
-        for name, _, ov in self.buffers:
-            self.io.bind_ortvalue_output(name, ov)
+        out = {"logits": np.empty((self.batch, 1, self.vocab), np.float32),
+               "exec_mask": np.empty((self.num_layers, self.batch, total), np.bool_)}
+        for name, arr in out.items():  # binding a name again replaces its binding
+            self.io.bind_ortvalue_output(name, self.ort.OrtValue.ortvalue_from_numpy(arr))
         self.sess.run_with_iobinding(self.io)
-        got = self.io.get_outputs()
-        return {"logits": got[0].numpy(), "exec_mask": got[1].numpy()}
+        return out
 
 
 def _import_tensorrt():
