@@ -60,6 +60,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.hf is not None:
+            fast = getattr(self.hf, "backend_tokenizer", None)
+            if fast is not None and not getattr(self.hf, "clean_up_tokenization_spaces", True):
+                # what the transformers wrapper returns, without its per-id checks (once per
+                # generated token, over everything generated so far)
+                return fast.decode(ids, skip_special_tokens=True)
             return self.hf.decode(ids, skip_special_tokens=True)
         return self.tk.decode(ids, skip_special_tokens=True)
 

@@ -144,3 +144,22 @@ def test_the_export_declares_the_graph_contract(tiny_export):
                           (described["optional_inputs"], want_opt)):
             assert list(got) == list(want)
             assert {n: (v["dtype"], v["shape"]) for n, v in got.items()} == want
+
+
+def test_tokenizer_decode_equals_transformers(tiny_export):
+    """The runtime's decode (the fast tokenizer directly where transformers would only forward to
+    it) gives transformers' own text, special tokens included in the ids."""
+    import random
+
+    from qtale_export.deploy.runtime.generate import Tokenizer
+
+    tok = Tokenizer(tiny_export)
+    if tok.hf is None:
+        pytest.skip("transformers is not installed")
+    rng = random.Random(0)
+    vocab = len(tok.hf)
+    special = list(tok.hf.all_special_ids)
+    for n in (1, 7, 64):
+        ids = [rng.randrange(vocab) for _ in range(n)] + special
+        rng.shuffle(ids)
+        assert tok.decode(ids) == tok.hf.decode(ids, skip_special_tokens=True)
