@@ -10,6 +10,11 @@ from ..validate import arg
 from .common import print_table
 
 
+HELP = {"target_ratio": "Omega",
+        "full_every": "every Nth step runs every layer on the task/distillation loss alone, against the adapter's "
+                      "drift on the all-layers path (0: never)"}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="embedded name or HF folder (default %(default)s)")
@@ -19,8 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["auto", "task", "distill"], default=d.loss)
     for name, kind in validate.TRAIN_KINDS.items():
         flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=arg(kind, flag), default=getattr(d, name),
-                       help="Omega" if name == "target_ratio" else None)
+        p.add_argument(flag, type=arg(kind, flag), default=getattr(d, name), help=HELP.get(name))
     p.add_argument("--lora-lr", type=arg(validate.positive, "--lora-lr"), default=None,
                    help="LoRA learning rate (default: --lr)")
     p.add_argument("--max-examples", type=arg(validate.positive_int, "--max-examples"), default=None)
