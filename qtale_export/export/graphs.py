@@ -34,8 +34,14 @@ GATE_OP = "GreaterOrEqual"  # a router's gate, margin >= logit(theta), named gat
 
 
 def gate_name(i: int) -> str:
-    """The node name of router i's gate (cut_routers finds the gates by it)."""
+    """The node name of router i's gate (`is_gate` recognizes it)."""
     return f"router.{i}/gate"
+
+
+def is_gate(node: onnx.NodeProto) -> bool:
+    """Whether `node` is a router's gate named by `gate_name` (the graphs have other GATE_OP nodes)."""
+    index = node.name.removeprefix("router.").removesuffix("/gate")
+    return node.op_type == GATE_OP and index.isdigit() and node.name == gate_name(int(index))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,7 +748,7 @@ def cut_routers(m: onnx.ModelProto) -> int:
     nodes = list(m.graph.node)
     cut = 0
     for node in nodes:
-        if node.op_type == GATE_OP and node.name.startswith("router.") and node.name.endswith("/gate"):
+        if is_gate(node):
             node.input[0] = node.input[1]  # logit(theta) >= itself: always true ([B, 1, 1], broadcast by And)
             cut += 1
     needed = {o.name for o in m.graph.output}

@@ -44,6 +44,10 @@ class Tokenizer:
             pass
         except (OSError, ValueError) as exc:
             raise QtaleError(f"cannot load the tokenizer of {folder}: {str(exc).splitlines()[0]}") from None
+        # transformers' decode only forwards to the fast tokenizer when no clean-up is configured:
+        # call that one directly (decode runs once per generated token, over everything so far)
+        self.fast = (getattr(self.hf, "backend_tokenizer", None)
+                     if self.hf is not None and not getattr(self.hf, "clean_up_tokenization_spaces", True) else None)
         if self.hf is None:
             path = folder / "tokenizer.json"
             if not path.is_file():
@@ -59,12 +63,9 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
+        if self.fast is not None:
+            return self.fast.decode(ids, skip_special_tokens=True)
         if self.hf is not None:
-            fast = getattr(self.hf, "backend_tokenizer", None)
-            if fast is not None and not getattr(self.hf, "clean_up_tokenization_spaces", True):
-                # what the transformers wrapper returns, without its per-id checks (once per
-                # generated token, over everything generated so far)
-                return fast.decode(ids, skip_special_tokens=True)
             return self.hf.decode(ids, skip_special_tokens=True)
         return self.tk.decode(ids, skip_special_tokens=True)
 
