@@ -30,7 +30,13 @@ ROWS=(
   "steps400|--steps 400"
   "records|--data $RECORDS"
   "seq512|--seq-len 512 --batch-size 2"
+  "dllm_full4|--method dllm --full-every 4"
+  "steps400_full4|--steps 400 --full-every 4"
 )
+# rows that continue another run where its 200 steps ended, when that run (with its optimizer
+# state) is here: data order and Gumbel noise depend on (seed, step) only, so the continued run is
+# the uninterrupted 400-step one
+declare -A CONTINUES=([steps400]=runs/smollm2-135m/train/qtale [steps400_full4]=runs/ablate/full4)
 declare -A FLAGS
 order=()
 for row in "${ROWS[@]}"; do FLAGS[${row%%|*}]=${row#*|}; order+=("${row%%|*}"); done
@@ -41,11 +47,9 @@ for name in "${order[@]}"; do
   out=runs/ablate/$name; js=docs/ablations/heldout_kl_$name.json
   if [ -f "$js" ]; then echo "== $name: done ($js)"; continue; fi
   echo "== $name: $flags ($(date +%H:%M))"
-  # steps400 continues the v2 run where its 200 steps ended, when that run (with its optimizer
-  # state) is here: data order and Gumbel noise depend on (seed, step) only, so this is the
-  # uninterrupted 400-step run
-  if [ "$name" = steps400 ] && [ ! -e "$out" ] && [ -f runs/smollm2-135m/train/qtale/optimizer.pt ]; then
-    mkdir -p runs/ablate && cp -r runs/smollm2-135m/train/qtale "$out"
+  src=${CONTINUES[$name]:-}
+  if [ -n "$src" ] && [ ! -e "$out" ] && [ -f "$src/optimizer.pt" ]; then
+    mkdir -p runs/ablate && cp -r "$src" "$out"
   fi
   resume=; [ -f "$out/train_state.json" ] && resume=--resume
   # shellcheck disable=SC2086  # word splitting of the flag lists is intended
