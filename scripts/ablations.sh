@@ -32,6 +32,7 @@ ROWS=(
   "seq512|--seq-len 512 --batch-size 2"
   "dllm_full4|--method dllm --full-every 4"
   "steps400_full4|--steps 400 --full-every 4"
+  "seed1|--seed 1"  # v2 itself with another seed: how far one seed moves a row
 )
 # rows that continue another run where its 200 steps ended, when that run (with its optimizer
 # state) is here: data order and Gumbel noise depend on (seed, step) only, so the continued run is
