@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ import qtale_export
 from qtale_export import checkpoint
 from qtale_export import evaluate as E
 from qtale_export import experiment as X
+from qtale_export.experiment.layout import ADDED_LATER
 from qtale_export.experiment.layout import read_json as read_eval_json
 from qtale_export.cli import experiment as cli_experiment
 from qtale_export import tasks as T
@@ -366,6 +368,27 @@ def test_shipped_recipe_is_valid():
         raise
     assert r["ratios"] == [0.5, 0.6, 0.7, 0.8, 1.0] and r["quantization"]["formats"] == ["int4-awq", "int3"]
     assert r["eval"]["limit"] is None and len(r["eval"]["tasks"]) == 7 and r["methods"] == ["qtale", "dllm"]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-v3"])
+def test_kept_training_runs_match_their_recipe(name):
+    """`--only train` takes a kept run as this recipe's training: its config must be the recipe's."""
+    path = REPO / "recipes" / f"{name}.yaml"
+    try:
+        r = X.load_recipe(path)
+    except QtaleError as exc:
+        if "training data" in str(exc):
+            pytest.skip(f"commonsense train splits not here: {exc}")
+        raise
+    for method in r["methods"]:
+        cfg = json.loads((REPO / "recipes" / "trained" / name / method / "qtale.json").read_text())
+        cfg = cfg["training"]["config"]
+        assert cfg["method"] == method and cfg["seed"] == r["seed"] and cfg["model"] == r["model"]
+        for key, value in r["train"].items():
+            if key == "data":  # stored as given (relative or resolved): same files by name
+                assert [Path(d).name for d in cfg["data"]] == [Path(d).name for d in value]
+            else:
+                assert cfg.get(key, ADDED_LATER["train"].get(key)) == value, (method, key)
 
 
 def test_lora_recipe_trains_an_all_layers_reference(tiny_dir, tmp_path, fake_docs):
