@@ -357,15 +357,18 @@ def test_cli_one_line_error(tmp_path, capsys):
     assert len(err) == 1 and "missing required key" in err[0]
 
 
-def test_shipped_recipe_is_valid():
-
-    path = REPO / "recipes" / "smollm2-135m.yaml"
+def _repo_recipe(name: str) -> dict:
+    """recipes/NAME.yaml loaded, or the test skipped where its training data is not here."""
     try:
-        r = X.load_recipe(path)
+        return X.load_recipe(REPO / "recipes" / f"{name}.yaml")
     except QtaleError as exc:
         if "training data" in str(exc):
             pytest.skip(f"commonsense train splits not here: {exc}")
         raise
+
+
+def test_shipped_recipe_is_valid():
+    r = _repo_recipe("smollm2-135m")
     assert r["ratios"] == [0.5, 0.6, 0.7, 0.8, 1.0] and r["quantization"]["formats"] == ["int4-awq", "int3"]
     assert r["eval"]["limit"] is None and len(r["eval"]["tasks"]) == 7 and r["methods"] == ["qtale", "dllm"]
 
@@ -373,13 +376,7 @@ def test_shipped_recipe_is_valid():
 @pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-v3"])
 def test_kept_training_runs_match_their_recipe(name):
     """`--only train` takes a kept run as this recipe's training: its config must be the recipe's."""
-    path = REPO / "recipes" / f"{name}.yaml"
-    try:
-        r = X.load_recipe(path)
-    except QtaleError as exc:
-        if "training data" in str(exc):
-            pytest.skip(f"commonsense train splits not here: {exc}")
-        raise
+    r = _repo_recipe(name)
     for method in r["methods"]:
         cfg = json.loads((REPO / "recipes" / "trained" / name / method / "qtale.json").read_text())
         cfg = cfg["training"]["config"]
