@@ -23,11 +23,11 @@ command (the command line).
 from .command import ExperimentOptions, run_experiment
 from .layout import Run, configurations
 from .recipe import load_recipe
-from .report import (README_BEGIN, README_END, SCHEMA, paired, pooled, render_markdown, render_readme_block,
-                     update_readme)
+from .report import (README_BEGIN, README_END, SCHEMA, gold_yes_rate, paired, paired_robust, pooled, render_markdown,
+                     render_readme_block, update_readme, yes_rate)
 from .ship import recommended_ratio, stage_keep, stage_ship
 from .stages import ON_REQUEST, STAGES
 
 __all__ = ["README_BEGIN", "README_END", "SCHEMA", "ON_REQUEST", "STAGES", "ExperimentOptions", "Run",
-           "configurations", "load_recipe", "paired", "pooled", "recommended_ratio", "render_markdown",
-           "render_readme_block", "run_experiment", "stage_keep", "stage_ship", "update_readme"]
+           "configurations", "gold_yes_rate", "load_recipe", "paired", "paired_robust", "pooled", "recommended_ratio", "render_markdown",
+           "render_readme_block", "run_experiment", "stage_keep", "stage_ship", "update_readme", "yes_rate"]

@@ -18,6 +18,12 @@ from .layout import Run, configurations, read_json, write_text
 SCHEMA = "qtale-results/1"
 CLOSE_POINTS = 0.5  # "gap closed": within 0.5 accuracy points of the quant-only all-layers model
 HEADLINE_MAX_RATIO = 0.7  # the claim: QTALE+INT4 within CLOSE_POINTS of INT4 all-layers at ratio <= 0.7
+# BoolQ's two answers are "no"/"yes" (choice 1 = yes). A 135M model's accuracy there follows its
+# answer prior (the dense model says "no" to 96% of the items and scores below the 62% majority),
+# so a routed or quantized model that flips to "yes" gains 10-20 points on one task without
+# answering better. Every gap is therefore also given without BoolQ, and each configuration's
+# "yes" rate is reported, so such a flip is visible instead of hidden in avg7.
+PRIOR_TASK = "boolq"
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -47,6 +53,30 @@ def pooled(pairs: list[tuple[dict, dict]], tasks: list[str]) -> dict:
     diffs = [per[t]["diff"] for t in tasks]
     avg = {"diff": sum(diffs) / len(diffs), "stderr": math.sqrt(sum(per[t]["stderr"] ** 2 for t in tasks)) / len(tasks)}
     return {"tasks": per, "avg": avg}
+
+
+def paired_robust(a: dict, b: dict, tasks: list[str]) -> dict:
+    """paired(a, b) plus the task average without PRIOR_TASK (when it is one of several tasks)."""
+    p = paired(a, b, tasks)
+    rest = [t for t in tasks if t != PRIOR_TASK]
+    if len(rest) < len(tasks) and rest:
+        p["avg_without_" + PRIOR_TASK] = paired(a, b, rest)["avg"]
+    return p
+
+
+def yes_rate(items: dict) -> float | None:
+    """The fraction of PRIOR_TASK items answered "yes" (choice 1); None when it was not evaluated."""
+    preds = [it["pred"] for it in items.get(PRIOR_TASK, [])]
+    return sum(1 for p in preds if p == 1) / len(preds) if preds else None
+
+
+def gold_yes_rate(items: dict[str, dict]) -> float | None:
+    """The fraction of the evaluated PRIOR_TASK items whose gold answer is "yes" (any configuration's)."""
+    for per in items.values():
+        golds = [it["gold"] for it in per.get(PRIOR_TASK, [])]
+        if golds:
+            return sum(1 for g in golds if g == 1) / len(golds)
+    return None
 
 
 def _summary(res: dict, tasks: list[str]) -> dict:
@@ -92,19 +122,20 @@ def collect(run: Run) -> tuple[list[dict], dict[str, dict]]:
         entry.update(_summary(src, tasks))
         entry.update({k: src[k] for k in RESULT_FIELDS if k in src})
         entry["layer_ratio"] = src.get("layer_ratio")
+        entry[PRIOR_TASK + "_yes_rate"] = yes_rate(src["items"])
         results.append(entry)
     ids = {e["id"]: e for e in results}
     for e in results:
         if e["kind"] == "quant-only" and "dense/fp" in items:
-            e["vs_dense"] = paired(items[e["id"]], items["dense/fp"], tasks)
+            e["vs_dense"] = paired_robust(items[e["id"]], items["dense/fp"], tasks)
         if e["kind"] in ("routed", "routed-fixed", "layer-drop"):
             ref = "dense/fp" if e["format"] == "fp" else f"quant-only/{e['format']}"
             if ref in items:
                 e["vs_quant_only" if e["format"] != "fp" else "vs_dense"] = {
-                    "reference": ref, **paired(items[e["id"]], items[ref], tasks)}
+                    "reference": ref, **paired_robust(items[e["id"]], items[ref], tasks)}
             other = f"dllm/{e['format']}/{ratio_key(e['target_ratio'])}" if e["target_ratio"] else None
             if e["method"] == "qtale" and other in ids:
-                e["vs_dllm"] = {"reference": other, **paired(items[e["id"]], items[other], tasks)}
+                e["vs_dllm"] = {"reference": other, **paired_robust(items[e["id"]], items[other], tasks)}
         if "vs_dense" in e and "reference" not in e["vs_dense"]:
             e["vs_dense"] = {"reference": "dense/fp", **e["vs_dense"]}
     return results, items
@@ -125,6 +156,8 @@ def headline(run: Run, results: list[dict], items: dict[str, dict]) -> dict:
                 continue
             row = {"ratio": r, "realized_ratio": q.get("realized_ratio"), "avg": q["avg"],
                    "gap_vs_quant_only": q["vs_quant_only"]["avg"]}
+            if "avg_without_" + PRIOR_TASK in q["vs_quant_only"]:
+                row["gap_vs_quant_only_without_" + PRIOR_TASK] = q["vs_quant_only"]["avg_without_" + PRIOR_TASK]
             if "vs_dllm" in q:
                 row["gap_vs_dllm"] = q["vs_dllm"]["avg"]
             rows.append(row)
@@ -135,13 +168,13 @@ def headline(run: Run, results: list[dict], items: dict[str, dict]) -> dict:
         for m in run.r["methods"]:
             if not any("vs_quant_only" in ids.get(f"{m}/{f}/{ratio_key(r)}", {}) for r in run.r["ratios"]):
                 continue  # not evaluated yet, or its all-layers reference is not: no claim either way
-            closes = None
-            for r in run.r["ratios"]:
-                e = ids.get(f"{m}/{f}/{ratio_key(r)}")
-                if e and "vs_quant_only" in e and e["vs_quant_only"]["avg"]["diff"] >= -CLOSE_POINTS / 100:
-                    closes = r
-                    break
-            out[f"{m}_{f}_gap_closes_at_ratio"] = closes
+            for key, gap in (("avg", f"{m}_{f}_gap_closes_at_ratio"),
+                             ("avg_without_" + PRIOR_TASK, f"{m}_{f}_gap_closes_at_ratio_without_{PRIOR_TASK}")):
+                evaluated = [ids.get(f"{m}/{f}/{ratio_key(r)}", {}).get("vs_quant_only") for r in run.r["ratios"]]
+                if key != "avg" and not any(e and key in e for e in evaluated):
+                    continue
+                out[gap] = next((r for r, e in zip(run.r["ratios"], evaluated)
+                                 if e and key in e and e[key]["diff"] >= -CLOSE_POINTS / 100), None)
     if "qtale" in run.r["methods"] and "dllm" in run.r["methods"]:
         tasks = run.r["eval"]["tasks"]
         for f in fmts:  # does the entropy term pay? one test over every ratio both methods were evaluated at
@@ -150,6 +183,10 @@ def headline(run: Run, results: list[dict], items: dict[str, dict]) -> dict:
             if len(both) > 1:
                 p = pooled([(items[f"qtale/{f}/{ratio_key(r)}"], items[f"dllm/{f}/{ratio_key(r)}"]) for r in both], tasks)
                 out[f"qtale_vs_dllm_{f}_pooled"] = {"ratios": both, **p["avg"]}
+                rest = [t for t in tasks if t != PRIOR_TASK]
+                if len(rest) < len(tasks) and rest:
+                    out[f"qtale_vs_dllm_{f}_pooled"]["without_" + PRIOR_TASK] = pooled(
+                        [(items[f"qtale/{f}/{ratio_key(r)}"], items[f"dllm/{f}/{ratio_key(r)}"]) for r in both], rest)["avg"]
     out["close_threshold_points"] = CLOSE_POINTS
     return out
 
@@ -201,18 +238,25 @@ def render_headline(res: dict) -> list[str]:
             for row in value:
                 line = (f"- QTALE+{key.split('_')[1]} at ratio {row['ratio']:g} (realized {_fmt(row['realized_ratio'], '.3f')}): "
                      f"{_pct(row['avg'])} points; gap vs quant-only all-layers {_diff(row['gap_vs_quant_only'])}")
+                if "gap_vs_quant_only_without_" + PRIOR_TASK in row:
+                    line += f" (without {PRIOR_TASK}: {_diff(row['gap_vs_quant_only_without_' + PRIOR_TASK])})"
                 if "gap_vs_dllm" in row:
                     line += f"; vs D-LLM at the same ratio {_diff(row['gap_vs_dllm'])}"
                 lines.append(line)
         elif key.startswith("qtale_vs_dllm_") and key.endswith("_pooled"):
             fmt = key[len("qtale_vs_dllm_"):-len("_pooled")]
             lines.append(f"- QTALE - D-LLM ({fmt}), pooled over ratios {', '.join(f'{r:g}' for r in value['ratios'])} "
-                         f"(each item's mean difference): {_diff(value)}")
+                         f"(each item's mean difference): {_diff(value)}"
+                         + (f" (without {PRIOR_TASK}: {_diff(value['without_' + PRIOR_TASK])})"
+                            if "without_" + PRIOR_TASK in value else ""))
         elif key.endswith("_gap_closes_at_ratio"):
             method, fmt = key.split("_")[:2]
             lines.append(f"- {method.upper() if method == 'qtale' else 'D-LLM'}+{fmt}: gap to quant-only all-layers within "
                          f"{h['close_threshold_points']} points from ratio "
-                         + (f"{value:g}" if value is not None else "— never (at the ratios evaluated)"))
+                         + (f"{value:g}" if value is not None else "— never (at the ratios evaluated)")
+                         + (f" (without {PRIOR_TASK}: " + (f"from ratio {h[key + '_without_' + PRIOR_TASK]:g})"
+                                                           if h[key + "_without_" + PRIOR_TASK] is not None else "never)")
+                            if key + "_without_" + PRIOR_TASK in h else ""))
     return lines
 
 
@@ -225,6 +269,7 @@ def render_markdown(res: dict) -> str:
 
     tasks = res["tasks"]
     avg_name = "avg7" if len(tasks) == 7 and res["configs"] and "avg7" in res["configs"][0] else f"avg{len(tasks)}"
+    prior = PRIOR_TASK in tasks and len(tasks) > 1
     lines = [f"# QTALE experiment results: {res['recipe']['name']}", "",
              "Generated by `qtale experiment` from `docs/results.json`; do not edit by hand.", ""]
     if res.get("subset"):
@@ -239,19 +284,28 @@ def render_markdown(res: dict) -> str:
               "", f"All-layers reference: {res['reference']}", "",
               "Accuracies in points (%). Δ = paired difference on the same items vs the all-layers model of the "
               "same format (quant-only; dense fp for fp rows), ± its standard error. theta re-calibrated after "
-              "quantization for both routed methods.", "",
+              "quantization for both routed methods."
+              + (f" Δ without {PRIOR_TASK} and the {PRIOR_TASK} \"yes\" rate (the share of its items answered "
+                 f"\"yes\"; {_pct(res.get(PRIOR_TASK + '_gold_yes_rate'), 1)}% of the gold answers are \"yes\" where known): "
+                 f"at this model size {PRIOR_TASK} accuracy follows the answer prior, so a flip of that prior "
+                 "moves avg7 without better answers." if prior else ""), "",
               "| configuration | target ratio | realized ratio | FLOPs frac. | " + " | ".join(tasks)
-              + f" | {avg_name} | Δ vs all-layers | Δ vs D-LLM | ppl | KL |",
-              "|" + "---|" * (len(tasks) + 9)]
+              + f" | {avg_name} | Δ vs all-layers |" + (f" Δ without {PRIOR_TASK} |" if prior else "")
+              + " Δ vs D-LLM | ppl | KL |" + (f" {PRIOR_TASK} yes |" if prior else ""),
+              "|" + "---|" * (len(tasks) + 9 + 2 * prior)]
     for config in res["configs"]:
         delta = config.get("vs_quant_only") or config.get("vs_dense")
         cells = [config["id"] + (f" (= {config['same_as']})" if config.get("same_as") else ""),
                  "—" if config["target_ratio"] is None else f"{config['target_ratio']:g}",
                  _fmt(config.get("realized_ratio")), _fmt(config.get("flops_fraction"))]
         cells += [_pct(config["tasks"][task][PRIMARY[task]], 1) for task in tasks]
-        cells += [_pct(config.get("avg7", config["avg"])), _diff(delta["avg"] if delta else None),
-                  _diff(config["vs_dllm"]["avg"] if config.get("vs_dllm") else None),
+        cells += [_pct(config.get("avg7", config["avg"])), _diff(delta["avg"] if delta else None)]
+        if prior:
+            cells.append(_diff(delta.get("avg_without_" + PRIOR_TASK) if delta else None))
+        cells += [_diff(config["vs_dllm"]["avg"] if config.get("vs_dllm") else None),
                   _fmt(config.get("ppl"), ".3f"), _fmt(config.get("kl"), ".4f")]
+        if prior:
+            cells.append(_pct(config.get(PRIOR_TASK + "_yes_rate"), 1))
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("pending"):
         lines += [f"**Not evaluated yet ({len(res['pending'])} configurations):** "
@@ -370,14 +424,21 @@ def print_report(run: Run, res: dict) -> None:
     tasks = res["tasks"]
     table = Table(title=f"{res['recipe']['name']}: {'avg7' if len(tasks) == 7 else f'avg of {len(tasks)} tasks'}"
                   + (f" (first {res['limit']} items/task)" if res["subset"] else "") + ", points; per task: results.md")
-    for column in ["configuration", "ratio", "realized", "FLOPs", "avg", "Δ all-layers", "Δ D-LLM", "ppl", "KL"]:
+    prior = PRIOR_TASK in tasks and len(tasks) > 1
+    columns = ["configuration", "ratio", "realized", "FLOPs", "avg", "Δ all-layers"]
+    columns += [f"Δ w/o {PRIOR_TASK}"] * prior + ["Δ D-LLM", "ppl", "KL"] + [f"{PRIOR_TASK} yes"] * prior
+    for column in columns:
         table.add_column(column, no_wrap=column == "configuration")
     for config in res["configs"]:
         delta = config.get("vs_quant_only") or config.get("vs_dense")
-        table.add_row(config["id"], "—" if config["target_ratio"] is None else f"{config['target_ratio']:g}", _fmt(config.get("realized_ratio"), ".3f"),
-                      _fmt(config.get("flops_fraction"), ".3f"), _pct(config["avg"]), _diff(delta["avg"] if delta else None),
-                      _diff(config["vs_dllm"]["avg"] if config.get("vs_dllm") else None), _fmt(config.get("ppl"), ".2f"),
-                      _fmt(config.get("kl"), ".4f"))
+        cells = [config["id"], "—" if config["target_ratio"] is None else f"{config['target_ratio']:g}",
+                 _fmt(config.get("realized_ratio"), ".3f"), _fmt(config.get("flops_fraction"), ".3f"), _pct(config["avg"]),
+                 _diff(delta["avg"] if delta else None)]
+        cells += [_diff(delta.get("avg_without_" + PRIOR_TASK) if delta else None)] * prior
+        cells += [_diff(config["vs_dllm"]["avg"] if config.get("vs_dllm") else None), _fmt(config.get("ppl"), ".2f"),
+                  _fmt(config.get("kl"), ".4f")]
+        cells += [_pct(config.get(PRIOR_TASK + "_yes_rate"), 1)] * prior
+        table.add_row(*cells)
     run.console.print(table)
     for line in res.get("training_ratio_failures") or []:
         run.console.print(f"[bold red]{line}[/]")
@@ -396,19 +457,23 @@ def render_readme_block(res: dict, results_sha256: str) -> str:
     avg_name = "avg7" if len(tasks) == 7 else f"avg{len(tasks)}"
     scope = (f"first {res['limit']} validation items of every task ({_sizes(res)} in the full sets)"
              if res.get("subset") else "full validation sets")
+    prior = PRIOR_TASK in tasks and len(tasks) > 1
     lines = [README_BEGIN,
              f"Source: `docs/results.json` (sha256 `{results_sha256[:16]}`), created {res['created']} by "
              f"`{res['command']}`; {scope}; prompt style `{res['style']}`. Accuracy in points; Δ is the "
              "paired difference on the same items ± its standard error.", "",
              f"| configuration | realized ratio | FLOPs frac. | {avg_name} | Δ vs all-layers (same format) "
-             "| Δ vs D-LLM | KL to dense |", "|---|---|---|---|---|---|---|"]
+             + (f"| Δ without {PRIOR_TASK} " if prior else "") + "| Δ vs D-LLM | KL to dense |"
+             + (f" {PRIOR_TASK} yes |" if prior else ""), "|---|---|---|---|---|---|---|" + "---|" * (2 * prior)]
     for config in res["configs"]:
         if config.get("same_as"):
             continue
         delta = config.get("vs_quant_only") or config.get("vs_dense")
+        without = f"| {_diff(delta.get('avg_without_' + PRIOR_TASK) if delta else None)} " if prior else ""
+        yes = f" {_pct(config.get(PRIOR_TASK + '_yes_rate'), 1)} |" if prior else ""
         lines.append(f"| {config['id']} | {_fmt(config.get('realized_ratio'), '.3f')} | {_fmt(config.get('flops_fraction'), '.3f')} "
-                     f"| {_pct(config.get('avg7', config['avg']))} | {_diff(delta['avg'] if delta else None)} "
-                     f"| {_diff(config['vs_dllm']['avg'] if config.get('vs_dllm') else None)} | {_fmt(config.get('kl'), '.4f')} |")
+                     f"| {_pct(config.get('avg7', config['avg']))} | {_diff(delta['avg'] if delta else None)} {without}"
+                     f"| {_diff(config['vs_dllm']['avg'] if config.get('vs_dllm') else None)} | {_fmt(config.get('kl'), '.4f')} |{yes}")
     lines += [""] + [f"- **{x}**" for x in res.get("training_ratio_failures") or []] + render_headline(res)
     if res.get("pending"):
         lines += [f"- Not evaluated yet ({len(res['pending'])} configurations): "

@@ -318,6 +318,7 @@ def stage_report(run: Run) -> dict:
            "training": _training_info(run), "calibration": calib, "quantization": quant,
            "configs": results}
     res["headline"] = report.headline(run, results, items)
+    res[report.PRIOR_TASK + "_gold_yes_rate"] = report.gold_yes_rate(items)
     res["training_ratio_failures"] = report.ratio_failures(res["training"])
     res["pending"] = list(run.pending)
     run.docs.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,9 @@ def test_pipeline_end_to_end_then_resume(tiny_dir, tmp_path, fake_docs, monkeypa
         want = q["tasks"][t][metric] - by["quant-only/int3"]["tasks"][t][metric]
         assert vs["tasks"][t]["diff"] == pytest.approx(want)
     assert q["vs_dllm"]["reference"] == "dllm/int3/0.6"
+    # the prior-robust gap: with arc_e the only other task, it is arc_e's paired difference
+    assert vs["avg_without_boolq"]["diff"] == pytest.approx(vs["tasks"]["arc_e"]["diff"])
+    assert 0.0 <= q["boolq_yes_rate"] <= 1.0 and res["boolq_gold_yes_rate"] is not None
     # ratio 1.0 is theta 0: every layer, the quant-only model itself (no LoRA)
     assert by["qtale/int3/1.0"]["same_as"] == "quant-only/int3"
     assert by["qtale/int3/1.0"]["vs_quant_only"]["avg"]["diff"] == 0.0
@@ -294,6 +297,19 @@ def test_paired_difference_by_hand():
     assert d["diff"] == 0.5 and d["n"] == 4
     assert d["stderr"] == pytest.approx((1 / 3) ** 0.5 / 2)  # diffs 0,1,0,1: sample sd sqrt(1/3)
     assert p["avg"] == {"diff": 0.5, "stderr": pytest.approx(d["stderr"])}
+
+
+def test_boolq_yes_rate_and_the_gap_without_it():
+    """A model that only flips BoolQ to "yes" gains there; without BoolQ its gap is 0."""
+    def res(boolq, arc):
+        return {"boolq": [{"idx": i, "acc": float(p == 1), "pred": p, "gold": 1} for i, p in enumerate(boolq)],
+                "arc_e": [{"idx": i, "acc_norm": v} for i, v in enumerate(arc)]}
+    flipped, base = res([1, 1, 1, 1], [1, 0, 1, 0]), res([0, 0, 1, 0], [1, 0, 1, 0])
+    assert X.yes_rate(flipped) == 1.0 and X.yes_rate(base) == 0.25 and X.yes_rate({"arc_e": []}) is None
+    assert X.gold_yes_rate({"a": base}) == 1.0
+    p = X.paired_robust(flipped, base, ["boolq", "arc_e"])
+    assert p["avg"]["diff"] == pytest.approx(0.375) and p["avg_without_boolq"]["diff"] == 0.0
+    assert "avg_without_boolq" not in X.paired_robust(flipped, base, ["boolq"])
 
 
 def test_pooled_difference_averages_each_item_over_the_pairs():
