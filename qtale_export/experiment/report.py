@@ -79,6 +79,28 @@ def gold_yes_rate(items: dict[str, dict]) -> float | None:
     return None
 
 
+def compare_eval_dirs(dir_a: Path, dir_b: Path, tasks: list[str]) -> list[dict]:
+    """Paired differences a - b for every configuration evaluated in both eval folders (two recipes,
+    or two runs of one, on the same validation items): the way to tell whether a candidate recipe
+    beats the shipped one, item by item rather than by two averages."""
+    rows = []
+    for fa in sorted(Path(dir_a).glob("*.json.gz")):
+        fb = Path(dir_b) / fa.name
+        if not fb.is_file():
+            continue
+        a, b = read_json(fa), read_json(fb)
+        if a.get("limit") != b.get("limit") or a.get("style") != b.get("style"):
+            raise QtaleError(f"{fa.name}: not the same items (limit/style {a.get('limit')}/{a.get('style')} "
+                             f"vs {b.get('limit')}/{b.get('style')})")
+        missing = [t for t in tasks if t not in a["items"] or t not in b["items"]]
+        if missing:
+            raise QtaleError(f"{fa.name}: tasks {', '.join(missing)} not in both files")
+        rows.append({"id": a["id"], "kl_a": a.get("kl"), "kl_b": b.get("kl"),
+                     "realized_a": a.get("realized_ratio"), "realized_b": b.get("realized_ratio"),
+                     **paired_robust(a["items"], b["items"], tasks)})
+    return rows
+
+
 def _summary(res: dict, tasks: list[str]) -> dict:
     from ..tasks import AVG7, PRIMARY
 

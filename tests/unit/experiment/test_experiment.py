@@ -515,3 +515,25 @@ def test_recommended_ratio_looks_past_the_headline_ratios():
     res["configs"][2]["vs_quant_only"]["avg"]["diff"] = -0.02  # none within: the smallest gap
     rec = X.recommended_ratio(res)
     assert rec["ratio"] == 0.6 and rec["within"] is False
+
+
+def test_compare_eval_dirs_pairs_the_configurations_in_both(tmp_path):
+    import gzip
+
+    def write(folder, cid, arc, limit=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {"id": cid, "limit": limit, "style": "harness", "kl": 0.5, "realized_ratio": 0.7,
+               "items": {"boolq": [{"idx": 0, "acc": 1.0, "pred": 1, "gold": 1}],
+                         "arc_e": [{"idx": i, "acc_norm": v} for i, v in enumerate(arc)]}}
+        (folder / (cid.replace("/", "__") + ".json.gz")).write_bytes(gzip.compress(json.dumps(doc).encode()))
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, "qtale/int4-awq/0.7", [1, 1, 0, 1])
+    write(b, "qtale/int4-awq/0.7", [1, 0, 0, 0])
+    write(a, "dllm/int4-awq/0.7", [1, 1, 1, 1])  # only in a: not compared
+    rows = X.report.compare_eval_dirs(a, b, ["boolq", "arc_e"])
+    assert [r["id"] for r in rows] == ["qtale/int4-awq/0.7"]
+    assert rows[0]["avg_without_boolq"]["diff"] == 0.5 and rows[0]["avg"]["diff"] == 0.25
+    write(b, "qtale/int4-awq/0.7", [1, 0, 0, 0], limit=4)
+    with pytest.raises(QtaleError, match="not the same items"):
+        X.report.compare_eval_dirs(a, b, ["boolq", "arc_e"])
