@@ -79,11 +79,10 @@ def gold_yes_rate(items: dict[str, dict]) -> float | None:
     return None
 
 
-def compare_eval_dirs(dir_a: Path, dir_b: Path, tasks: list[str]) -> list[dict]:
-    """Paired differences a - b for every configuration evaluated in both eval folders (two recipes,
-    or two runs of one, on the same validation items): the way to tell whether a candidate recipe
-    beats the shipped one, item by item rather than by two averages."""
-    rows = []
+def eval_pairs(dir_a: Path, dir_b: Path, tasks: list[str]) -> list[tuple[dict, dict]]:
+    """The eval files of every configuration in both folders (two recipes, or two runs of one),
+    checked to hold the same items: [(file a, file b)], sorted by file name."""
+    out = []
     for fa in sorted(Path(dir_a).glob("*.json.gz")):
         fb = Path(dir_b) / fa.name
         if not fb.is_file():
@@ -95,10 +94,30 @@ def compare_eval_dirs(dir_a: Path, dir_b: Path, tasks: list[str]) -> list[dict]:
         missing = [t for t in tasks if t not in a["items"] or t not in b["items"]]
         if missing:
             raise QtaleError(f"{fa.name}: tasks {', '.join(missing)} not in both files")
-        rows.append({"id": a["id"], "kl_a": a.get("kl"), "kl_b": b.get("kl"),
-                     "realized_a": a.get("realized_ratio"), "realized_b": b.get("realized_ratio"),
-                     **paired_robust(a["items"], b["items"], tasks)})
-    return rows
+        out.append((a, b))
+    return out
+
+
+def compare_eval_dirs(dir_a: Path, dir_b: Path, tasks: list[str], pool: str | None = None) -> dict:
+    """Paired differences a - b per configuration evaluated in both eval folders, and (with `pool`,
+    a shell pattern of configuration ids such as 'qtale/int4-awq/*') one pooled test over the
+    matching ones: whether a candidate recipe beats the shipped one, item by item rather than by
+    two averages."""
+    from fnmatch import fnmatchcase
+
+    pairs = eval_pairs(dir_a, dir_b, tasks)
+    rows = [{"id": a["id"], "kl_a": a.get("kl"), "kl_b": b.get("kl"), "realized_a": a.get("realized_ratio"),
+             "realized_b": b.get("realized_ratio"), **paired_robust(a["items"], b["items"], tasks)} for a, b in pairs]
+    out: dict = {"rows": rows}
+    if pool:
+        chosen = [(a["items"], b["items"]) for a, b in pairs if fnmatchcase(a["id"], pool)]
+        if chosen:
+            rest = [t for t in tasks if t != PRIOR_TASK]
+            out["pooled"] = {"pattern": pool, "ids": [a["id"] for a, _ in pairs if fnmatchcase(a["id"], pool)],
+                             **pooled(chosen, tasks)["avg"]}
+            if len(rest) < len(tasks) and rest:
+                out["pooled"]["without_" + PRIOR_TASK] = pooled(chosen, rest)["avg"]
+    return out
 
 
 def _summary(res: dict, tasks: list[str]) -> dict:

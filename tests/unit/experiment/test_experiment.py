@@ -531,8 +531,11 @@ def test_compare_eval_dirs_pairs_the_configurations_in_both(tmp_path):
     write(a, "qtale/int4-awq/0.7", [1, 1, 0, 1])
     write(b, "qtale/int4-awq/0.7", [1, 0, 0, 0])
     write(a, "dllm/int4-awq/0.7", [1, 1, 1, 1])  # only in a: not compared
-    rows = X.report.compare_eval_dirs(a, b, ["boolq", "arc_e"])
+    res = X.report.compare_eval_dirs(a, b, ["boolq", "arc_e"], pool="qtale/*")
+    rows = res["rows"]
     assert [r["id"] for r in rows] == ["qtale/int4-awq/0.7"]
+    assert res["pooled"]["ids"] == ["qtale/int4-awq/0.7"] and res["pooled"]["diff"] == rows[0]["avg"]["diff"]
+    assert res["pooled"]["without_boolq"]["diff"] == 0.5
     assert rows[0]["avg_without_boolq"]["diff"] == 0.5 and rows[0]["avg"]["diff"] == 0.25
     write(b, "qtale/int4-awq/0.7", [1, 0, 0, 0], limit=4)
     with pytest.raises(QtaleError, match="not the same items"):
