@@ -18,7 +18,7 @@ REQUIRED_KEY = None  # a section default of None for data/steps/formats/tasks: t
 METHODS = ("qtale", "dllm")
 BASELINES = ("dllm-fixed-theta", "layer-drop")  # D-LLM at its own operating point; static layer removal
 TOP_KEYS = {"name", "model", "seed", "methods", "ratios", "train", "calibration", "quantization", "eval",
-            "description"}
+            "description", "extends"}
 REQUIRED = ("name", "model", "train", "ratios", "quantization", "eval")
 
 # section keys, in the order error messages list them; model, out, method and seed of training come
@@ -160,11 +160,9 @@ def _eval_section(raw: dict, keys: dict, here: Path) -> dict:
     return ev
 
 
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read, validate and resolve a recipe (defaults filled in, data paths made absolute)."""
+def _read(path: Path) -> dict:
     import yaml
 
-    path = Path(path)
     if not path.is_file():
         raise QtaleError(f"recipe not found: {path}")
     try:
@@ -173,6 +171,41 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise QtaleError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise QtaleError(f"recipe {path} must be a YAML mapping")
+    return raw
+
+
+def read_raw(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, list[Path]]:
+    """The recipe's mapping with its `extends:` chain merged in, and the files it came from (this one
+    first). `extends: OTHER.yaml` (relative to this file) takes OTHER's keys; a section given here
+    (train, eval, ...) overrides OTHER's keys one by one, any other key replaces OTHER's. So a
+    variant says only what differs, and a change to the base recipe reaches every variant."""
+    raw = _read(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw, [path]
+    if not isinstance(parent, str) or not parent:
+        raise QtaleError(f"recipe {path}: 'extends' must name one recipe file")
+    if "name" not in raw:
+        raise QtaleError(f"recipe {path}: a recipe that extends another must give its own 'name' "
+                         "(the run folder and the eval files are named after it)")
+    parent_path = Path(os.path.expanduser(parent))
+    parent_path = parent_path if parent_path.is_absolute() else path.parent / parent_path
+    chain = _chain + (path.resolve(),)
+    if parent_path.resolve() in chain:
+        raise QtaleError(f"recipe {path}: 'extends' loops back to {parent_path}")
+    base, files = read_raw(parent_path, chain)
+    merged = dict(base)
+    for key, value in raw.items():
+        merged[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged, [path] + files
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read, validate and resolve a recipe (`extends:` merged, defaults filled in, data paths made
+    absolute; relative paths resolve from this recipe's folder, then the repository, then the
+    working directory)."""
+    path = Path(path)
+    raw, files = read_raw(path)
     for key in REQUIRED:
         if key not in raw or raw[key] in (None, "", []):
             raise QtaleError(f"recipe: missing required key '{key}'")
@@ -204,4 +237,5 @@ def load_recipe(path: str | os.PathLike) -> dict:
         raise QtaleError(f"recipe: 'seed' must be an integer, got {seed!r}")
     return {"name": name, "description": raw.get("description", ""), "model": str(raw["model"]),
             "seed": seed, "methods": list(dict.fromkeys(methods)), "ratios": ratios, "train": train,
-            "calibration": calib, "quantization": quant, "eval": ev, "recipe_file": str(path)}
+            "calibration": calib, "quantization": quant, "eval": ev, "recipe_file": str(path),
+            "extends": [str(f) for f in files[1:]]}

@@ -119,7 +119,9 @@ def _provenance(run: Run, meta: dict, res: dict, results: Path) -> dict:
                 "embedded base model; no base weights",
         "method": "qtale", "base_model": meta["base_model"], "router": meta["router"],
         "recipe": {"file": os.path.relpath(recipe_file, REPO), "sha256": checkpoint.file_sha256(recipe_file),
-                   "name": run.r["name"]},
+                   "name": run.r["name"],
+                   "extends": [{"file": os.path.relpath(f, REPO), "sha256": checkpoint.file_sha256(Path(f))}
+                               for f in run.r.get("extends") or []]},
         "train": {**run.r["train"], "seed": run.r["seed"],
                   "data_sha256": training.get("data_sha256") or
                   {os.path.relpath(d, REPO): checkpoint.file_sha256(Path(d)) for d in run.r["train"]["data"]},

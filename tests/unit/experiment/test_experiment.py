@@ -363,6 +363,42 @@ def test_bad_recipe_files(tmp_path):
         X.load_recipe(tmp_path / "nope.yaml")
 
 
+def test_extends_merges_sections_key_by_key(tiny_dir, tmp_path):
+    base = write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(yaml.safe_dump({"extends": Path(base).name, "name": "tiny-v2",
+                                       "train": {"full_every": 4, "steps": 3}, "ratios": [0.7]}))
+    r, b = X.load_recipe(variant), X.load_recipe(base)
+    assert r["name"] == "tiny-v2" and r["ratios"] == [0.7] and r["extends"] == [base] and b["extends"] == []
+    assert r["train"]["full_every"] == 4 and r["train"]["steps"] == 3
+    assert {k: v for k, v in r["train"].items() if k not in ("full_every", "steps")} == \
+        {k: v for k, v in b["train"].items() if k not in ("full_every", "steps")}
+    assert r["eval"] == b["eval"] and r["quantization"] == b["quantization"]
+
+
+@pytest.mark.parametrize("doc,match", [
+    ({"extends": "recipe.yaml", "train": {"steps": 3}}, "must give its own 'name'"),
+    ({"extends": "nope.yaml", "name": "x"}, "recipe not found"),
+    ({"extends": "variant.yaml", "name": "x"}, "loops back"),
+    ({"extends": ["recipe.yaml"], "name": "x"}, "must name one recipe file"),
+])
+def test_bad_extends(tiny_dir, tmp_path, doc, match):
+    write_recipe(tmp_path, tiny_recipe(tiny_dir, tmp_path))
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(yaml.safe_dump(doc))
+    with pytest.raises(QtaleError, match=match) as exc:
+        X.load_recipe(variant)
+    assert "\n" not in str(exc.value)
+
+
+def test_v3_recipe_is_v2_plus_all_layers_steps():
+    v2, v3 = _repo_recipe("smollm2-135m"), _repo_recipe("smollm2-135m-v3")
+    assert v3["extends"] == [str(REPO / "recipes" / "smollm2-135m.yaml")]
+    assert v3["train"] == {**v2["train"], "full_every": 4}
+    assert {k: v3[k] for k in ("model", "seed", "methods", "ratios", "calibration", "quantization", "eval")} == \
+        {k: v2[k] for k in ("model", "seed", "methods", "ratios", "calibration", "quantization", "eval")}
+
+
 def test_cli_one_line_error(tmp_path, capsys):
     from qtale_export.cli import main
 
