@@ -66,8 +66,8 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
     except TypeError as exc:
         raise QtaleError(f"corrupt {folder / checkpoint.META}: bad router config ({exc})") from None
     model = new_routed(meta["base_model"]["id"], config)
-    want = meta["base_model"].get("sha256")
-    if want and want != model.base_info["sha256"]:
+    want = meta["base_model"]["sha256"]  # required (checkpoint.read_meta): the check cannot be dropped
+    if want != model.base_info["sha256"]:
         raise QtaleError(f"checkpoint {folder} was trained on other weights than "
                          f"'{meta['base_model']['id']}' (sha256 differs)")
     state = checkpoint.load_routers(folder)
@@ -89,7 +89,8 @@ def load_checkpoint(folder: str | os.PathLike) -> RoutedModel:
     model.theta_table = dict(meta.get("theta_table") or {})
     model.theta_calibration = meta.get("calibration")  # what the table was calibrated on
     model.theta_stale = stale_reason(meta)  # the export refuses a stale table (theta.py)
-    model.theta = float(meta.get("theta", meta.get("threshold", 0.5)))  # "threshold": the old name
+    theta = meta.get("theta")
+    model.theta = float(theta if theta is not None else meta.get("threshold", 0.5))  # "threshold": the old name
     model.training_info = meta.get("training")
     model.recommended = meta.get("recommended")
     model.quantization_info = meta.get("quantization")

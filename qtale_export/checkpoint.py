@@ -10,13 +10,16 @@ file in the folder is either in "files" (with its sha256) or in "unchecked" (log
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
 
 from . import safe_write
 # the shared contract helpers, also reached as checkpoint.<name> (ship.py, tests)
-from .contract import check_listing, file_sha256, listing_sha256, read_contract, seal  # noqa: F401
+from .contract import (SEAL, check_listing, check_seal, document_sha256, file_sha256, is_sha256,  # noqa: F401
+                       listing_sha256, read_contract, seal)
+from .deploy.theta import check_table
 from .errors import QtaleError
 from .export.manifest import BYPRODUCTS, MANIFEST, read_manifest
 
@@ -25,6 +28,7 @@ FORMAT_VERSION = 1
 META = "qtale.json"
 ROUTERS = "routers.safetensors"
 ADAPTER = "adapter"
+QUANTIZER = "quantizer.safetensors"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -36,11 +40,47 @@ def replace_dir(tmp: Path, target: Path) -> None:
     safe_write.publish(tmp, target)
 
 
+# RouterConfig's fields: (check, rule); routing.py imports torch, so the rule is restated here
+ROUTER_FIELDS = {
+    "first_routed_layer": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "keep_initial": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "router_hidden": (lambda v: _is_int(v) and 1 <= v <= 1 << 16, "an integer in [1, 65536]"),
+    "execute_bias": (lambda v: _is_number(v) and abs(v) <= 1e3, "a finite number"),
+    "tau": (lambda v: _is_number(v) and 0 < v <= 1e3, "a finite number > 0"),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_meta(path: str | os.PathLike) -> dict:
-    """Read and validate qtale.json of a checkpoint folder."""
+    """Read and validate qtale.json of a checkpoint folder: every field a loader acts on, by type
+    and range (docs/threat-model.md); the files it lists are checked by verify_files."""
+    where = f"corrupt {Path(path) / META}"
     meta = read_contract(Path(path) / META, FORMAT, FORMAT_VERSION, ("base_model", "router"), "checkpoint")
     if not isinstance(meta["base_model"].get("id"), str) or not meta["base_model"]["id"]:
-        raise QtaleError(f"corrupt {Path(path) / META}: 'base_model' has no 'id' (the base model's name or folder)")
+        raise QtaleError(f"{where}: 'base_model' has no 'id' (the base model's name or folder)")
+    if not is_sha256(meta["base_model"].get("sha256")):
+        raise QtaleError(f"{where}: 'base_model' has no 'sha256' (the base weights' identity, checked on every load)")
+    unknown = set(meta["router"]) - set(ROUTER_FIELDS)
+    if unknown:
+        raise QtaleError(f"{where}: unknown router field(s) {sorted(unknown)}")
+    for name, value in meta["router"].items():
+        ok, rule = ROUTER_FIELDS[name]
+        if not ok(value):
+            raise QtaleError(f"{where}: router.{name} must be {rule}, got {value!r}")
+    for name in ("theta", "threshold"):  # "threshold": theta's old name
+        if meta.get(name) is not None and not (_is_number(meta[name]) and 0.0 <= meta[name] <= 1.0):
+            raise QtaleError(f"{where}: {name} must be a number in [0, 1], got {meta[name]!r}")
+    check_table(meta.get("theta_table"), f"{where}: theta_table")
+    for name in ("quantization", "training", "calibration"):
+        if meta.get(name) is not None and not isinstance(meta[name], dict):
+            raise QtaleError(f"{where}: '{name}' must be an object or null, got {type(meta[name]).__name__}")
     return meta
 
 
@@ -102,8 +142,16 @@ def update_meta(path: str | os.PathLike, change=None, **fields) -> dict:
 
 
 def verify_files(folder: Path, meta: dict) -> None:
-    """Check the folder against qtale.json's listing (see check_listing)."""
-    check_listing(Path(folder), meta, META, "checkpoint")
+    """Check the folder against qtale.json's listing (see check_listing); every file the loader
+    reads (routers, quantizer state, the adapter) must be listed with its sha256, never "unchecked"."""
+    folder = Path(folder)
+    check_listing(folder, meta, META, "checkpoint")
+    adapter = folder / ADAPTER
+    read = [ROUTERS, QUANTIZER] + [p.relative_to(folder).as_posix() for p in sorted(adapter.rglob("*"))
+                                   if not p.is_dir()] if adapter.is_dir() else [ROUTERS, QUANTIZER]
+    for name in read:
+        if (folder / name).exists() and name not in meta["files"]:
+            raise QtaleError(f"corrupt {folder / META}: {name} is read by the loader but not listed in 'files'")
 
 
 def load_routers(folder: Path) -> dict:
@@ -117,19 +165,24 @@ def load_routers(folder: Path) -> dict:
 
 
 def upgrade(folder: str | os.PathLike) -> Path:
-    """Seal a checkpoint or export written before listings were sealed (no "files_sha256"): every
-    listed file must match its sha256, the logs become "unchecked" (train_log.jsonl; an export's
-    build logs and caches), any other unlisted file is refused. Returns the rewritten JSON file."""
+    """Seal a checkpoint or export written before QTALE sealed its listing ("files_sha256") or its
+    whole document ("seal"), or whose fields were edited on purpose: the fields must pass the
+    reader's checks, every listed file must match its sha256, the logs become "unchecked"
+    (train_log.jsonl; an export's build logs and caches), any other unlisted file is refused.
+    Returns the rewritten JSON file. (A seal is a checksum, not a signature: docs/threat-model.md.)"""
     folder = Path(folder)
     if (folder / META).is_file():
         path, data = folder / META, read_meta(folder)
         logs = [n for n in ("train_log.jsonl",) if (folder / n).is_file()]  # train.LOG (train imports torch)
     else:
         path, data, logs = folder / MANIFEST, read_manifest(folder, verify=False), list(BYPRODUCTS)
-    if "files_sha256" in data:
-        raise QtaleError(f"{path} already has 'files_sha256': nothing to upgrade")
-    data["unchecked"] = sorted(set(data.get("unchecked") or []) | set(logs))
+    if "files_sha256" in data and data.get(SEAL) == document_sha256(data):
+        raise QtaleError(f"{path} already has 'files_sha256' and a matching 'seal': nothing to upgrade")
+    if "files_sha256" not in data:
+        data["unchecked"] = sorted(set(data.get("unchecked") or []) | set(logs))
     check_listing(folder, seal(data), path.name, "folder")
+    if path.name == META:
+        verify_files(folder, data)
     with safe_write.locked(folder):
         write_json_atomic(path, data)
     return path

@@ -93,15 +93,51 @@ def weights_sha256(model) -> str:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+def _stamp(folder: Path) -> dict:
+    """{weight file: [size, mtime_ns]}: what says a cached copy's files changed since they were hashed."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)}
+
+
+def converted_sha256(folder: Path, model) -> str:
+    """Identity of the embedded default's converted copy, computed from its content (the float32
+    weights, as `weights_sha256` hashed them at conversion), never read from the sidecar alone:
+    the hash is cached in qtale_base.json keyed by each weight file's size and mtime_ns, and
+    recomputed whenever they differ (docs/threat-model.md: a changed cached model is caught)."""
+    import torch
+
+    info_path = folder / "qtale_base.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = {}
+    stamp = _stamp(folder)
+    cached = info.get("content") if isinstance(info, dict) else None
+    if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("sha256"), str):
+        return cached["sha256"]
+    if all(t.dtype == torch.float32 for t in model.state_dict().values()):
+        digest = weights_sha256(model)
+    else:  # loaded in another dtype: hash the float32 weights, as at conversion
+        from transformers import AutoModelForCausalLM
+
+        digest = weights_sha256(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+    from .safe_write import write_json
+
+    info = info if isinstance(info, dict) else {}
+    info["content"] = {"sha256": digest, "stamp": stamp}
+    try:
+        write_json(info_path, info)
+    except OSError:  # a read-only cache: computed again next time
+        pass
+    return digest
+
+
 def base_sha256(folder: Path, model) -> str:
-    """Identity of the base weights, independent of the dtype they are loaded in: the recorded hash
-    of the embedded default's converted copy, else a sha256 over the folder's weight files."""
-    info = folder / "qtale_base.json"
-    if info.is_file():
-        try:
-            return json.loads(info.read_text())["sha256"]
-        except (ValueError, KeyError):
-            pass
+    """Identity of the base weights, independent of the dtype they are loaded in: for the embedded
+    default's converted copy, its float32 weights' hash (`converted_sha256`), else a sha256 over the
+    folder's weight files. Both are computed from the content."""
+    if (folder / "qtale_base.json").is_file():
+        return converted_sha256(folder, model)
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         return weights_sha256(model)

@@ -52,7 +52,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantizeCon
     returns the quantization description plus "out". Written and verified beside `out` (the
     reloaded checkpoint must reproduce the quantized logits exactly); it replaces an existing
     `out` (force) only once complete."""
-    out = safe_write.check_output(out, force=force, sources=[source])  # before any work
+    out = safe_write.check_output(out, force=force, sources=[source], kind="checkpoint")  # before any work
     model = load(source)
     if model.quantization_info:
         raise QtaleError(f"{source} is already quantized ({model.quantization_info.get('format')})")
@@ -62,7 +62,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantizeCon
     info = quantize.quantize(model, config.format, texts, model.tokenizer, config.group_size,
                     calib_source=calib_source, max_length=config.calib_length)
     result = {"out": str(out), **info}
-    with safe_write.staged(out, force=force, sources=[source, getattr(model, "checkpoint_dir", None)]) as tmp:
+    with safe_write.staged(out, force=force, sources=[source, getattr(model, "checkpoint_dir", None)],
+                           kind="checkpoint") as tmp:
         checkpoint.save(model, tmp, quantization=info, extra_tensors=quantize.quantizer_tensors(model))
         if verify:
             probe = model.tokenizer([PROBE], return_tensors="pt")

@@ -1,11 +1,17 @@
 """The one rule every writing command follows, so no command destroys what the user had.
 
 - An existing output is refused unless `force`; with `force` the new result is built beside it and
-  swapped in only after it is complete (the old one is never deleted first).
+  swapped in only after it is complete (the old one is never deleted first), and only over an
+  output QTALE wrote, of the same kind (`KINDS`: a checkpoint's qtale.json, an export's
+  manifest.json, a Triton repository's models) or an empty folder: `--force` pointed at a folder
+  of the user's own files is refused.
 - An output never lies in, on, or around a source folder (`qtale quantize CK --out CK`).
 - Temporary files and folders are named `.NAME.qtale-tmp-PID-xxxx` (and `.NAME.qtale-old-PID`
   while a folder is being replaced): a later run removes those of dead processes and says so, and
-  puts back an old folder whose replacement was cut between its two renames.
+  removes an old copy left by a replacement that was cut (never restoring it over a target the
+  user may have deleted since: the user had asked for it to be replaced).
+- Published folders and files get the user's umask, like any other tool's output (mkdtemp's and
+  mkstemp's 0700 / 0600 are widened to it).
 - In-place updates of a folder's JSON file (`qtale calibrate` on qtale.json) hold an flock on the
   folder while they read, modify and write, so concurrent updates all land.
 - SIGTERM is turned into the same clean-up path as Ctrl-C (see `handle_sigterm`).
@@ -76,11 +82,6 @@ def sweep(folder: str | os.PathLike, say: Callable[[str], None] | None = None) -
         m = _OURS.match(p.name)
         if m is None or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
             continue
-        target = folder / m["name"]
-        if m["kind"] == OLD and not target.exists():  # killed between the two renames of publish
-            os.replace(p, target)
-            say(f"qtale: restored {target} from {p.name} (process {m['pid']} was stopped while replacing it)")
-            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -99,12 +100,37 @@ def staging_dir(target: str | os.PathLike) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep(target.parent)
-    return Path(tempfile.mkdtemp(prefix=tmp_prefix(target), dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(target), dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the published folder from other users
+    return tmp
+
+
+def _triton_repository(folder: Path) -> bool:
+    """A Triton model repository: its visible entries are model folders, each with a config.pbtxt."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all(p.is_dir() and not p.is_symlink() and (p / "config.pbtxt").is_file() for p in entries)
+
+
+# what `--force` may replace, by kind of output: a folder QTALE wrote of that kind (or an empty one)
+KINDS: dict[str, Callable[[Path], bool]] = {
+    "checkpoint": lambda f: (f / "qtale.json").is_file() or (f / "train_state.json").is_file(),
+    "export": lambda f: (f / "manifest.json").is_file(),
+    "triton": _triton_repository,
+}
+
+
+def is_output(folder: str | os.PathLike, kind: str | None = None) -> bool:
+    """Whether `folder` is empty or an output QTALE wrote, of `kind` (None: of any kind)."""
+    folder = Path(folder)
+    if not any(folder.iterdir()):
+        return True
+    return any(check(folder) for name, check in KINDS.items() if kind in (None, name))
 
 
 def check_output(out: str | os.PathLike, *, force: bool, sources: Iterable[str | os.PathLike | None] = (),
-                 what: str = "--out") -> Path:
-    """Refuse an output that exists (unless `force`), is not a folder, or overlaps a source folder."""
+                 what: str = "--out", kind: str | None = None) -> Path:
+    """Refuse an output that exists (unless `force`), is not a folder, is not a QTALE output of
+    `kind` (a KINDS name; None: of any kind), or overlaps a source folder."""
     out = Path(out)
     real = out.resolve()
     for src in sources:
@@ -121,7 +147,13 @@ def check_output(out: str | os.PathLike, *, force: bool, sources: Iterable[str |
             raise QtaleError(f"{out} already exists; pass --force to replace it")
         if not out.is_dir() or out.is_symlink():
             raise QtaleError(f"{out} exists and is not a folder: --force replaces folders only")
+        if not is_output(out, kind):
+            raise QtaleError(f"{out} is not a QTALE {kind or 'output'} (no {MARKS.get(kind, 'qtale.json, manifest.json or Triton models')}): "
+                             "--force replaces only what QTALE wrote; choose another --out or remove it yourself")
     return out
+
+
+MARKS = {"checkpoint": "qtale.json", "export": "manifest.json", "triton": "model folders with config.pbtxt"}
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -135,12 +167,26 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions the user's umask allows (a library that
+    writes through mkstemp, such as a safetensors or ONNX writer, leaves 0600 files behind)."""
+    mask = _umask()
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o7777
+        want = mode | ((0o777 if p.is_dir() else 0o666) & ~mask)
+        if want != mode:
+            p.chmod(want)
+
+
 def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the finished folder `tmp` onto `target`. An older `target` is swapped with it in one
     step where the system can (so `target` is always the old or the new folder), else moved aside
     first; it is deleted only once the new one is in place (a cut between the two renames is
     undone by the next `sweep`)."""
     tmp, target = Path(tmp), Path(target)
+    _follow_umask(tmp)
     if not target.exists():
         os.replace(tmp, target)
         return
@@ -157,14 +203,14 @@ def publish(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def staged(out: str | os.PathLike, *, force: bool = False,
-           sources: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
+           sources: Iterable[str | os.PathLike | None] = (), kind: str | None = None) -> Iterator[Path]:
     """`with staged(out, force=...) as tmp:` write into tmp; it becomes `out` only if the block
     succeeds (re-checking that `out` did not appear meanwhile); on any error tmp is removed."""
-    out = check_output(out, force=force, sources=sources)
+    out = check_output(out, force=force, sources=sources, kind=kind)
     tmp = staging_dir(out)
     try:
         yield tmp
-        check_output(out, force=force)
+        check_output(out, force=force, kind=kind)
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,6 +228,7 @@ def temporary(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     removed on exit unless the block moved it into place."""
     target = Path(target)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(target), suffix=suffix, dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the published file from other users
     os.close(fd)
     try:
         yield Path(tmp)

@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
     cfg.validate()
     final, work = Path(cfg.out), None
     if force and not resume and final.exists() and dist_info()[0] == 0:
-        safe_write.check_output(final, force=True, sources=[cfg.model, *cfg.data])
+        safe_write.check_output(final, force=True, sources=[cfg.model, *cfg.data], kind="checkpoint")
         work = safe_write.staging_dir(final)
     try:
         _train(cfg, resume=resume, force=force, progress=progress, work=work)
@@ -296,7 +296,7 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
     if out.exists() and not resume and not force:
         raise QtaleError(f"output folder {out} exists: pass --resume to continue it or --force to overwrite")
     if not resume:  # never train into (or over) the base model's folder or the data
-        safe_write.check_output(out, force=True, sources=[cfg.model, *cfg.data])
+        safe_write.check_output(out, force=True, sources=[cfg.model, *cfg.data], kind="checkpoint")
     if resume and not (out / STATE).is_file():
         raise QtaleError(f"cannot resume: {out} holds no interrupted run ({STATE} missing)")
     torch.manual_seed(cfg.seed)

@@ -64,6 +64,35 @@ def ratio_key(ratio: float) -> str:
     return f"{float(ratio):.4f}".rstrip("0").rstrip(".") if float(ratio) < 1 else "1.0"
 
 
+def check_table(table, where: str = "theta table") -> dict:
+    """A theta table as a contract may carry it: None or {} (none), else a mapping whose keys are
+    ratios in (0, 1] and whose entries are a theta in [0, 1] or {"theta", "realized"} with both in
+    [0, 1]; returns it (an empty dict for None), or a one-line QtaleError naming `where`."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        raise QtaleError(f"{where} must be a mapping of ratio -> theta, got {type(table).__name__}")
+    for key, entry in table.items():
+        try:
+            check_ratio(key if not isinstance(key, bool) else None)
+        except QtaleError:
+            raise QtaleError(f"{where}: key {key!r} is not a ratio in (0, 1]") from None
+        values = entry if isinstance(entry, dict) else {"theta": entry}
+        if "theta" not in values:
+            raise QtaleError(f"{where}: the entry of ratio {key} has no theta")
+        for name in ("theta", "realized"):
+            value = values.get(name)
+            if name == "realized" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise QtaleError(f"{where}: {name} of ratio {key} must be a number in [0, 1], got {value!r}")
+            try:
+                check_theta(value)
+            except QtaleError:
+                raise QtaleError(f"{where}: {name} of ratio {key} must be in [0, 1], got {value}") from None
+    return table
+
+
 def entry_theta(entry) -> float:
     """theta of a table entry ({"theta", "realized"} or a bare number)."""
     return float(entry["theta"] if isinstance(entry, dict) else entry)

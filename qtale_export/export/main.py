@@ -46,7 +46,7 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
         raise QtaleError(f"--opset {opset} is not supported for {precision} (use {lo}..{hi})")
     if out is None:
         raise QtaleError("--out DIR is required")
-    safe_write.check_output(out, force=force)
+    safe_write.check_output(out, force=force, kind="export")
     return precision, target
 
 
@@ -81,7 +81,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     if theta is None:
         theta = model.set_ratio(ratio)
     theta = float(theta)
-    out = safe_write.check_output(out, force=force, sources=[checkpoint, getattr(model, "checkpoint_dir", None)])
+    out = safe_write.check_output(out, force=force, sources=[checkpoint, getattr(model, "checkpoint_dir", None)],
+                                  kind="export")
     t0 = time.time()
     w = graphs.extract(model)
     s = w.spec
@@ -157,7 +158,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             raise QtaleError(f"verification failed ({precision}, {ops}): theta {bad['theta']}: "
                              f"max abs diff {bad.get('max_abs_diff')}, top-1 {bad.get('top1')}, "
                              f"exec agreement {bad.get('exec_agreement')}; nothing was written to {out}")
-        safe_write.check_output(out, force=force)  # it may have appeared meanwhile
+        safe_write.check_output(out, force=force, kind="export")  # it may have appeared meanwhile
         safe_write.publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,7 +175,7 @@ def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta
     """Load `checkpoint` (folder or model name) and export it to `out`; the options are checked
     before the model is loaded. ratio None: the checkpoint's recommended ratio, else FALLBACK_RATIO."""
     check_options(ratio if ratio is not None else FALLBACK_RATIO, precision, ops, target, opset, out, force, theta)
-    safe_write.check_output(out, force=force, sources=[checkpoint])
+    safe_write.check_output(out, force=force, sources=[checkpoint], kind="export")
     import qtale_export
 
     model = qtale_export.load(checkpoint)

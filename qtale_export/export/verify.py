@@ -26,7 +26,7 @@ from ..deploy import graph_io
 from ..errors import QtaleError
 from . import ort_ops
 from .graphs import quantizable
-from .manifest import read_manifest
+from .manifest import engine_file, graph_files, plugin_library, read_manifest
 
 PROMPTS = [
     "The capital of France is",
@@ -109,7 +109,7 @@ def reference_model(manifest: dict, folder: Path, model=None):
         model = qtale_export.load(manifest["checkpoint"])
     if manifest["precision"] not in ("int4", "int8", "fp8"):
         return model
-    weights = dequantized_weights(folder / manifest["graphs"]["prefill"]["file"])
+    weights = dequantized_weights(folder / manifest["graphs"]["prefill"]["file"])  # names checked by read_manifest
     tables = {k: weights.pop(k) for k in ("embed", "lm_head") if k in weights}  # int4 tables (ort-cpu)
     if getattr(model, "quantization_info", None):  # the quantized checkpoint itself (fake quant)
         weights = {}
@@ -217,7 +217,7 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
     finally:
         tok.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"].long()
-    sessions = {graph: ort_ops.session(folder / manifest["graphs"][graph]["file"], exact=True)
+    sessions = {graph: ort_ops.session(graph_files(folder, manifest, graph)[0], exact=True)
                 for graph in graph_io.GRAPHS}
     atol, rtol = TOLERANCE[precision]
     tie = TIE[precision]
@@ -389,7 +389,7 @@ def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
     if backend == "onnxrt":
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        return {g: (OnnxrtRunner(lambda g=g: ort_ops.session(folder / manifest["graphs"][g]["file"], exact=True),
+        return {g: (OnnxrtRunner(lambda g=g: ort_ops.session(graph_files(folder, manifest, g)[0], exact=True),
                                  name=f"onnxrt:{g}"), None) for g in ("prefill", "decode")}
     from ..optional import require
     from ..deploy.tensorrt import INSTALL_HINT
@@ -400,13 +400,12 @@ def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
 
     out = {}
     for e in manifest.get("engines", []):
-        lib = plugin_lib or (e.get("plugin_library") or {}).get("path")
+        # the user's library, or the manifest's only inside the folder with its sha256 (threat-model.md)
+        lib = plugin_library(folder, manifest, e, plugin_lib)
         if manifest.get("ops") == "plugin" and not lib:
             raise QtaleError(f"{e['file']} uses the qtale plugins: pass --plugin-lib libqtale_trt_plugins.so")
-        loader = EngineFromBytes(BytesFromPath(str(folder / e["file"])))
+        loader = EngineFromBytes(BytesFromPath(str(engine_file(folder, manifest, e))))
         if lib:
-            if not Path(lib).is_file():
-                raise QtaleError(f"plugin library {lib} not found")
             loader = LoadPlugins(plugins=[str(lib)], obj=loader)
         out[e["graph"]] = (TrtRunner(loader, name=f"trt:{e['graph']}"), int(e["profile"]["batch"][2]))
     if "prefill" not in out:

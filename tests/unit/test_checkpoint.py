@@ -69,7 +69,7 @@ def test_other_base_weights_refused(ckpt, tmp_path):
     folder, _ = ckpt
     meta = json.loads((folder / "qtale.json").read_text())
     meta["base_model"]["id"] = str(make_tiny(tmp_path / "other", seed=7))
-    (folder / "qtale.json").write_text(json.dumps(meta))
+    (folder / "qtale.json").write_text(json.dumps(checkpoint.seal(meta)))  # resealed, as an editor would
     with pytest.raises(QtaleError, match="sha256 differs"):
         qtale_export.load(folder)
 

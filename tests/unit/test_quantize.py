@@ -10,6 +10,7 @@ import torch
 from qtale_testing import spread_routers
 
 import qtale_export
+from qtale_export import checkpoint
 from qtale_export.errors import QtaleError
 
 pytest.importorskip("modelopt")
@@ -103,12 +104,18 @@ def test_int3_restore_refuses_other_weights(tiny_dir, tmp_path):
     cli_quantize.run(_args(tiny_dir, "int3", out))
     other = make_tiny(tmp_path / "other", seed=1)
     meta = json.loads((out / "qtale.json").read_text())
-    meta["base_model"] = {"id": str(other), "sha256": None}  # bypass the sha check: restore must notice
-    (out / "qtale.json").write_text(json.dumps(meta))
-    with pytest.raises(QtaleError, match="do not match the base weights"):
+    meta["base_model"] = {"id": str(other), "sha256": None}  # the sha check cannot be bypassed (issue 24)
+    (out / "qtale.json").write_text(json.dumps(checkpoint.seal(meta)))
+    with pytest.raises(QtaleError, match="'base_model' has no 'sha256'"):
         qtale_export.load(out)
+    from qtale_export.api import new_routed
+    from qtale_export.quantize import restore
+
+    model = new_routed(other)  # restore itself still notices other weights
+    with pytest.raises(QtaleError, match="do not match the base weights"):
+        restore(model, out, meta["quantization"])
     meta["base_model"] = {"id": str(other), "sha256": "0" * 64}
-    (out / "qtale.json").write_text(json.dumps(meta))
+    (out / "qtale.json").write_text(json.dumps(checkpoint.seal(meta)))
     with pytest.raises(QtaleError, match="sha256 differs"):
         qtale_export.load(out)
 

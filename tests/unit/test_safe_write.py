@@ -56,12 +56,12 @@ def test_output_overlapping_the_source_refused(tmp_path, out):
 def test_staged_keeps_the_old_folder_when_the_new_one_fails(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a").write_text("old")
+    (out / "manifest.json").write_text("old")  # a QTALE output: --force may replace it
     with pytest.raises(RuntimeError):
         with safe_write.staged(out, force=True) as tmp:
-            (tmp / "a").write_text("new")
+            (tmp / "manifest.json").write_text("new")
             raise RuntimeError("failed half-way")
-    assert tree(out) == {"a": b"old"}
+    assert tree(out) == {"manifest.json": b"old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
     with safe_write.staged(out, force=True) as tmp:
         (tmp / "b").write_text("new")
@@ -96,14 +96,16 @@ def test_temporaries_carry_the_pid_and_stale_ones_are_swept(tmp_path):
     assert len(lines) == 2 and all(f"process {pid} is no longer running" in ln for ln in lines)
 
 
-def test_sweep_restores_a_folder_cut_between_its_two_renames(tmp_path):
+def test_sweep_never_restores_an_old_copy_over_a_missing_target(tmp_path):
+    # issue 24: the target may have been deleted by the user since; the old copy was being replaced
+    # on the user's request (--force), so it is removed like any stale temporary
     pid = dead_pid()
     old = tmp_path / f".out.qtale-old-{pid}"
     old.mkdir()
     (old / "a").write_text("old")
     lines = []
     safe_write.sweep(tmp_path, say=lines.append)
-    assert tree(tmp_path / "out") == {"a": b"old"} and "restored" in lines[0]
+    assert not (tmp_path / "out").exists() and not old.exists() and "removed stale" in lines[0]
 
 
 def test_publish_swaps_in_one_step(tmp_path, monkeypatch):

@@ -43,14 +43,14 @@ class OrtBackend:
         if missing:
             raise QtaleError(f"ONNX Runtime has no {missing[0]} here (available: {', '.join(have)}); "
                              f"install onnxruntime-gpu or use device='cpu'")
+        from ...export.manifest import graph_files
+
         self.providers = want + ["CPUExecutionProvider"]
         self.folder = Path(folder)
         self.sessions = {}
         for g in GRAPHS:
-            info = manifest["graphs"].get(g)
-            if not info:
-                raise QtaleError(f"export {folder} has no {g} graph")
-            self.sessions[g] = ort_ops.session(self.folder / info["file"], providers=self.providers,
+            path = graph_files(self.folder, manifest, g)[0]  # inside the folder and listed, or a QtaleError
+            self.sessions[g] = ort_ops.session(path, providers=self.providers,
                                                threads=threads, exact=exact, spin=spin)
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.inputs = {g: {i.name for i in s.get_inputs()} | {i.name for i in s.get_overridable_initializers()}
@@ -149,6 +149,8 @@ class TensorRTBackend:
 
     def __init__(self, folder: str | os.PathLike, manifest: dict, precision: str | None = None,
                  plugin_library: str | None = None):
+        from ...export.manifest import engine_file, plugin_library as library_of
+
         folder = Path(folder)
         engines = {}
         for e in manifest.get("engines") or []:
@@ -163,22 +165,23 @@ class TensorRTBackend:
             raise QtaleError(f"export {folder} has no TensorRT engine for the {missing[0]} graph"
                              f"{' at ' + precision if precision else ''} (engines: {have}); "
                              f"build one with `qtale build {folder} --graph {missing[0]}`")
+        # every path checked before TensorRT is imported or anything is loaded; a plugin library
+        # only by the user's word or the manifest's inside the folder with its sha256 (threat-model.md)
+        files = {g: engine_file(folder, manifest, e) for g, e in engines.items()}
+        libs = {lib for e in engines.values()
+                if (lib := library_of(folder, manifest, e, plugin_library)) is not None}
         trt, cudart = _import_tensorrt()
         self.trt, self.cudart = trt, cudart
-        for e in engines.values():
-            lib = plugin_library or ((e.get("plugin_library") or {}).get("path"))
-            if lib:
-                if not Path(lib).is_file():
-                    raise QtaleError(f"TensorRT plugin library {lib} not found (engine {e['file']} needs it)")
-                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        for lib in sorted(libs):
+            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
         logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(logger, "")
         runtime = trt.Runtime(logger)
         self.engines, self.contexts = {}, {}
         for g, e in engines.items():
-            engine = runtime.deserialize_cuda_engine((folder / e["file"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(files[g].read_bytes())
             if engine is None:
-                raise QtaleError(f"TensorRT could not load {folder / e['file']} (built for another "
+                raise QtaleError(f"TensorRT could not load {files[g]} (built for another "
                                  f"TensorRT version or GPU? built with {e.get('tensorrt_version')}, sm {e.get('gpu_sm')})")
             self.engines[g] = engine
             self.contexts[g] = engine.create_execution_context()

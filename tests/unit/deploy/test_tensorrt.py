@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qtale_export import cli
+from qtale_export.contract import seal
 from qtale_export.deploy import tensorrt as qtrt
 from qtale_export.cli import build as cli_build
 from qtale_export.errors import QtaleError
@@ -84,7 +85,7 @@ def test_plugin_ops_detected_from_onnx_even_if_manifest_says_standard(tmp_path, 
     exp = make_export(tmp_path / "exp")
     manifest = json.loads((exp / "manifest.json").read_text())
     manifest["ops"] = "standard"
-    (exp / "manifest.json").write_text(json.dumps(manifest))
+    (exp / "manifest.json").write_text(json.dumps(seal(manifest)))  # resealed, as an editor would
     with pytest.raises(QtaleError, match="plugin ops"):
         qtrt.plan_build(parse(exp))
 
