@@ -10,6 +10,7 @@ runtime uses it).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +52,40 @@ def ratios(value, what: str = "--ratios") -> list[float]:
     if not all(items):
         raise QtaleError(f"{what}: empty item in the comma-separated list '{value}'")
     return [ratio(v, what) for v in items]
+
+
+def positive_ints(value, what: str = "value") -> list[int]:
+    """Comma-separated positive integers (`--seq 128,512`); an empty item (`8,,16`) or list is an error."""
+    items = [v.strip() for v in str(value).split(",")]
+    if not any(items):
+        raise QtaleError(f"{what}: no values given in '{value}'")
+    if not all(items):
+        raise QtaleError(f"{what}: empty item in the comma-separated list '{value}'")
+    return [positive_int(v, what) for v in items]
+
+
+def cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads(value, what: str = "--threads") -> int:
+    """A thread count in [1, the CPUs this process may use]: more only adds memory and contention."""
+    n = positive_int(value, what)
+    if n > cpus():
+        raise QtaleError(f"{what} {n} is more than the {cpus()} CPUs this process may use")
+    return n
+
+
+def output_folder(value, what: str = "--out") -> Path:
+    """A folder to write into: created if missing; an existing file is an error."""
+    p = Path(path(value, what))
+    if p.exists() and not p.is_dir():
+        raise QtaleError(f"{what} {p} is a file, not a folder")
+    return p
 
 
 def _within(value, what: str, parse: Callable, ok: Callable[[float], bool], rule: str):

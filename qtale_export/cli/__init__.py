@@ -8,6 +8,7 @@ torch-free (the deployment commands import no PyTorch at all).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import json
@@ -127,6 +128,14 @@ def dispatch(args, prog: str) -> int:
         return _run(args)
     except QtaleError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every writer stages beside its target (safe_write), so the previous output is intact
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: no space left on the device{where}; nothing was replaced (free some space "
+              "and run it again)", file=sys.stderr)
         return 2
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)

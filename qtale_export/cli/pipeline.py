@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.add_argument("--model", default="smollm2-135m",
                         help="QTALE checkpoint folder or embedded model name (default: the shipped smollm2-135m)")
-    parser.add_argument("--out", default="runs/deploy", help="where every stage's output goes (default %(default)s)")
+    parser.add_argument("--out", type=arg(validate.output_folder, "--out"), default="runs/deploy",
+                        help="where every stage's output goes (default %(default)s)")
     parser.add_argument("--ratio", type=arg(validate.ratio, "--ratio"), default=0.6,
                         help="execution ratio of the export (default %(default)s)")
     parser.add_argument("--other-ratio", type=arg(validate.ratio, "--other-ratio"), default=0.8,

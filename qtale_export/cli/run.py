@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .. import validate
@@ -30,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=["ort", "tensorrt"], default="ort")
     parser.add_argument("--device", choices=["cpu", "cuda", "tensorrt"], default="cpu",
                         help="ONNX Runtime execution provider (backend ort)")
-    parser.add_argument("--threads", type=arg(validate.positive_int, "--threads"), default=None,
-                        help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=arg(validate.threads, "--threads"), default=None,
+                        help="ONNX Runtime intra-op threads (at most the CPUs this process may use)")
+    parser.add_argument("--plugin-lib", type=arg(validate.path, "--plugin-lib"), default=None,
+                        help="TensorRT plugin library to load (backend tensorrt); without it only a library "
+                             "inside the export folder matching its recorded sha256 is loaded")
     parser.add_argument("--max-length", type=arg(validate.positive_int, "--max-length"), default=None,
                         help="prompt + generated tokens limit (default: the model's)")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
@@ -42,12 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from ..deploy.runtime import Runtime
 
+    # `qtale run` writes nothing, so SIGTERM may end it at once, even inside a long ONNX Runtime call
+    # (the CLI's handler only runs between Python bytecodes)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.ratio is not None:
         check_ratio(args.ratio)  # before opening anything
     if not args.prompt or not args.prompt.strip():
         raise QtaleError("empty prompt")
     rt = Runtime.open(args.export_dir, backend=args.backend, device=args.device, threads=args.threads,
-                      max_length=args.max_length, ratio_mode=args.ratio_mode)
+                      max_length=args.max_length, ratio_mode=args.ratio_mode, plugin_library=args.plugin_lib)
     kw = dict(ratio=args.ratio, theta=args.theta, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop, chat=args.chat)
     json_out = args.json

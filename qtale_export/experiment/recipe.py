@@ -160,15 +160,41 @@ def _eval_section(raw: dict, keys: dict, here: Path) -> dict:
     return ev
 
 
+MAX_BYTES = 1 << 20  # a recipe is a page of YAML; more is a mistake or an attack
+MAX_EXTENDS = 16  # how many recipes an `extends:` chain may go through
+
+
+def _loader():
+    """yaml.SafeLoader without aliases: a recipe has no use for them, and nested aliases (a "billion
+    laughs" bomb) expand to gigabytes once the recipe is merged or written out."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a recipe",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliases
+
+
 def _read(path: Path) -> dict:
     import yaml
 
     if not path.is_file():
         raise QtaleError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_BYTES:
+        raise QtaleError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is at most {MAX_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader())  # noqa: S506 (a SafeLoader)
+    except UnicodeDecodeError as exc:
+        raise QtaleError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise QtaleError(f"recipe {path} is nested too deeply") from None
     except yaml.YAMLError as exc:
-        raise QtaleError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise QtaleError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise QtaleError(f"recipe {path} must be a YAML mapping")
     return raw
@@ -193,6 +219,8 @@ def read_raw(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict, list[Path
     chain = _chain + (path.resolve(),)
     if parent_path.resolve() in chain:
         raise QtaleError(f"recipe {path}: 'extends' loops back to {parent_path}")
+    if len(chain) >= MAX_EXTENDS:
+        raise QtaleError(f"recipe {path}: the 'extends' chain goes through more than {MAX_EXTENDS} recipes")
     base, files = read_raw(parent_path, chain)
     merged = dict(base)
     for key, value in raw.items():

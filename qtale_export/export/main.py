@@ -46,17 +46,19 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
         raise QtaleError(f"--opset {opset} is not supported for {precision} (use {lo}..{hi})")
     if out is None:
         raise QtaleError("--out DIR is required")
-    safe_write.check_output(out, force=force, kind="export")
+    safe_write.check_output(out, force=force)  # the kind and the sources are checked by the callers
     return precision, target
 
 
 def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | None = None,
            precision: str | None = None, ops: str = "standard", target: str | None = None,
            opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
-           verify_thetas=None, allow_stale_theta: bool = False, reference: bool = True) -> dict:
+           verify_thetas=None, allow_stale_theta: bool = False, reference: bool = True,
+           trt_decode: str = "if") -> dict:
     """Export a loaded RoutedModel to `out` (see docs/export.md); returns the manifest.
     A theta table calibrated on other weights (`model.theta_stale`, theta.py) is refused.
-    reference False: no reference.npz (a smaller folder; `qtale verify` then needs PyTorch)."""
+    reference False: no reference.npz (a smaller folder; `qtale verify` then needs PyTorch).
+    trt_decode: the TensorRT decode graph's form (graphs.TRT_DECODE_FORMS)."""
     import numpy as np
     import onnx
     import onnxruntime
@@ -91,7 +93,9 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     tmp = safe_write.staging_dir(out)  # pid-tagged; becomes `out` only after the verification passed
     try:
         described = {}
-        builders = graphs.graph_builders(target)
+        if trt_decode not in graphs.TRT_DECODE_FORMS:
+            raise QtaleError(f"unknown --trt-decode {trt_decode!r} (choose from {', '.join(graphs.TRT_DECODE_FORMS)})")
+        builders = graphs.graph_builders(target, trt_decode)
         ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
         if ort_form:
             table = TABLES.get(precision)  # the int4 / int8 embedding + LM head table
@@ -105,6 +109,8 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                 described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
                 if ort_form and kind == "decode":  # past.* may be bound as present.* (docs/export.md)
                     described[kind]["kv_cache"] = "in-place"
+                if target == "tensorrt" and kind == "decode":
+                    described[kind]["form"] = trt_decode
                 store.save(m, tmp / name)
                 del m
                 if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
@@ -171,7 +177,7 @@ FALLBACK_RATIO = 0.6  # a checkpoint without a recommended ratio (one not shippe
 def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta: float | None = None,
                       precision: str | None = None, ops: str = "standard", target: str | None = None,
                       opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
-                      allow_stale_theta: bool = False, reference: bool = True) -> dict:
+                      allow_stale_theta: bool = False, reference: bool = True, trt_decode: str = "if") -> dict:
     """Load `checkpoint` (folder or model name) and export it to `out`; the options are checked
     before the model is loaded. ratio None: the checkpoint's recommended ratio, else FALLBACK_RATIO."""
     check_options(ratio if ratio is not None else FALLBACK_RATIO, precision, ops, target, opset, out, force, theta)
@@ -183,7 +189,7 @@ def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta
         ratio = float((model.recommended or {}).get("ratio") or FALLBACK_RATIO)
     return export(model, out, checkpoint=checkpoint, ratio=ratio, theta=theta, precision=precision, ops=ops,
                   target=target, opset=opset, force=force, decode_steps=decode_steps,
-                  allow_stale_theta=allow_stale_theta, reference=reference)
+                  allow_stale_theta=allow_stale_theta, reference=reference, trt_decode=trt_decode)
 
 
 def verify(folder, *, thetas: list[float] | None = None, decode_steps: int | None = None, trt: bool = False,

@@ -27,6 +27,7 @@ from .. import graph_io
 from .backends import make_backend
 
 DEFAULT_MAX_LENGTH = 2048
+UNKNOWN_POSITIONS = 4096  # the RoPE table export/graphs.py builds when the model's config gives no maximum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,17 +177,24 @@ class Runtime:
         """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer.
         spin=False: ONNX Runtime's idle threads sleep instead of busy-waiting (a shared CPU)."""
         from ...export.manifest import read_manifest
+        from ...validate import cpus
 
         folder = Path(export_dir)
         manifest = read_manifest(folder, verify=verify)
         policy.check_mode(ratio_mode)
+        if threads is not None and not 1 <= int(threads) <= cpus():
+            raise QtaleError(f"threads must be in [1, {cpus()}] (the CPUs this process may use), got {threads}")
+        m = manifest["model"]
+        # the graphs' positions (their RoPE table): the model's maximum, else the exporter's default
+        positions = m.get("max_position_embeddings") or UNKNOWN_POSITIONS
+        if max_length is not None and not 1 <= int(max_length) <= positions:
+            raise QtaleError(f"max length {max_length} is more than this model's {positions} positions")
         be = make_backend(folder, manifest, backend=backend, device=device, threads=threads,
                           precision=precision, plugin_library=plugin_library, exact=exact, spin=spin)
         tok = Tokenizer(folder)
-        m = manifest["model"]
         limit = max_length or m.get("max_position_embeddings") or m.get("max_length") or tok.max_length \
             or DEFAULT_MAX_LENGTH
-        return cls(folder, manifest, be, tok, int(limit), ratio_mode)
+        return cls(folder, manifest, be, tok, min(int(limit), positions), ratio_mode)
 
     @property
     def engine(self) -> str:
@@ -206,6 +214,10 @@ class Runtime:
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise QtaleError("empty prompt")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line (surrogate escapes)
+            raise QtaleError("the prompt is not valid UTF-8 text") from None
         ids = self.tokenizer.chat(prompt) if chat else self.tokenizer.encode(prompt)
         if not ids:
             raise QtaleError("the prompt encodes to no tokens")
