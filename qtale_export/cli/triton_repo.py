@@ -32,18 +32,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="ONNX Runtime intra-op threads (0 = default)")
     parser.add_argument("--max-new-tokens", type=arg(validate.positive_int, "--max-new-tokens"), default=32,
                         help="router default when a request has none")
+    parser.add_argument("--max-new-tokens-cap", type=arg(validate.positive_int, "--max-new-tokens-cap"), default=512,
+                        help="a request asking for more new tokens gets an error response (default 512)")
+    parser.add_argument("--max-prompt-tokens", type=arg(validate.positive_int, "--max-prompt-tokens"), default=None,
+                        help="longest prompt a request may send (default and at most: the model's maximum length - 1)")
+    parser.add_argument("--deadline", type=arg(validate.positive, "--deadline"), default=60.0,
+                        help="seconds a request may wait in the router's queue, and then generate: past it a "
+                             "waiting request is rejected and a generating one returns its tokens so far with "
+                             "stop_reason 'deadline' (default 60)")
+    parser.add_argument("--max-queue", type=arg(validate.positive_int, "--max-queue"), default=64,
+                        help="requests waiting for the router at most; more are rejected at once (default 64)")
+    parser.add_argument("--router-instances", type=arg(validate.positive_int, "--router-instances"), default=2,
+                        help="router instances (default 2: one long request does not hold the only one)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", action="store_true")
     return parser
 
 
-# ---- config.pbtxt ------------------------------------------------------------------------------
-
 def run(args: argparse.Namespace) -> dict:
     res = build_repository(args.export_dirs, args.out, backend=args.backend, ratios=args.ratios,
                            max_batch=args.max_batch, instances=args.instances, kind=args.kind,
                            threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens,
-                           ratio_mode=args.ratio_mode)
+                           ratio_mode=args.ratio_mode, max_new_tokens_cap=args.max_new_tokens_cap,
+                           max_prompt_tokens=args.max_prompt_tokens, deadline_s=args.deadline,
+                           max_queue=args.max_queue, router_instances=args.router_instances)
     if not args.json:
         print(f"wrote {len(res['models'])} models to {res['out']} ({args.backend}): {', '.join(res['models'])}")
         for v in res["ratios"]:

@@ -83,7 +83,10 @@ def graph_config(name: str, graph: str, io: dict, backend: str, filename: str, i
     return text
 
 
-def router_config(max_batch: int, instances: int, params: dict) -> str:
+def router_config(max_batch: int, instances: int, params: dict, queue: int, deadline_s: float) -> str:
+    """The router's config: dynamic batching behind a bounded queue (`queue` requests at most, each
+    rejected after `deadline_s` waiting), so a flood is refused instead of piling up."""
+    wait_us = int(deadline_s * 1_000_000)
     return (f'name: "{ROUTER}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             "input [\n"
             '  { name: "execution_ratio" data_type: TYPE_FP32 dims: [ 1 ] },\n'
@@ -96,8 +99,11 @@ def router_config(max_batch: int, instances: int, params: dict) -> str:
             '  { name: "text" data_type: TYPE_STRING dims: [ 1 ] },\n'
             '  { name: "realized_ratio" data_type: TYPE_FP32 dims: [ 1 ] },\n'
             '  { name: "theta" data_type: TYPE_FP32 dims: [ 1 ] },\n'
-            '  { name: "precision" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
-            "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+            '  { name: "precision" data_type: TYPE_STRING dims: [ 1 ] },\n'
+            '  { name: "stop_reason" data_type: TYPE_STRING dims: [ 1 ] }\n]\n'
+            "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n"
+            f"  default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {wait_us} "
+            f"max_queue_size: {queue} }}\n}}\n"
             f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n" + _params(params))
 
 
@@ -119,9 +125,43 @@ def validate_config(text: str, where: str = "config.pbtxt"):
 
 
 # ---- repository ----------------------------------------------------------------------------------
-def _place(src: Path, dst: Path) -> None:
+MARKER = ".qtale-triton-repository"  # what `--force` looks for before it replaces a folder
+
+
+def _inside(folder: Path, name, listed=None) -> Path:
+    """The regular file `name` names inside `folder`: a plain relative name, no `..`, no symlink
+    leading out of the folder and, given `listed` (the manifest's checksummed files), one of
+    them; a QtaleError before anything is opened or copied."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise QtaleError(f"{folder}: {name!r} is not a relative path inside the export folder")
+    if listed is not None and name not in listed:
+        raise QtaleError(f"{folder}: {name} is not among the manifest's checksummed files")
+    path = folder / name
+    real, root = path.resolve(), folder.resolve()
+    if root not in real.parents:
+        raise QtaleError(f"{folder}: {name} leads outside the export folder (to {real})")
+    if not real.is_file():
+        raise QtaleError(f"{folder}: {name} is not a file")
+    return path
+
+
+def _place(folder: Path, name: str, dst: Path, listed=None) -> None:
+    """Copy the file `name` of `folder` (checked by `_inside`) to `dst`."""
+    src = _inside(folder, name, listed)
+    if dst.exists():  # two listed names with one base name would overwrite each other
+        raise QtaleError(f"{folder}: two files would be copied to {dst.name}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dst)
+    shutil.copyfile(src, dst)
+
+
+def _check_out(out, force: bool, sources) -> Path:
+    """safe_write's rule, and `--force` only over a repository this command wrote (its marker)
+    or an empty folder: never over a folder of the user's own files."""
+    out = safe_write.check_output(out, force=force, sources=sources)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise QtaleError(f"{out} is not a QTALE Triton repository (no {MARKER}): --force replaces only what "
+                         "qtale triton-repo wrote; choose another --out or remove it yourself")
+    return out
 
 
 def _graph_files(folder: Path, manifest: dict, graph: str) -> list[str]:
@@ -129,9 +169,20 @@ def _graph_files(folder: Path, manifest: dict, graph: str) -> list[str]:
     g = manifest["graphs"][graph]
     main = g["file"]
     if "external_data" in g:
-        return [main] + list(g["external_data"])
+        if not isinstance(g["external_data"], list):
+            raise QtaleError(f"manifest: graphs.{graph}.external_data must be a list of file names")
+        return [main] + g["external_data"]
     # exports written before the shared weights file: <graph>.onnx.data next to each graph
     return [main] + sorted(f for f in manifest["files"] if f.startswith(main + ".") and f != main)
+
+
+def _max_length(manifest: dict) -> int:
+    """The model's maximum sequence length from the manifest (positions), checked."""
+    m = manifest["model"]
+    value = m.get("max_position_embeddings") or m.get("max_length") or 2048
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise QtaleError(f"manifest: max_position_embeddings must be an integer >= 2, got {value!r}")
+    return value
 
 
 def _io_union(prefill: dict, decode: dict) -> dict:
@@ -145,20 +196,34 @@ def _io_union(prefill: dict, decode: dict) -> dict:
 
 def build_repository(export_dirs, out, backend: str = "python", ratios=None, max_batch: int = 8,
                      instances: int = 1, kind: str | None = None, threads: int = 0, force: bool = False,
-                     max_new_tokens: int = 32, ratio_mode: str = "interpolate") -> dict:
+                     max_new_tokens: int = 32, ratio_mode: str = "interpolate", max_new_tokens_cap: int = 512,
+                     max_prompt_tokens: int | None = None, deadline_s: float = 60.0, max_queue: int = 64,
+                     router_instances: int = 2) -> dict:
     """Write the repository: per export (precision) its graphs and weights once, plus the router,
     which turns each request's execution_ratio into theta with the one policy (theta.py, copied
     next to it) in `ratio_mode`, the same rule and default as `qtale run`. `ratios` are only
-    checked (each must be servable by every export) and listed with their thetas."""
+    checked (each must be servable by every export) and listed with their thetas.
+
+    Serving limits (docs/triton.md): a request's max_new_tokens up to `max_new_tokens_cap`, its
+    prompt up to `max_prompt_tokens` (and the model's maximum length), `max_queue` requests waiting,
+    each for at most `deadline_s`, and each generating for at most `deadline_s`;
+    `router_instances` routers so a long request does not hold the only one."""
     from . import theta as policy
     from ..export.manifest import read_manifest
 
     if backend not in BACKENDS:
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    if max_batch < 1 or instances < 1:
-        raise QtaleError("--max-batch and --instances must be >= 1")
+    if min(max_batch, instances, max_queue, router_instances, max_new_tokens_cap) < 1:
+        raise QtaleError("--max-batch, --instances, --max-queue, --router-instances and --max-new-tokens-cap "
+                         "must be >= 1")
+    if not 1 <= max_new_tokens <= max_new_tokens_cap:
+        raise QtaleError(f"--max-new-tokens {max_new_tokens} must be in 1..--max-new-tokens-cap ({max_new_tokens_cap})")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise QtaleError("--max-prompt-tokens must be >= 1")
+    if not (deadline_s > 0 and deadline_s <= 86400):  # NaN fails too
+        raise QtaleError(f"--deadline must be in (0, 86400] seconds, got {deadline_s}")
     policy.check_mode(ratio_mode)
-    out = safe_write.check_output(out, force=force, sources=export_dirs)
+    out = _check_out(out, force, export_dirs)
     kind = kind or ("gpu" if backend == "tensorrt" else "cpu")
     exports = []
     for d in export_dirs:
@@ -201,13 +266,15 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                 ver.mkdir(parents=True)
                 files = sorted(set(_graph_files(folder, m, "prefill")) | set(_graph_files(folder, m, "decode")))
                 for f in files:
-                    _place(folder / f, ver / Path(f).name)
+                    _place(folder, f, ver / Path(f).name, m["files"])
                 shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
                 shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the names model.py feeds
                 params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name
                                                           for g in ("prefill", "decode")}),
-                          "threads": threads, "plugin_ops": "1" if m.get("ops") == "plugin" else "0"}
+                          "threads": threads, "plugin_ops": "1" if m.get("ops") == "plugin" else "0",
+                          "vocab": m["model"]["vocab"], "max_length": _max_length(m), "max_batch": max_batch}
                 io = _io_union(m["graphs"]["prefill"], m["graphs"]["decode"])
+                io["inputs"][graph_io.LOGITS_TO_KEEP] = {"dtype": "int64", "shape": [1], "optional": True}
                 text = graph_config(base, "prefill", io, backend, "", instances, kind, params, m)
                 validate_config(text, f"{base}/config.pbtxt")
                 (tmp / base / "config.pbtxt").write_text(text)
@@ -221,7 +288,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                     ver.mkdir(parents=True)
                     files = [engines[g]["file"]] if backend == "tensorrt" else _graph_files(folder, m, g)
                     for f in files:
-                        _place(folder / f, ver / Path(f).name)
+                        _place(folder, f, ver / Path(f).name, m["files"])
                     params = {**common, "graph": g}
                     if backend == "onnxruntime" and threads:
                         params["intra_op_thread_count"] = threads
@@ -231,7 +298,8 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                     (tmp / name / "config.pbtxt").write_text(text)
                     models.append(name)
                     names[g] = name
-            served[prec] = {**names, "theta_table": m.get("theta_table") or {}}
+            # the Python graph model takes logits_to_keep: the router's prefill asks for the last position only
+            served[prec] = {**names, "theta_table": m.get("theta_table") or {}, "logits_to_keep": backend == "python"}
         # the router
         m0 = exports[0][1]
         ver = tmp / ROUTER / "1"
@@ -239,21 +307,22 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
         shutil.copy2(TEMPLATES / "router_model.py", ver / "model.py")
         shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
         shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
-        tok = exports[0][0] / "tokenizer.json"
-        if tok.is_file():
-            shutil.copy2(tok, ver / "tokenizer.json")
+        if (exports[0][0] / "tokenizer.json").exists():
+            _place(exports[0][0], "tokenizer.json", ver / "tokenizer.json", exports[0][1]["files"])
         eos = m0["model"].get("eos_token_id")
         eos = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-        mlen = m0["model"].get("max_position_embeddings") or m0["model"].get("max_length") or 2048
+        mlen = _max_length(m0)
         params = {"exports": json.dumps(served), "default_precision": precisions[0], "ratio_mode": ratio_mode,
                   "eos_ids": json.dumps(eos), "routed_layers": json.dumps(m0["model"].get("routed_layers") or []),
-                  "num_layers": m0["model"]["num_layers"], "max_length": mlen,
-                  "default_max_new_tokens": max_new_tokens}
-        text = router_config(max_batch, instances, params)
+                  "num_layers": m0["model"]["num_layers"], "max_length": mlen, "vocab": m0["model"]["vocab"],
+                  "default_max_new_tokens": max_new_tokens, "max_new_tokens_cap": max_new_tokens_cap,
+                  "max_prompt_tokens": min(max_prompt_tokens or mlen - 1, mlen - 1), "deadline_s": deadline_s}
+        text = router_config(max_batch, router_instances, params, max_queue, deadline_s)
         validate_config(text, f"{ROUTER}/config.pbtxt")
         (tmp / ROUTER / "config.pbtxt").write_text(text)
         models.append(ROUTER)
-        safe_write.check_output(out, force=force)  # it may have appeared meanwhile
+        (tmp / MARKER).write_text(json.dumps({"format": "qtale-triton-repository", "models": models}) + "\n")
+        _check_out(out, force, export_dirs)  # it may have appeared meanwhile
         safe_write.publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,19 +1,9 @@
-"""A real Triton server (the tritonserver binary bundled in nvidia-pytriton, Python backend, CPU)
-serving a tiny export from `qtale triton-repo --backend python`; answers compared with the runtime.
-
-The server needs its own interpreter environment (pytriton wants numpy < 2): a venv under
-~/.cache/qtale/triton-venv (QTALE_TRITON_VENV overrides), created once (about 2 minutes) and
-reused. Skips with the reason when it cannot be installed or started; QTALE_TRITON_TEST=0 skips.
+"""A real Triton server (the tritonserver binary bundled in nvidia-pytriton, Python backend, CPU;
+started by conftest.run_tritonserver) serving a tiny export from `qtale triton-repo --backend
+python`; answers compared with the runtime. QTALE_TRITON_TEST=0 skips.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,52 +11,7 @@ import pytest
 
 from qtale_testing import THETAS, spread_routers
 
-VENV = Path(os.environ.get("QTALE_TRITON_VENV", Path.home() / ".cache" / "qtale" / "triton-venv"))
-PACKAGES = ["nvidia-pytriton", "numpy<2", "onnxruntime", "tokenizers"]
 PROMPT = "The quick brown fox jumps over the lazy dog. A journey"
-
-pytestmark = pytest.mark.skipif(os.environ.get("QTALE_TRITON_TEST") == "0", reason="QTALE_TRITON_TEST=0")
-
-
-def _venv_python(v: Path) -> Path:
-    return v / "bin" / "python"
-
-
-@pytest.fixture(scope="session")
-def triton_venv() -> Path:
-    py = _venv_python(VENV)
-    if py.is_file() and subprocess.run([str(py), "-c", "import pytriton, onnxruntime, numpy"],
-                                       capture_output=True).returncode == 0:
-        return VENV
-    tmp = VENV.with_name(VENV.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    t0 = time.time()
-    try:
-        subprocess.run([sys.executable if not hasattr(sys, "_base_executable") else sys._base_executable,
-                        "-m", "venv", str(tmp)], check=True, capture_output=True, timeout=300)
-        p = subprocess.run([str(_venv_python(tmp)), "-m", "pip", "install", "-q", *PACKAGES],
-                           capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            pytest.skip(f"cannot install {' '.join(PACKAGES)}: {p.stderr.strip().splitlines()[-1:]}")
-    except (subprocess.SubprocessError, OSError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"cannot create the Triton venv: {exc}")
-    shutil.rmtree(VENV, ignore_errors=True)
-    os.replace(tmp, VENV)  # the venv's python still runs after the move (pip's scripts would not)
-    print(f"created {VENV} in {time.time() - t0:.0f} s")
-    return VENV
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -84,73 +29,14 @@ def tiny_export_triton(tiny_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(triton_venv, tiny_export_triton, tmp_path_factory):
+def server(tritonserver, tiny_export_triton, tmp_path_factory):
     from qtale_export.deploy.triton import build_repository
 
-    py = _venv_python(triton_venv)
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    tdir = Path(site) / "pytriton" / "tritonserver"
-    binary = tdir / "bin" / "tritonserver"
-    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = tdir / "python_backend_stubs" / ver / "triton_python_backend_stub"
-    if not binary.is_file() or not stub.is_file():
-        pytest.skip(f"pytriton has no tritonserver binary / Python {ver} stub in {tdir}")
     work = tmp_path_factory.mktemp("tritonserver")
-    backends = work / "backends" / "python"
-    backends.mkdir(parents=True)
-    for f in (tdir / "backends" / "python").iterdir():
-        if f.is_file():
-            os.symlink(f, backends / f.name)
-    shutil.copy2(stub, backends / stub.name)
     repo = work / "repo"
     build_repository([tiny_export_triton], repo, backend="python", max_batch=8, threads=1, max_new_tokens=8)
-    http, grpc, metrics = _free_ports(3)
-    libdir = sysconfig.get_config_var("LIBDIR")
-    # the stub copy loses its $ORIGIN rpath to the wheel's bundled libraries (libcudart etc.)
-    libs = Path(site) / "nvidia_pytriton.libs"
-    env = dict(os.environ, LD_LIBRARY_PATH=f"{libdir}:{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
-               PYTHONPATH=site, OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1", VIRTUAL_ENV=str(triton_venv),
-               PATH=f"{triton_venv / 'bin'}:{os.environ.get('PATH', '')}")
-    # the stub's embedded Python takes its prefix from the first `python3` on PATH: it must be the
-    # Triton venv's (numpy < 2, which the stub is built against), not this test's venv
-    env.pop("PYTHONHOME", None)
-    log = open(work / "server.log", "w")
-    cmd = [str(binary), f"--model-repository={repo}", f"--backend-directory={work / 'backends'}",
-           "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-           f"--metrics-port={metrics}", "--allow-metrics=false", "--allow-gpu-metrics=false",
-           "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
-    deadline = time.time() + 150
-    ready = False
-    fatal = ("error while loading shared libraries", "failed to load", "UNAVAILABLE")
-    while time.time() < deadline and proc.poll() is None:
-        if any(f in (work / "server.log").read_text() for f in fatal):
-            break
-        try:
-            if client.is_server_ready(client_timeout=2):
-                ready = True
-                break
-        except Exception:
-            pass
-        time.sleep(1)
-    if not ready:
-        proc.kill()
-        proc.wait(10)
-        tail = (work / "server.log").read_text()[-1500:]
-        pytest.skip(f"tritonserver did not become ready: {tail}")
-    yield client, repo, f"127.0.0.1:{grpc}"
-    client.close()
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    log.close()
+    with tritonserver(repo, work) as (client, addr):
+        yield client, repo, addr
 
 
 def _infer_router(client, ids=None, text=None, ratio=0.6, new=8):
@@ -188,7 +74,7 @@ def test_one_model_serves_every_ratio_like_qtale_run(server, tiny_export_triton)
     from qtale_export.deploy.runtime import Runtime
 
     client, repo, _ = server
-    assert sorted(p.name for p in repo.iterdir()) == ["qtale_fp32", "qtale_router"]
+    assert sorted(p.name for p in repo.iterdir()) == [".qtale-triton-repository", "qtale_fp32", "qtale_router"]
     rt = Runtime.open(tiny_export_triton)  # what `qtale run` uses, with its default ratio mode
     ids = rt.tokenizer.encode(PROMPT)
     for ratio in RATIOS:
