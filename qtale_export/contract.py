@@ -138,6 +138,7 @@ def read_contract(path: Path, fmt: str, version: int, required: tuple[str, ...],
         raise QtaleError(f"{what} not found: {folder} is not a folder")
     if not path.is_file():
         raise QtaleError(f"{folder} is not a QTALE {what} (no {path.name})")
+    member(folder, path.name, f"corrupt {path}")  # the JSON file itself may not be a symlink out of the folder
     if path.stat().st_size > MAX_JSON:
         raise QtaleError(f"corrupt {path}: {path.stat().st_size} bytes, more than a {what} file can be "
                          f"({MAX_JSON})")
