@@ -21,7 +21,8 @@ def triton(*argv):
 def test_triton_repo(tiny_export, tmp_path, backend, capsys):
     out = tmp_path / "repo"
     res = triton(tiny_export, "--out", out, "--backend", backend, "--ratios", "0.5,0.7,1.0", "--instances", "2")
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert (out / ".qtale-triton-repository").is_file()  # what --force looks for
     # one model per graph (onnxruntime) or one for both (python), whatever the number of ratios
     graphs = ["qtale_fp32_decode", "qtale_fp32_prefill"] if backend == "onnxruntime" else ["qtale_fp32"]
     assert names == sorted(res["models"]) == sorted(graphs + ["qtale_router"])
