@@ -34,3 +34,25 @@ def tiny_export(tiny_model, tiny_dir, tmp_path_factory) -> Path:
     export(tiny_model, out, checkpoint=str(tiny_dir), ratio=0.6, precision="fp32", ops="standard",
            decode_steps=1, verify_thetas=[0.0, 0.31])
     return out
+
+
+@pytest.fixture(scope="session")
+def trt_exports(tiny_dir, tmp_path_factory):
+    """(get(precision, ops, trt_decode="if") -> export folder, model, checkpoint): tiny --target
+    tensorrt exports, each made once per test session."""
+    from qtale_export.export import main as export_main
+    from qtale_testing import spread_checkpoint
+
+    model, ckpt = spread_checkpoint(tiny_dir, tmp_path_factory.mktemp("ckpt") / "routed")
+    root = tmp_path_factory.mktemp("trt-exports")
+    cache = {}
+
+    def get(precision, ops, trt_decode=None):
+        key = (precision, ops, trt_decode or "default")
+        if key not in cache:
+            out = root / "-".join(key)
+            export_main.export(model, out, checkpoint=str(ckpt), ratio=0.6, precision=precision, ops=ops,
+                               target="tensorrt", decode_steps=3, trt_decode=trt_decode)
+            cache[key] = out
+        return cache[key]
+    return get, model, ckpt

@@ -7,8 +7,11 @@ import argparse
 import shlex
 from pathlib import Path
 
+from ..errors import QtaleError
+
 from ..deploy.tensorrt import (DEFAULT_WORKSPACE_MB, GRAPHS, JETSON_WORKSPACE_MB, PRECISIONS, BuildOptions, build,
-                        plan_build, record_built)
+                               parse_sm, plan_build, record_built)
+from ..deploy.trt_builder import BUILDERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace-mb", type=int, default=None,
                         help=f"builder workspace limit (default {DEFAULT_WORKSPACE_MB}, {JETSON_WORKSPACE_MB} with --jetson)")
     parser.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (read and updated)")
+    parser.add_argument("--builder", choices=BUILDERS, default="auto",
+                        help="TensorRT on a GPU host, or TensorRT-RTX (builds without a GPU, for Ampere-and-later "
+                             "RTX GPUs); auto: TensorRT where installed, else TensorRT-RTX")
+    parser.add_argument("--compute-capability", default="",
+                        help="TensorRT-RTX: comma-separated target SM versions, e.g. 8.6,8.9 (default: "
+                             "TensorRT-RTX's own set; FP8 keeps those >= 8.9)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true",
                       help="only validate; print 'PRECISION strong|weak PLUGIN_LIB|-' (used by build_engine.sh)")
@@ -42,7 +51,17 @@ def options(args: argparse.Namespace) -> BuildOptions:
                         min_tokens=args.min_tokens, opt_tokens=args.opt_tokens, max_tokens=args.max_tokens,
                         batch=args.batch, plugin_lib=args.plugin_lib, jetson=args.jetson, dry_run=args.dry_run,
                         workspace_mb=args.workspace_mb, timing_cache=args.timing_cache,
-                        engine=getattr(args, "record", None))
+                        engine=getattr(args, "record", None), builder=args.builder,
+                        compute_capabilities=_capabilities(args.compute_capability))
+
+
+def _capabilities(text: str) -> tuple[str, ...]:
+    items = [item.strip() for item in str(text or "").split(",")] if str(text or "").strip() else []
+    if any(not item for item in items):
+        raise QtaleError(f"--compute-capability has an empty item: {text!r}")
+    if any(parse_sm(item) is None for item in items):
+        raise QtaleError(f"--compute-capability takes SM versions like 8.6,8.9, got {text!r}")
+    return tuple(items)
 
 
 def run(args: argparse.Namespace) -> dict | int:

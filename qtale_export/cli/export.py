@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-reference", action="store_true",
                         help="do not store reference.npz (PyTorch outputs for torch-free `qtale verify`, "
                              "~12 MB on the default model); verifying such an export later needs PyTorch")
+    parser.add_argument("--trt-decode", choices=("if", "compact"), default=None,
+                        help="--target tensorrt decode graph: 'if' skips a routed layer no row executes "
+                             "(TensorRT conditional; batch 1: every skipped layer), 'compact' runs every layer "
+                             "and selects (default: if; compact for int8, docs/tensorrt.md)")
     parser.add_argument("--json", action="store_true", help="print the manifest's verification as JSON")
     return parser
 
@@ -44,7 +48,8 @@ def export_of(args: argparse.Namespace) -> dict:
     return export_checkpoint(args.checkpoint, args.out, ratio=args.ratio, theta=args.theta,
                              precision=args.precision, ops=args.ops, target=args.target, opset=args.opset,
                              force=args.force, decode_steps=args.decode_steps,
-                             allow_stale_theta=args.allow_stale_theta, reference=not args.no_reference)
+                             allow_stale_theta=args.allow_stale_theta, reference=not args.no_reference,
+                             trt_decode=args.trt_decode)
 
 
 def run(args: argparse.Namespace) -> int:

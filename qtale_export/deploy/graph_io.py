@@ -92,6 +92,37 @@ def outputs(graph: str, num_layers: int, kv_heads: int, head_dim: int, vocab: in
     return spec
 
 
+def dim_ranges(graph: str, batch: tuple[int, int, int], tokens: tuple[int, int, int]) -> dict:
+    """{symbolic dim: (min, opt, max)} of a graph's inputs for an engine profile (TensorRT's
+    optimization profile) serving `batch` rows and sequences of `tokens` positions in all.
+    Prefill: seq = tokens. Decode: one new token against `past` cached positions, so
+    total = past + 1 and the profile must keep that tie at min, opt and max (a decode row has
+    at least one cached position: total >= 2)."""
+    if graph == "prefill":
+        return {"batch": tuple(batch), "seq": tuple(tokens)}
+    total = tuple(max(2, t) for t in tokens)
+    return {"batch": tuple(batch), "one": (1, 1, 1), "total": total, "past": tuple(t - 1 for t in total)}
+
+
+def profile_shapes(graph: str, spec: dict, batch: tuple[int, int, int],
+                   tokens: tuple[int, int, int]) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """{input name: (min shape, opt shape, max shape)} for `spec` ({name: (dtype, shape)} as
+    `inputs` gives, or a manifest's {name: {"shape": ...}}); fixed dims stay as they are."""
+    ranges = dim_ranges(graph, batch, tokens)
+    shapes = {}
+    for name, entry in spec.items():
+        dims = entry["shape"] if isinstance(entry, dict) else entry[1]
+        triple: tuple[list[int], list[int], list[int]] = ([], [], [])
+        for dim in dims:
+            if not isinstance(dim, int) and dim not in ranges:
+                raise ValueError(f"input {name}: dimension {dim!r} is not one of the graph contract's "
+                                 f"({', '.join(ranges)})")
+            for k in range(3):
+                triple[k].append(dim if isinstance(dim, int) else ranges[dim][k])
+        shapes[name] = triple
+    return shapes
+
+
 # ---- feeds ----------------------------------------------------------------------------------------
 def prefill_feeds(input_ids, attention_mask, theta, logits_to_keep: int | None = None) -> dict:
     """Prefill feeds; logits_to_keep only where given (the graph must declare it)."""

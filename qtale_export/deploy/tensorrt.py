@@ -1,8 +1,10 @@
 """Build a TensorRT engine from a qtale export folder and record it in manifest.json (`qtale build`,
 whose arguments live in cli/build.py; build_engine.sh calls `qtale build --plan` and `--record`).
 
-TensorRT is imported lazily inside functions, so this module (validation, the trtexec command of
-a dry run, manifest bookkeeping) works on hosts without TensorRT.
+The build itself (which TensorRT, parse, profile, build) is trt_builder.py; what the engine holds
+is read from the builder's layer report by engine_info.py. TensorRT is imported lazily there, so
+this module (validation, the trtexec command of a dry run, manifest bookkeeping) works on hosts
+without TensorRT.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from qtale_export.errors import QtaleError
 from qtale_export.export.manifest import write_manifest
 from qtale_export.safe_write import write_bytes
 
+from . import engine_info, graph_io, trt_builder
+
 PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 GRAPHS = ("prefill", "decode")
 JETSON_ORIN_SM = "8.7"  # Orin: Ampere-class iGPU, no FP8 tensor cores
 FP8_MIN_SM = (8, 9)  # Ada / Hopper and newer
 DEFAULT_WORKSPACE_MB = 4096
 JETSON_WORKSPACE_MB = 2048  # unified memory is shared with the CPU; leave room for the KV cache
-INSTALL_HINT = "pip install tensorrt (x86_64 + CUDA) / use a GPU host or Jetson with JetPack 6, or pass --dry-run"
+INSTALL_HINT = ("pip install 'qtale-export[tensorrt-rtx]' (engine builds without a GPU) or tensorrt on a GPU "
+                "host / Jetson with JetPack 6, or pass --dry-run")
 
 
 @dataclass
@@ -49,6 +54,8 @@ class BuildOptions:
     workspace_mb: int | None = None  # None: DEFAULT_WORKSPACE_MB, JETSON_WORKSPACE_MB with jetson
     timing_cache: Path | None = None
     engine: Path | None = None  # an engine built elsewhere (trtexec), to be recorded
+    builder: str = "auto"  # trt_builder.BUILDERS
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets ("8.9", ...); () = its defaults
 
 
 # ---- planning (no TensorRT needed) ---------------------------------------------------------
@@ -72,6 +79,8 @@ class BuildPlan:
     batch: tuple[int, int, int]
     tokens: tuple[int, int, int]
     shapes: dict[str, tuple[list[int], list[int], list[int]]] = field(default_factory=dict)
+    builder: str = "auto"
+    compute_capabilities: tuple[str, ...] = ()
 
     @property
     def engine_name(self) -> str:
@@ -115,24 +124,14 @@ def onnx_uses_qtale_ops(onnx_path: Path) -> bool:
         node.domain == "qtale" for node in model.graph.node)
 
 
-def profile_shapes(graph: dict[str, Any], batch: tuple[int, int, int],
+def profile_shapes(graph: str, spec: dict[str, Any], batch: tuple[int, int, int],
                    tokens: tuple[int, int, int]) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """min/opt/max shapes per graph input: named dims containing 'batch' follow --batch,
-    every other named dim (seq, tokens, past...) follows the token profile, ints stay fixed."""
-    shapes: dict[str, tuple[list[int], list[int], list[int]]] = {}
-    for name, spec in graph.get("inputs", {}).items():
-        dims = spec.get("shape", []) if isinstance(spec, dict) else []
-        triple: list[list[int]] = [[], [], []]
-        for dim in dims:
-            for k in range(3):
-                if isinstance(dim, int) and dim > 0:
-                    triple[k].append(dim)
-                elif "batch" in str(dim).lower():
-                    triple[k].append(batch[k])
-                else:
-                    triple[k].append(tokens[k])
-        shapes[name] = (triple[0], triple[1], triple[2])
-    return shapes
+    """min/opt/max shapes per graph input from the graph contract (graph_io.dim_ranges): batch
+    follows --batch, sequence dims the token profile, decode keeps total = past + 1."""
+    try:
+        return graph_io.profile_shapes(graph, spec, batch, tokens)
+    except ValueError as e:
+        raise QtaleError(f"{graph}.onnx: {e}; re-export it with this version of qtale-export") from None
 
 
 def parse_sm(text: str | None) -> tuple[int, int] | None:
@@ -228,7 +227,8 @@ def plan_build(options: BuildOptions) -> BuildPlan:
                      precision=precision, strongly_typed=strongly_typed, uses_plugins=uses_plugins,
                      plugin_lib=plugin_lib, jetson=options.jetson, workspace_mb=workspace_mb,
                      timing_cache=options.timing_cache, batch=batch, tokens=tokens,
-                     shapes=profile_shapes(graph, batch, tokens))
+                     shapes=profile_shapes(options.graph, graph.get("inputs", {}), batch, tokens),
+                     builder=options.builder, compute_capabilities=tuple(options.compute_capabilities))
 
 
 def trtexec_command(plan: BuildPlan) -> list[str]:
@@ -250,48 +250,20 @@ def trtexec_command(plan: BuildPlan) -> list[str]:
 # ---- building (TensorRT needed) -----------------------------------------------------------
 
 
-def import_tensorrt() -> Any:
-    from qtale_export.optional import require
-
-    return require("tensorrt", INSTALL_HINT, "TensorRT")
-
-
-def build_engine_bytes(plan: BuildPlan) -> tuple[bytes, str]:
-    """Parse, configure and build with the TensorRT Python API; returns (engine, TensorRT version)."""
-    trt = import_tensorrt()
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise QtaleError(f"TensorRT {trt.__version__} is too old: QTALE plugins need TensorRT >= 10 (IPluginV3)")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    if plan.plugin_lib is not None:
-        # Registers TokenCompact/TokenScatter (getCreators) before the parser looks them up.
-        if builder.get_plugin_registry().load_library(str(plan.plugin_lib)) is None:
-            raise QtaleError(f"TensorRT could not load {plan.plugin_lib}: rebuild plugins/ against this TensorRT")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(plan.onnx_path)):
-        first = str(parser.get_error(0)).splitlines()[0] if parser.num_errors else "unknown error"
-        raise QtaleError(f"TensorRT could not parse {plan.onnx_path}: {first}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mb << 20)
-    if not plan.strongly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in plan.shapes.items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+def build_engine(plan: BuildPlan) -> tuple[trt_builder.Built, trt_builder.Flavour]:
+    """Parse, configure and build with the TensorRT Python API (trt_builder); updates the timing cache."""
+    flavour = trt_builder.load(plan.builder)
+    if not flavour.rtx and int(flavour.version.split(".")[0]) < 10:
+        raise QtaleError(f"TensorRT {flavour.version} is too old: QTALE plugins need TensorRT >= 10 (IPluginV3)")
     cache = None
     if plan.timing_cache is not None:
-        data = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise QtaleError("TensorRT engine build failed (see the TensorRT log above); try a smaller --max-tokens")
+        cache = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
+    built, cache = trt_builder.build(flavour, plan.onnx_path, shapes=plan.shapes, strongly_typed=plan.strongly_typed,
+                                     workspace_mb=plan.workspace_mb, plugin_lib=plan.plugin_lib,
+                                     compute_capabilities=plan.compute_capabilities, timing_cache=cache)
     if cache is not None:
-        write_bytes(plan.timing_cache, bytes(cache.serialize()))
-    return bytes(serialized), trt.__version__
+        write_bytes(plan.timing_cache, cache)
+    return built, flavour
 
 
 # ---- manifest bookkeeping -----------------------------------------------------------------
@@ -300,8 +272,12 @@ def build_engine_bytes(plan: BuildPlan) -> tuple[bytes, str]:
 def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision: str,
                   tensorrt_version: str | None, sm: str | None, plugin_lib: Path | None,
                   batch: tuple[int, int, int], tokens: tuple[int, int, int], jetson: bool,
-                  strongly_typed: bool, built_with: str) -> dict[str, Any]:
-    """Add (or replace) the engine's entry in manifest.json and its sha256 in "files"; atomic rewrite."""
+                  strongly_typed: bool, built_with: str, builder: str = "tensorrt",
+                  compute_capabilities: tuple[str, ...] = (),
+                  shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
+                  layers_file: Path | None = None, summary: dict | None = None) -> dict[str, Any]:
+    """Add (or replace) the engine's entry in manifest.json and the sha256 of it (and of its layer
+    report, if one was written) in "files"; atomic rewrite."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir, verify=False)  # the engine being (re)recorded changed on purpose
     engine_file = Path(engine_file)
@@ -316,17 +292,23 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
         "graph": graph,
         "precision": precision,
         "sha256": digest,
+        "builder": builder,
         "tensorrt_version": tensorrt_version,
+        "compute_capabilities": list(compute_capabilities),
         "gpu_sm": sm,
         "jetson": jetson,
         "strongly_typed": strongly_typed,
         "plugin_library": None if plugin_lib is None else {
             "path": str(Path(plugin_lib).resolve()), "sha256": file_sha256(Path(plugin_lib))},
-        "profile": {"batch": list(batch), "tokens": list(tokens)},
+        "profile": {"batch": list(batch), "tokens": list(tokens),
+                    "shapes": {name: [list(d) for d in dims] for name, dims in (shapes or {}).items()}},
         "built_with": built_with,
+        "layers": None if layers_file is None else {"file": layers_file.name, "summary": summary},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest.setdefault("files", {})[rel] = digest
+    if layers_file is not None:
+        manifest["files"][os.path.relpath(Path(layers_file).resolve(), export_dir.resolve())] = file_sha256(layers_file)
     engines = [e for e in manifest.get("engines", []) if not (isinstance(e, dict) and e.get("file") == rel)]
     manifest["engines"] = engines + [entry]
     write_manifest(export_dir, manifest)
@@ -344,12 +326,38 @@ def build(options: BuildOptions) -> dict[str, Any]:
         return {"dry_run": True, "trtexec": trtexec_command(plan), "engine": str(plan.engine_path)}
     sm = JETSON_ORIN_SM if options.jetson else gpu_sm()
     check_fp8(plan.precision, plan.jetson, sm)
-    engine, version = build_engine_bytes(plan)
-    write_bytes(plan.engine_path, engine)
+    plan.compute_capabilities = target_capabilities(plan)
+    built, flavour = build_engine(plan)
+    layers_file = None
+    summary = None
+    if built.layers is not None:
+        layers = engine_info.parse(built.layers)
+        summary = engine_info.summary(layers)
+        summary["engine_bytes"] = len(built.engine)
+        summary["weights_bytes"] = built.weights_bytes
+        layers_file = plan.engine_path.with_name(plan.engine_name + ".layers.json")
+        write_bytes(layers_file, engine_info.to_json(layers, summary).encode())
+    write_bytes(plan.engine_path, built.engine)
     return record_engine(plan.export_dir, plan.engine_path, graph=plan.graph, precision=plan.precision,
-                         tensorrt_version=version, sm=sm, plugin_lib=plan.plugin_lib, batch=plan.batch,
+                         tensorrt_version=flavour.version, sm=sm, plugin_lib=plan.plugin_lib, batch=plan.batch,
                          tokens=plan.tokens, jetson=plan.jetson, strongly_typed=plan.strongly_typed,
-                         built_with="tensorrt-python")
+                         built_with="tensorrt-python", builder=flavour.name,
+                         compute_capabilities=plan.compute_capabilities, shapes=plan.shapes,
+                         layers_file=layers_file, summary=summary)
+
+
+def target_capabilities(plan: BuildPlan) -> tuple[str, ...]:
+    """The SM versions a TensorRT-RTX engine is built for: as asked, else TensorRT-RTX's defaults,
+    and for FP8 only those that have FP8 (SM >= 8.9). Empty for TensorRT (it builds for its GPU)."""
+    if plan.builder == "tensorrt" or (plan.builder == "auto" and trt_builder.load("auto").name == "tensorrt"):
+        return tuple(plan.compute_capabilities)
+    sms = tuple(plan.compute_capabilities) or trt_builder.RTX_DEFAULT_SM
+    if plan.precision == "fp8":
+        low = [sm for sm in sms if parse_sm(sm) < FP8_MIN_SM]
+        if plan.compute_capabilities and low:
+            raise QtaleError(f"FP8 needs SM >= 8.9 but --compute-capability asks for {', '.join(low)}")
+        sms = tuple(sm for sm in sms if parse_sm(sm) >= FP8_MIN_SM)
+    return sms
 
 
 def record_built(options: BuildOptions, trtexec_log: Path | None = None) -> dict[str, Any]:

@@ -626,11 +626,11 @@ def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str 
     return b.model("qtale_prefill")
 
 
-def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
+def build_decode(w: Weights, ops: str, opset: int, act, weight_fn, target: str = "ort-cpu") -> onnx.ModelProto:
     """One new token per sequence against a full-length cache (plain ops: nothing to compact)."""
     s = w.spec
     b = Builder(opset, act, weight_fn)
-    L = Lowering(b, w, ops)
+    L = Lowering(b, w, ops, target)
     elem = NP2ONNX[b.act]
     _declare_inputs(b, s, "decode")
     full_valid, full_pos, valid, pos, past_valid, _ = L.decode_positions()
@@ -671,16 +671,16 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.Model
 
 
 # ---------------------------------------------------------------------------------------------
-# --target tensorrt: decode without If
+# --target tensorrt --trt-decode compact: decode without If
 # ---------------------------------------------------------------------------------------------
 def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> onnx.ModelProto:
-    """decode.onnx for TensorRT: every routed layer goes through the same compaction as prefill
-    (TokenCompact/TokenScatter or their standard-op form) instead of an `If`. With one new token per
-    row N is 1, so this is a gate-select: the layer runs on every row and TokenScatter keeps its
-    output only where the gate is on (skipped rows: hidden state passed through, zero K/V). Why:
-    which ops and types TensorRT accepts inside If branches that hold DequantizeLinear weights is
-    not documented (docs/tensorrt.md, "Decode without If"); the compaction path is plain
-    documented ops. Inputs, outputs and results are those of `build_decode`."""
+    """decode.onnx for TensorRT without `If`: every routed layer goes through the same compaction
+    as prefill (TokenCompact/TokenScatter or their standard-op form). With one new token per row N
+    is 1, so this is a gate-select: the layer runs on every row and TokenScatter keeps its output
+    only where the gate is on (skipped rows: hidden state passed through, zero K/V). The `If` form
+    (the default, `build_decode`) skips a layer no row executes; this one never skips compute and
+    is kept for TensorRT versions whose conditionals do not build (docs/tensorrt.md). Inputs,
+    outputs and results are those of `build_decode`."""
     s = w.spec
     b = Builder(opset, act, weight_fn)
     L = Lowering(b, w, ops, "tensorrt")
@@ -708,10 +708,24 @@ def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> 
     return b.model("qtale_decode")
 
 
-def graph_builders(target: str) -> list:
-    """[(kind, build(w, ops, opset, act, weight_fn))] of the two graphs of an export for `target`."""
+TRT_DECODE_FORMS = ("if", "compact")
+
+
+def default_trt_decode(precision: str) -> str:
+    """The TensorRT decode form an export gets unless asked: "if", except int8, whose If decode
+    TensorRT-RTX 1.7.1 fails to build for a batch-1 profile (Myelin internal error
+    `bb.cpp:137: CHECK(op->parent() == this ...)`; batch 1:1:2 builds), so int8 keeps "compact"."""
+    return "compact" if precision == "int8" else "if"
+
+
+def graph_builders(target: str, trt_decode: str = "if") -> list:
+    """[(kind, build(w, ops, opset, act, weight_fn))] of the two graphs of an export for `target`.
+    TensorRT decode: "if" (default) wraps each routed layer in an `If`, which TensorRT builds as a
+    conditional jump, so a batch in which no row executes the layer skips its compute (batch 1:
+    every skipped layer); "compact" is the gate-select form (every row runs every layer)."""
     if target == "tensorrt":
-        return [("prefill", partial(build_prefill, target=target)), ("decode", build_decode_compacted)]
+        decode = partial(build_decode, target=target) if trt_decode == "if" else build_decode_compacted
+        return [("prefill", partial(build_prefill, target=target)), ("decode", decode)]
     return [("prefill", build_prefill), ("decode", build_decode)]
 
 

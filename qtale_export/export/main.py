@@ -54,11 +54,11 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
            precision: str | None = None, ops: str = "standard", target: str | None = None,
            opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
            verify_thetas=None, allow_stale_theta: bool = False, reference: bool = True,
-           trt_decode: str = "if") -> dict:
+           trt_decode: str | None = None) -> dict:
     """Export a loaded RoutedModel to `out` (see docs/export.md); returns the manifest.
     A theta table calibrated on other weights (`model.theta_stale`, theta.py) is refused.
     reference False: no reference.npz (a smaller folder; `qtale verify` then needs PyTorch).
-    trt_decode: the TensorRT decode graph's form (graphs.TRT_DECODE_FORMS)."""
+    trt_decode: the TensorRT decode graph's form (graphs.TRT_DECODE_FORMS; None: graphs.default_trt_decode)."""
     import numpy as np
     import onnx
     import onnxruntime
@@ -93,6 +93,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     tmp = safe_write.staging_dir(out)  # pid-tagged; becomes `out` only after the verification passed
     try:
         described = {}
+        trt_decode = trt_decode or graphs.default_trt_decode(precision)
         if trt_decode not in graphs.TRT_DECODE_FORMS:
             raise QtaleError(f"unknown --trt-decode {trt_decode!r} (choose from {', '.join(graphs.TRT_DECODE_FORMS)})")
         builders = graphs.graph_builders(target, trt_decode)
@@ -177,7 +178,7 @@ FALLBACK_RATIO = 0.6  # a checkpoint without a recommended ratio (one not shippe
 def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta: float | None = None,
                       precision: str | None = None, ops: str = "standard", target: str | None = None,
                       opset: int = DEFAULT_OPSET, force: bool = False, decode_steps: int = 4,
-                      allow_stale_theta: bool = False, reference: bool = True, trt_decode: str = "if") -> dict:
+                      allow_stale_theta: bool = False, reference: bool = True, trt_decode: str | None = None) -> dict:
     """Load `checkpoint` (folder or model name) and export it to `out`; the options are checked
     before the model is loaded. ratio None: the checkpoint's recommended ratio, else FALLBACK_RATIO."""
     check_options(ratio if ratio is not None else FALLBACK_RATIO, precision, ops, target, opset, out, force, theta)

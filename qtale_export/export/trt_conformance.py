@@ -134,7 +134,7 @@ def _initializers(graph: onnx.GraphProto, out: set) -> set:
     return out
 
 
-def _node_problem(node, types: dict, inits: set, in_branch: bool) -> str | None:
+def _node_problem(node, types: dict, inits: set) -> str | None:
     """Why `node` is outside the documents, or None."""
     if node.domain == PLUGIN_DOMAIN:
         row = PLUGINS.get(node.op_type)
@@ -148,9 +148,6 @@ def _node_problem(node, types: dict, inits: set, in_branch: bool) -> str | None:
         row = TABLE.get(node.op_type)
         if row is None:
             return f"op {node.op_type} is not in the TensorRT table ({OPS_DOC})"
-        if in_branch and node.op_type == "DequantizeLinear":
-            return ("DequantizeLinear inside an If branch: not covered by the TensorRT documents "
-                    "(export decode through the compaction path, docs/tensorrt.md)")
         source = OPS_DOC
     else:
         return f"op {node.domain}::{node.op_type} is not an ONNX op TensorRT parses"
@@ -204,7 +201,7 @@ def problems(model: onnx.ModelProto) -> list[str]:
             found.append(f"network {'input' if vi in inferred.graph.input else 'output'} {vi.name} is {dt}, "
                          f"not a TensorRT network I/O type ({OPS_DOC})")
     for node, in_branch in _walk(inferred.graph):
-        why = _node_problem(node, types, inits, in_branch)
+        why = _node_problem(node, types, inits)
         if why:
             found.append(f"node {node.name or '(unnamed)'} ({node.op_type}): {why}")
     return found

@@ -1,0 +1,139 @@
+"""Every --target tensorrt form parsed and built by a real TensorRT builder (TensorRT-RTX, CPU-only
+ahead-of-time builds), and what the built engines hold, read from the builder's layer report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from qtale_export.deploy import engine_info, graph_io, trt_builder
+from qtale_export.deploy import tensorrt as qtrt
+from qtale_export.errors import QtaleError
+
+pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is part of the test set-up (pip install '.[tensorrt-rtx]')")
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "fp8")
+# engine constants of each weight-only precision: TensorRT's DataType name and bits per weight
+QUANT = {"int4": ("Int4", 4), "int8": ("Int8", 8), "fp8": ("FP8", 8)}
+
+
+def _build(export, graph, **kw):
+    options = qtrt.BuildOptions(export_dir=export, graph=graph, min_tokens=1, opt_tokens=8, max_tokens=32,
+                                builder="tensorrt-rtx", **kw)
+    return qtrt.build(options)
+
+
+def _initializers(graph):
+    yield from graph.initializer
+    for node in graph.node:  # If branches hold their DequantizeLinear weights
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(a.g)
+
+
+def _quantized_weight_bytes(onnx_path, bits) -> int:
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return sum(int(np.prod(t.dims)) * bits // 8 for t in _initializers(model.graph) if t.name.endswith(".weight_q"))
+
+
+@pytest.mark.parametrize("graph", ["prefill", "decode"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_standard_form_builds(trt_exports, precision, graph):
+    get, model, _ = trt_exports
+    export = get(precision, "standard")
+    entry = _build(export, graph)
+    engine = export / entry["file"]
+    assert engine.stat().st_size > 0 and entry["builder"] == "tensorrt-rtx"
+    assert entry["tensorrt_version"] == trt_builder.load("tensorrt-rtx").version
+    # FP8 engines target only the GPUs with FP8 (SM >= 8.9)
+    assert entry["compute_capabilities"] == (["8.9", "12.0"] if precision == "fp8" else list(trt_builder.RTX_DEFAULT_SM))
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["files"][entry["file"]] == entry["sha256"]
+    assert manifest["files"][entry["layers"]["file"]]  # the layer report is listed like the engine
+    summary = entry["layers"]["summary"]
+    assert summary["layers"] > 10 and summary["engine_bytes"] == engine.stat().st_size
+    if precision in QUANT:  # weight-only quantized weights are kept as such in the engine
+        dtype, bits = QUANT[precision]
+        assert summary["constant_bytes"][dtype] == _quantized_weight_bytes(export / f"{graph}.onnx", bits) > 0
+    manifest_decode = manifest["graphs"]["decode"]["form"]
+    assert manifest_decode == ("compact" if precision == "int8" else "if")
+    if graph == "decode" and manifest_decode == "if":  # one lazy conditional per routed layer, jumped over
+        assert summary["conditional_jumps"] == len(model.routers)
+        assert summary["branch_gemms"] >= summary["conditional_jumps"]  # fused GEMMs differ by precision
+    else:
+        assert summary["conditional_jumps"] == 0
+
+
+def test_compact_decode_has_no_conditional(trt_exports):
+    export = trt_exports[0]("int4", "standard", "compact")
+    summary = _build(export, "decode")["layers"]["summary"]
+    assert summary["conditional_jumps"] == 0 and summary["branch_gemms"] == 0
+
+
+def test_int8_if_decode_builds_for_batches(trt_exports):
+    """int8 exports default to the compact decode (default_trt_decode); their If form builds for a
+    batch range (TensorRT-RTX 1.7.1 fails it for a batch-1 profile only)."""
+    summary = _build(trt_exports[0]("int8", "standard", "if"), "decode", batch="1:1:2")["layers"]["summary"]
+    assert summary["conditional_jumps"] > 0
+
+
+def test_profile_comes_from_the_graph_contract(trt_exports):
+    entry = _build(trt_exports[0]("int4", "standard"), "decode")
+    shapes = entry["profile"]["shapes"]
+    for k in range(3):  # total = past + 1 at min, opt and max, or the builder refuses the profile
+        assert shapes["attention_mask"][k][1] == shapes["past.0.key"][k][2] + 1 == shapes["past_exec"][k][2] + 1
+        assert shapes["input_ids"][k] == [1, 1]
+    assert [s[1] for s in shapes["attention_mask"]] == [2, 8, 32]
+
+
+def test_plugin_exports_are_refused_by_tensorrt_rtx(trt_exports, tmp_path):
+    lib = tmp_path / "libqtale_trt_plugins.so"
+    lib.write_bytes(b"not loaded: refused before")
+    with pytest.raises(QtaleError, match="networks take no plugin layers") as e:
+        _build(trt_exports[0]("fp16", "plugin"), "prefill", plugin_lib=lib)
+    assert "\n" not in str(e.value)
+
+
+def test_fp8_refuses_targets_without_fp8(trt_exports):
+    with pytest.raises(QtaleError, match="FP8 needs SM >= 8.9 but --compute-capability asks for 8.6"):
+        _build(trt_exports[0]("fp8", "standard"), "prefill", compute_capabilities=("8.6", "8.9"))
+
+
+def test_unknown_compute_capability(trt_exports):
+    with pytest.raises(QtaleError, match="cannot target SM 9.0"):
+        _build(trt_exports[0]("fp16", "standard"), "prefill", compute_capabilities=("9.0",))
+
+
+def test_one_compute_capability_makes_a_smaller_engine(trt_exports):
+    export = trt_exports[0]("int8", "standard")
+    all_sms = _build(export, "prefill")["layers"]["summary"]["engine_bytes"]
+    one = _build(export, "prefill", compute_capabilities=("8.9",))
+    assert one["compute_capabilities"] == ["8.9"] and one["layers"]["summary"]["engine_bytes"] < all_sms
+
+
+def test_dim_ranges_tie_decode_total_to_past():
+    ranges = graph_io.dim_ranges("decode", (1, 2, 4), (1, 16, 64))
+    assert ranges["total"] == (2, 16, 64) and ranges["past"] == (1, 15, 63) and ranges["one"] == (1, 1, 1)
+    assert graph_io.dim_ranges("prefill", (1, 1, 1), (1, 16, 64)) == {"batch": (1, 1, 1), "seq": (1, 16, 64)}
+    with pytest.raises(ValueError, match="dimension 'weird'"):
+        graph_io.profile_shapes("prefill", {"x": {"shape": ["batch", "weird"]}}, (1, 1, 1), (1, 2, 3))
+
+
+def test_layer_report_parsing():
+    report = ("Layers:\n"
+              "Name: w_deq, LayerType: kgen, Inputs: [], Constants: [ { Name: w4, Dimensions: [1,64,32], "
+              "Strides: [2048,32,1], StrideOrder: [2,1,0], Datatype: Int4, Format: (Linear) Row major linear format }, "
+              "{ Name: s, Dimensions: [1,1,32], Strides: [32,32,1], StrideOrder: [2,1,0], Datatype: Float, Format: x }], "
+              "Outputs: [ { Name: o, Dimensions: [1,64,32], Datatype: Float }], TacticName: k\n"
+              "Name: c0, LayerType: cjmp, Inputs: [ { Name: cond, Dimensions: [1], Datatype: Bool }], Outputs: []\n"
+              "Name: $$myelin$$(Unnamed IfConditional* 0)^$$myelin$$then^mm, LayerType: gemm, Inputs: [], "
+              "Constants: [ { Name: w4, Dimensions: [1,64,32], Strides: [1], StrideOrder: [0], Datatype: Int4, Format: x }], "
+              "Outputs: []\n")
+    s = engine_info.summary(engine_info.parse(report))
+    assert s["constant_bytes"] == {"Float": 128, "Int4": 1024}  # w4 counted once
+    assert s["conditional_jumps"] == 1 and s["branch_gemms"] == 1 and s["layer_types"]["kgen"] == 1
+    js = json.dumps({"Layers": [{"Name": "g", "LayerType": "gemm",
+                                 "Constants": [{"Name": "w", "Dimensions": [8, 8], "Datatype": "Half"}]}]})
+    assert engine_info.summary(engine_info.parse(js))["constant_bytes"] == {"Half": 128}
