@@ -128,52 +128,34 @@ def validate_config(text: str, where: str = "config.pbtxt"):
 MARKER = ".qtale-triton-repository"  # what `--force` looks for before it replaces a folder
 
 
-def _inside(folder: Path, name, listed=None) -> Path:
-    """The regular file `name` names inside `folder`: a plain relative name, no `..`, no symlink
-    leading out of the folder and, given `listed` (the manifest's checksummed files), one of
-    them; a QtaleError before anything is opened or copied."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise QtaleError(f"{folder}: {name!r} is not a relative path inside the export folder")
-    if listed is not None and name not in listed:
-        raise QtaleError(f"{folder}: {name} is not among the manifest's checksummed files")
-    path = folder / name
-    real, root = path.resolve(), folder.resolve()
-    if root not in real.parents:
-        raise QtaleError(f"{folder}: {name} leads outside the export folder (to {real})")
-    if not real.is_file():
-        raise QtaleError(f"{folder}: {name} is not a file")
-    return path
-
-
-def _place(folder: Path, name: str, dst: Path, listed=None) -> None:
-    """Copy the file `name` of `folder` (checked by `_inside`) to `dst`."""
-    src = _inside(folder, name, listed)
+def _place(src: Path, dst: Path) -> None:
+    """Copy `src`, a file the manifest's checked helpers resolved inside the export, to `dst`."""
+    if not src.is_file():
+        raise QtaleError(f"{src} is not a file")
     if dst.exists():  # two listed names with one base name would overwrite each other
-        raise QtaleError(f"{folder}: two files would be copied to {dst.name}")
+        raise QtaleError(f"{src.parent}: two files would be copied to {dst.name}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
+
+
+def _tokenizer(folder: Path, manifest: dict) -> Path:
+    """tokenizer.json of an export: inside the folder (no symlink out) and checksummed."""
+    from ..contract import member
+
+    path = member(folder, "tokenizer.json", f"{folder}: tokenizer")
+    if "tokenizer.json" not in manifest["files"]:
+        raise QtaleError(f"{folder}: tokenizer.json is not among the manifest's checksummed files")
+    return path
 
 
 def _check_out(out, force: bool, sources) -> Path:
     """safe_write's rule, and `--force` only over a repository this command wrote (its marker)
     or an empty folder: never over a folder of the user's own files."""
-    out = safe_write.check_output(out, force=force, sources=sources)
+    out = safe_write.check_output(out, force=force, sources=sources, kind="triton")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise QtaleError(f"{out} is not a QTALE Triton repository (no {MARKER}): --force replaces only what "
                          "qtale triton-repo wrote; choose another --out or remove it yourself")
     return out
-
-
-def _graph_files(folder: Path, manifest: dict, graph: str) -> list[str]:
-    """The ONNX file of a graph and its external data files (relative names)."""
-    g = manifest["graphs"][graph]
-    main = g["file"]
-    if "external_data" in g:
-        if not isinstance(g["external_data"], list):
-            raise QtaleError(f"manifest: graphs.{graph}.external_data must be a list of file names")
-        return [main] + g["external_data"]
-    # exports written before the shared weights file: <graph>.onnx.data next to each graph
-    return [main] + sorted(f for f in manifest["files"] if f.startswith(main + ".") and f != main)
 
 
 def _max_length(manifest: dict) -> int:
@@ -209,7 +191,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     each for at most `deadline_s`, and each generating for at most `deadline_s`;
     `router_instances` routers so a long request does not hold the only one."""
     from . import theta as policy
-    from ..export.manifest import read_manifest
+    from ..export.manifest import engine_file, graph_files, read_manifest
 
     if backend not in BACKENDS:
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
@@ -264,9 +246,9 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                 # one model holds both graphs and the weights file they share: once per precision
                 ver = tmp / base / "1"
                 ver.mkdir(parents=True)
-                files = sorted(set(_graph_files(folder, m, "prefill")) | set(_graph_files(folder, m, "decode")))
+                files = sorted(set(graph_files(folder, m, "prefill")) | set(graph_files(folder, m, "decode")))
                 for f in files:
-                    _place(folder, f, ver / Path(f).name, m["files"])
+                    _place(f, ver / f.name)
                 shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
                 shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the names model.py feeds
                 params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name
@@ -286,9 +268,10 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                     name = f"{base}_{g}"
                     ver = tmp / name / "1"
                     ver.mkdir(parents=True)
-                    files = [engines[g]["file"]] if backend == "tensorrt" else _graph_files(folder, m, g)
+                    files = ([engine_file(folder, m, engines[g])] if backend == "tensorrt"
+                             else graph_files(folder, m, g))
                     for f in files:
-                        _place(folder, f, ver / Path(f).name, m["files"])
+                        _place(f, ver / f.name)
                     params = {**common, "graph": g}
                     if backend == "onnxruntime" and threads:
                         params["intra_op_thread_count"] = threads
@@ -308,7 +291,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
         shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
         shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
         if (exports[0][0] / "tokenizer.json").exists():
-            _place(exports[0][0], "tokenizer.json", ver / "tokenizer.json", exports[0][1]["files"])
+            _place(_tokenizer(exports[0][0], exports[0][1]), ver / "tokenizer.json")
         eos = m0["model"].get("eos_token_id")
         eos = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
         mlen = _max_length(m0)
