@@ -25,6 +25,7 @@ from ...errors import QtaleError
 from .. import theta as policy
 from .. import graph_io
 from .backends import make_backend
+from .sampling import Sampler, StopText
 
 DEFAULT_MAX_LENGTH = 2048
 UNKNOWN_POSITIONS = 4096  # the RoPE table export/graphs.py builds when the model's config gives no maximum
@@ -117,41 +118,10 @@ class GenerationResult:
         return asdict(self)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-class Sampler:
-    """Greedy when temperature == 0; otherwise temperature + top-p (nucleus) with a seeded RNG."""
-
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
-        if temperature < 0:
-            raise QtaleError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise QtaleError(f"top_p must be in (0, 1], got {top_p}")
-        self.temperature, self.top_p = float(temperature), float(top_p)
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, logits: np.ndarray) -> int:
-        if self.temperature == 0.0:
-            return int(np.argmax(logits))
-        p = _softmax(logits / self.temperature)
-        if self.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            keep = order[: int(np.searchsorted(cum, self.top_p) + 1)]
-            q = np.zeros_like(p)
-            q[keep] = p[keep]
-            p = q / q.sum()
-        return int(self.rng.choice(len(p), p=p))
 
 
 class Runtime:
@@ -245,9 +215,11 @@ class Runtime:
             raise QtaleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         selection = self.select(ratio, theta)
         theta_value = float(selection["theta"])
-        sampler = Sampler(temperature, top_p, seed)
-        stops = [s for s in (stop or []) if s]
-        hold = max((len(s) for s in stops), default=1) - 1
+        try:
+            sampler = Sampler(temperature, top_p, seed)
+        except ValueError as exc:
+            raise QtaleError(str(exc)) from None
+        text = StopText(self.tokenizer.decode, stop)
         ids = self.encode_prompt(prompt, chat)
         n_prompt = len(ids)
         t0 = time.perf_counter()
@@ -263,29 +235,20 @@ class Runtime:
             # an in-place KV decoder where the backend has one (no cache copy per step)
             loop.decoder = self.backend.decoder(out, self.num_layers,
                                                 min(self.max_length, n_prompt + int(max_new_tokens)))
-        gen: list[int] = []
-        emitted = 0
+        gen = text.tokens
         reason = "length"
         t1 = time.perf_counter()
-        text = ""
         while True:
             token = sampler(logits)
             if token in self.eos_ids and not ignore_eos:
                 reason = "eos"
                 break
-            gen.append(token)
-            text = self.tokenizer.decode(gen)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
+            piece = text.add(token)
+            if text.stopped:
                 reason = "stop"
                 break
-            safe = len(text) - hold
-            while safe > emitted and text[safe - 1] == "\ufffd":  # an unfinished multi-byte char
-                safe -= 1
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+            if piece:
+                yield piece
             if len(gen) >= int(max_new_tokens):
                 reason = "length"
                 break
@@ -296,13 +259,12 @@ class Runtime:
             exec_mask = out[graph_io.EXEC_MASK]
             logits = out[graph_io.LOGITS][0, -1]
         t_end = time.perf_counter()
-        if reason != "stop":
-            text = self.tokenizer.decode(gen) if gen else ""
-        if len(text) > emitted:
-            yield text[emitted:]
+        rest = text.finish()
+        if rest:
+            yield rest
         decode_s = t_end - t1
         res = GenerationResult(
-            text=text, token_ids=gen, prompt_tokens=n_prompt, new_tokens=len(gen),
+            text=text.text, token_ids=gen, prompt_tokens=n_prompt, new_tokens=len(gen),
             realized_ratio=self._exec_ratio(exec_mask), prefill_ratio=prefill_ratio,
             decode_ratio=self._exec_ratio(exec_mask[:, :, n_prompt:]),  # 1.0 when no token was fed
             tokens_per_s=len(gen) / max(t_end - t0, 1e-9),
