@@ -5,7 +5,7 @@ import argparse
 
 from .. import validate
 from ..deploy.theta import MODES
-from ..deploy.triton import BACKENDS, ROUTER, build_repository
+from ..deploy.triton import BACKENDS, ELASTIC, ROUTER, build_repository
 from ..validate import arg
 
 
@@ -44,6 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="requests waiting for the router at most; more are rejected at once (default 64)")
     parser.add_argument("--router-instances", type=arg(validate.positive_int, "--router-instances"), default=2,
                         help="router instances (default 2: one long request does not hold the only one)")
+    parser.add_argument("--elastic", choices=ELASTIC, default="off",
+                        help="in-flight model: lower the ratio of its rows toward --elastic-floor while the server "
+                             "falls behind (tpot: a decode round over --elastic-target seconds; queue: more than "
+                             "--elastic-target requests waiting), restore it once it catches up (default off)")
+    parser.add_argument("--elastic-target", type=arg(validate.positive, "--elastic-target"), default=None,
+                        help="seconds per output token (tpot) or requests waiting (queue)")
+    parser.add_argument("--elastic-floor", type=arg(validate.ratio, "--elastic-floor"), default=0.6,
+                        help="lowest ratio the elastic policy serves (default 0.6; must be servable)")
+    parser.add_argument("--elastic-interval", type=arg(validate.nonnegative, "--elastic-interval"), default=0.5,
+                        help="seconds between two 0.1 steps of the elastic ratio (default 0.5)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--json", action="store_true")
     return parser
@@ -55,10 +65,14 @@ def run(args: argparse.Namespace) -> dict:
                            threads=args.threads, force=args.force, max_new_tokens=args.max_new_tokens,
                            ratio_mode=args.ratio_mode, max_new_tokens_cap=args.max_new_tokens_cap,
                            max_prompt_tokens=args.max_prompt_tokens, deadline_s=args.deadline,
-                           max_queue=args.max_queue, router_instances=args.router_instances)
+                           max_queue=args.max_queue, router_instances=args.router_instances, elastic=args.elastic,
+                           elastic_target=args.elastic_target, elastic_floor=args.elastic_floor,
+                           elastic_interval=args.elastic_interval)
     if not args.json:
         print(f"wrote {len(res['models'])} models to {res['out']} ({args.backend}): {', '.join(res['models'])}")
         for v in res["ratios"]:
             print(f"  {v['precision']} ratio {v['ratio']}: theta {v['theta']:.4f} ({v['mode']})")
         print(f"  {ROUTER}: execution_ratio -> theta ({res['ratio_mode']}, as qtale run); see docs/triton.md")
+        for name in (n for n in res["models"] if n.startswith("qtale_llm_")):
+            print(f"  {name}: in-flight batching, streaming, generate extension (elastic {res['elastic']})")
     return res

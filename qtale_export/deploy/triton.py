@@ -65,6 +65,30 @@ def _warmup(graph: str, io: dict, m: dict) -> str:
     return "model_warmup [\n  {\n    name: \"zeros\"\n    batch_size: 1\n" + "\n".join(ins) + "\n  }\n]\n"
 
 
+# TensorRT DataType names (an engine's recorded I/O, deploy/trt_builder.network_io) -> DTYPES keys
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+              "BOOL": "bool"}
+
+
+def engine_io(entry: dict, graph: dict) -> dict:
+    """A TensorRT model's inputs/outputs from the built engine's own I/O (names, dtypes, shapes as
+    `qtale build` recorded them), named dims taken from the graph where the engine says -1; an
+    engine recorded without its I/O (trtexec, older builds) falls back to the ONNX graph's."""
+    io = entry.get("io")
+    if not io:
+        return graph
+    out: dict = {"inputs": {}, "outputs": {}}
+    for kind in ("inputs", "outputs"):
+        for t in io[kind]:
+            if t["dtype"] not in TRT_DTYPES:
+                raise QtaleError(f"engine {entry.get('file')}: {t['name']} is {t['dtype']}, which Triton's "
+                                 "TensorRT backend is not given by QTALE")
+            named = (graph.get(kind) or {}).get(t["name"], {}).get("shape") or []
+            shape = [named[k] if d < 0 and k < len(named) else d for k, d in enumerate(t["shape"])]
+            out[kind][t["name"]] = {"dtype": TRT_DTYPES[t["dtype"]], "shape": shape}
+    return out
+
+
 def graph_config(name: str, graph: str, io: dict, backend: str, filename: str, instances: int, kind: str,
                  params: dict, manifest: dict) -> str:
     head = f'name: "{name}"\n'
@@ -105,6 +129,29 @@ def router_config(max_batch: int, instances: int, params: dict, queue: int, dead
             f"  default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {wait_us} "
             f"max_queue_size: {queue} }}\n}}\n"
             f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]\n" + _params(params))
+
+
+LLM_INPUTS = [("text_input", "TYPE_STRING", "1"), ("input_ids", "TYPE_INT64", "-1"), ("max_tokens", "TYPE_INT32", "1"),
+              ("execution_ratio", "TYPE_FP32", "1"), ("theta", "TYPE_FP32", "1"), ("temperature", "TYPE_FP32", "1"),
+              ("top_p", "TYPE_FP32", "1"), ("seed", "TYPE_INT64", "1"), ("stop", "TYPE_STRING", "-1"),
+              ("stream", "TYPE_BOOL", "1"), ("elastic", "TYPE_BOOL", "1"), ("ignore_eos", "TYPE_BOOL", "1")]
+LLM_OUTPUTS = [("text_output", "TYPE_STRING", "1"), ("output_ids", "TYPE_INT64", "-1"),
+               ("requested_ratio", "TYPE_FP32", "1"), ("served_ratio", "TYPE_FP32", "1"),
+               ("realized_ratio", "TYPE_FP32", "1"), ("theta", "TYPE_FP32", "1"), ("stop_reason", "TYPE_STRING", "1"),
+               ("prompt_tokens", "TYPE_INT32", "1"), ("new_tokens", "TYPE_INT32", "1")]
+ELASTIC = ("off", "tpot", "queue")
+
+
+def llm_config(name: str, params: dict) -> str:
+    """The in-flight model's config: decoupled (a response per text piece when streaming), every
+    input optional but a prompt, names as Triton's generate extension maps JSON fields. No dynamic
+    batching: execute() only queues a request; the model's scheduler batches in flight."""
+    row = lambda n, t, d, opt: f'  {{ name: "{n}" data_type: {t} dims: [ {d} ]{" optional: true" if opt else ""} }}'
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+            "model_transaction_policy { decoupled: true }\n"
+            "input [\n" + ",\n".join(row(*i, True) for i in LLM_INPUTS) + "\n]\n"
+            "output [\n" + ",\n".join(row(*o, False) for o in LLM_OUTPUTS) + "\n]\n"
+            "instance_group [ { count: 1 kind: KIND_CPU } ]\n" + _params(params))
 
 
 def validate_config(text: str, where: str = "config.pbtxt"):
@@ -167,6 +214,46 @@ def _max_length(manifest: dict) -> int:
     return value
 
 
+def _eos(manifest: dict) -> list[int]:
+    eos = manifest["model"].get("eos_token_id")
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
+def _llm_model(tmp: Path, folder: Path, m: dict, graph_model: str, graph_params: dict, max_rows: int,
+               max_queue: int, max_new_tokens: int, cap: int, max_prompt_tokens: int | None, deadline_s: float,
+               ratio_mode: str, elastic: str, elastic_target: float | None, elastic_floor: float,
+               elastic_interval: float) -> str:
+    """Write `qtale_llm_<precision>`: llm_model.py and the shared files it runs (the graph contract,
+    the theta policy, qtale run's sampler and KV decoder); its graphs are `graph_model`'s files."""
+    from . import theta as policy
+    from .runtime import kv, sampling
+
+    name = f"qtale_llm_{m['precision']}"
+    ver = tmp / name / "1"
+    ver.mkdir(parents=True)
+    shutil.copy2(TEMPLATES / "llm_model.py", ver / "model.py")
+    for module, copy in ((graph_io, "graph_io.py"), (policy, "theta_policy.py"), (sampling, "sampling.py"), (kv, "kv.py")):
+        shutil.copy2(Path(module.__file__), ver / copy)
+    if (folder / "tokenizer.json").exists():
+        _place(_tokenizer(folder, m), ver / "tokenizer.json")
+    mlen = _max_length(m)
+    params = {"precision": m["precision"], "graph_model": graph_model, "graphs": graph_params["graphs"],
+              "threads": graph_params["threads"], "plugin_ops": graph_params["plugin_ops"],
+              "in_place": "1" if m["graphs"]["decode"].get("kv_cache") == "in-place" else "0",
+              "num_layers": m["model"]["num_layers"], "vocab": m["model"]["vocab"],
+              "routed_layers": json.dumps(m["model"].get("routed_layers") or []), "eos_ids": json.dumps(_eos(m)),
+              "max_length": mlen, "max_prompt_tokens": min(max_prompt_tokens or mlen - 1, mlen - 1),
+              "default_max_tokens": max_new_tokens, "max_tokens_cap": cap, "deadline_s": deadline_s,
+              "max_rows": max_rows, "max_queue": max_queue, "theta_table": json.dumps(m.get("theta_table") or {}),
+              "ratio_mode": ratio_mode, "default_ratio": m.get("ratio") or "", "default_theta": m.get("theta") or 0.0,
+              "elastic": elastic, "elastic_target": elastic_target or "", "elastic_floor": elastic_floor,
+              "elastic_interval": elastic_interval}
+    text = llm_config(name, params)
+    validate_config(text, f"{name}/config.pbtxt")
+    (tmp / name / "config.pbtxt").write_text(text)
+    return name
+
+
 def _io_union(prefill: dict, decode: dict) -> dict:
     """One model serving both graphs: decode-only inputs are optional (their presence picks decode)."""
     ins = {n: dict(v) for n, v in prefill["inputs"].items()}
@@ -180,7 +267,8 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                      instances: int = 1, kind: str | None = None, threads: int = 0, force: bool = False,
                      max_new_tokens: int = 32, ratio_mode: str = "interpolate", max_new_tokens_cap: int = 512,
                      max_prompt_tokens: int | None = None, deadline_s: float = 60.0, max_queue: int = 64,
-                     router_instances: int = 2) -> dict:
+                     router_instances: int = 2, elastic: str = "off", elastic_target: float | None = None,
+                     elastic_floor: float = 0.6, elastic_interval: float = 0.5) -> dict:
     """Write the repository: per export (precision) its graphs and weights once, plus the router,
     which turns each request's execution_ratio into theta with the one policy (theta.py, copied
     next to it) in `ratio_mode`, the same rule and default as `qtale run`. `ratios` are only
@@ -189,7 +277,14 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     Serving limits (docs/triton.md): a request's max_new_tokens up to `max_new_tokens_cap`, its
     prompt up to `max_prompt_tokens` (and the model's maximum length), `max_queue` requests waiting,
     each for at most `deadline_s`, and each generating for at most `deadline_s`;
-    `router_instances` routers so a long request does not hold the only one."""
+    `router_instances` routers so a long request does not hold the only one.
+
+    `--backend python` adds `qtale_llm_<precision>` per export: the decoupled in-flight model
+    (llm_model.py; streaming, sampling, the generate extension, metrics), at most `max_batch`
+    running rows and `max_queue` waiting. `elastic` ("tpot": `elastic_target` seconds per output
+    token; "queue": `elastic_target` requests waiting) lowers the ratio of its rows toward
+    `elastic_floor` while the server falls behind, one 0.1 step per `elastic_interval` seconds at most;
+    "off" (default) never changes a ratio."""
     from . import theta as policy
     from ..export.manifest import engine_file, graph_files, read_manifest
 
@@ -205,6 +300,17 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     if not (deadline_s > 0 and deadline_s <= 86400):  # NaN fails too
         raise QtaleError(f"--deadline must be in (0, 86400] seconds, got {deadline_s}")
     policy.check_mode(ratio_mode)
+    if elastic not in ELASTIC:
+        raise QtaleError(f"unknown elastic policy '{elastic}' (choose from {', '.join(ELASTIC)})")
+    if elastic != "off":
+        if backend != "python":
+            raise QtaleError("--elastic needs --backend python (the in-flight model)")
+        if elastic_target is None or not (elastic_target > 0 and elastic_target < 1e6):  # NaN fails too
+            raise QtaleError(f"--elastic {elastic} needs --elastic-target > 0 (seconds per output token or "
+                             f"requests waiting), got {elastic_target}")
+        elastic_floor = policy.check_ratio(elastic_floor)
+        if not 0 <= elastic_interval <= 3600:
+            raise QtaleError(f"--elastic-interval must be in [0, 3600] seconds, got {elastic_interval}")
     out = _check_out(out, force, export_dirs)
     kind = kind or ("gpu" if backend == "tensorrt" else "cpu")
     exports = []
@@ -223,6 +329,9 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     checked = [{"precision": m["precision"], "ratio": policy.check_ratio(r),
                 **policy.select(m.get("theta_table"), r, ratio_mode)}
                for _, m in exports for r in (ratios or [])]
+    if elastic != "off":  # the floor must be servable, or the policy would fail rows under load
+        for d, m in exports:
+            policy.select(m.get("theta_table"), elastic_floor, ratio_mode, where=f" in {d} (--elastic-floor)")
     tmp = safe_write.staging_dir(out)
     served, models = {}, []
     try:
@@ -262,6 +371,9 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                 (tmp / base / "config.pbtxt").write_text(text)
                 models.append(base)
                 names = {"prefill": base, "decode": base}
+                models.append(_llm_model(tmp, folder, m, base, params, max_batch, max_queue, max_new_tokens,
+                                         max_new_tokens_cap, max_prompt_tokens, deadline_s, ratio_mode,
+                                         elastic, elastic_target, elastic_floor, elastic_interval))
             else:  # one graph per model in these backends; the ratio still never multiplies them
                 names = {}
                 for g in ("prefill", "decode"):
@@ -275,8 +387,8 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                     params = {**common, "graph": g}
                     if backend == "onnxruntime" and threads:
                         params["intra_op_thread_count"] = threads
-                    text = graph_config(name, g, m["graphs"][g], backend, Path(files[0]).name, instances, kind,
-                                        params, m)
+                    io = engine_io(engines[g], m["graphs"][g]) if backend == "tensorrt" else m["graphs"][g]
+                    text = graph_config(name, g, io, backend, Path(files[0]).name, instances, kind, params, m)
                     validate_config(text, f"{name}/config.pbtxt")
                     (tmp / name / "config.pbtxt").write_text(text)
                     models.append(name)
@@ -292,8 +404,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
         shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
         if (exports[0][0] / "tokenizer.json").exists():
             _place(_tokenizer(exports[0][0], exports[0][1]), ver / "tokenizer.json")
-        eos = m0["model"].get("eos_token_id")
-        eos = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        eos = _eos(m0)
         mlen = _max_length(m0)
         params = {"exports": json.dumps(served), "default_precision": precisions[0], "ratio_mode": ratio_mode,
                   "eos_ids": json.dumps(eos), "routed_layers": json.dumps(m0["model"].get("routed_layers") or []),
@@ -310,4 +421,4 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "backend": backend, "models": models, "precisions": precisions,
-            "ratio_mode": ratio_mode, "ratios": checked}
+            "ratio_mode": ratio_mode, "ratios": checked, "elastic": elastic}

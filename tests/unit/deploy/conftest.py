@@ -68,8 +68,9 @@ def _free_ports(n: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def run_tritonserver(venv: Path, repo: Path, work: Path):
-    """Start tritonserver on `repo`; yields (grpc client, "127.0.0.1:port"); skips when it cannot start."""
+def run_tritonserver(venv: Path, repo: Path, work: Path, metrics: bool = False, ports: dict | None = None):
+    """Start tritonserver on `repo`; yields (grpc client, "127.0.0.1:port"); skips when it cannot start.
+    metrics: serve Prometheus metrics; `ports` (a dict) gets the "http", "grpc" and "metrics" ports."""
     py = _venv_python(venv)
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -85,7 +86,9 @@ def run_tritonserver(venv: Path, repo: Path, work: Path):
         if f.is_file():
             os.symlink(f, backends / f.name)
     shutil.copy2(stub, backends / stub.name)
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics_port = _free_ports(3)
+    if ports is not None:
+        ports.update(http=http, grpc=grpc, metrics=metrics_port)
     libdir = sysconfig.get_config_var("LIBDIR")
     # the stub copy loses its $ORIGIN rpath to the wheel's bundled libraries (libcudart etc.)
     libs = Path(site) / "nvidia_pytriton.libs"
@@ -99,7 +102,7 @@ def run_tritonserver(venv: Path, repo: Path, work: Path):
     log = open(log_path, "w")
     cmd = [str(binary), f"--model-repository={repo}", f"--backend-directory={work / 'backends'}",
            "--http-address=127.0.0.1", f"--http-port={http}", "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-           f"--metrics-port={metrics}", "--allow-metrics=false", "--allow-gpu-metrics=false",
+           f"--metrics-port={metrics_port}", f"--allow-metrics={str(metrics).lower()}", "--allow-gpu-metrics=false",
            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     import tritonclient.grpc as grpcclient
@@ -134,6 +137,28 @@ def run_tritonserver(venv: Path, repo: Path, work: Path):
             proc.kill()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def int4_export(tmp_path_factory) -> Path:
+    """An int4 ort-cpu export wide enough (hidden 576, 12 layers) that ONNX Runtime's int4 kernels
+    give a row other numbers inside a batch than alone (docs/triton.md)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qtale_export.export.main import export
+    from qtale_testing import build_tiny_model, make_tiny
+
+    root = tmp_path_factory.mktemp("batchy")
+    folder = make_tiny(root / "model", layers=12)
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.hidden_size, cfg.intermediate_size = 576, 1536
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    out = root / "int4"
+    export(build_tiny_model(folder), out, checkpoint=str(folder), ratio=0.6, precision="int4", ops="standard",
+           decode_steps=1, verify_thetas=[0.31])
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -11,31 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qtale_testing import build_tiny_model, make_tiny
-
 PROMPTS = ("The quick brown fox jumps over the lazy dog. A journey", "Once upon a time", "The capital of France is",
            "Water boils at one hundred degrees")
 RATIOS = (0.6, 0.7, 1.0)  # calibrated, interpolated, all layers
 CAP, PROMPT_CAP = 64, 40
-
-
-@pytest.fixture(scope="module")
-def int4_export(tmp_path_factory) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qtale_export.export.main import export
-    import torch
-
-    root = tmp_path_factory.mktemp("batchy")
-    folder = make_tiny(root / "model", layers=12)
-    cfg = AutoConfig.from_pretrained(folder)
-    cfg.hidden_size, cfg.intermediate_size = 576, 1536
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    out = root / "int4"
-    export(build_tiny_model(folder), out, checkpoint=str(folder), ratio=0.6, precision="int4", ops="standard",
-           decode_steps=1, verify_thetas=[0.31])
-    return out
 
 
 @pytest.fixture(scope="module")

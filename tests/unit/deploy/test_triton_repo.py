@@ -43,7 +43,39 @@ def test_configs_carry_the_limits_queue_and_deadline(tiny_export, tmp_path):
     assert (repo / triton.MARKER).is_file()
 
 
+def test_in_flight_model_config(tiny_export, tmp_path):
+    """qtale_llm_<precision>: decoupled, the generate extension's names, the shared files copied next
+    to it, its graphs the graph model's (held once), the elastic parameters."""
+    repo = tmp_path / "repo"
+    res = triton.build_repository([tiny_export], repo, max_batch=5, max_queue=9, max_new_tokens=8,
+                                  elastic="tpot", elastic_target=0.05, elastic_floor=0.7)
+    assert "qtale_llm_fp32" in res["models"]
+    cfg = _config(repo, "qtale_llm_fp32")
+    assert cfg.model_transaction_policy.decoupled and cfg.max_batch_size == 0
+    assert {"text_input", "max_tokens", "execution_ratio", "stream", "elastic"} <= {i.name for i in cfg.input}
+    assert all(i.optional for i in cfg.input)
+    assert {"text_output", "requested_ratio", "realized_ratio"} <= {o.name for o in cfg.output}
+    p = _params(cfg)
+    assert (p["graph_model"], p["max_rows"], p["max_queue"], p["elastic"], p["elastic_target"], p["elastic_floor"]) == \
+        ("qtale_fp32", "5", "9", "tpot", "0.05", "0.7")
+    ver = repo / "qtale_llm_fp32" / "1"
+    assert sorted(f.name for f in ver.iterdir()) == ["graph_io.py", "kv.py", "model.py", "sampling.py", "theta_policy.py",
+                                                      "tokenizer.json"]
+    assert not list(ver.glob("*.onnx*"))  # the weights live once, in the graph model's folder
+    assert all((repo / "qtale_fp32" / "1" / f).is_file() for f in json.loads(p["graphs"]).values())
+    off = triton.build_repository([tiny_export], tmp_path / "off")
+    assert _params(_config(tmp_path / "off", "qtale_llm_fp32"))["elastic"] == "off" and off["elastic"] == "off"
+    onnx = triton.build_repository([tiny_export], tmp_path / "ort", backend="onnxruntime")
+    assert not any(n.startswith("qtale_llm_") for n in onnx["models"])  # the in-flight model runs ORT in-process
+
+
 @pytest.mark.parametrize("options, message", [
+    ({"elastic": "fast"}, "unknown elastic policy"),
+    ({"elastic": "tpot"}, "needs --elastic-target"),
+    ({"elastic": "queue", "elastic_target": float("nan")}, "needs --elastic-target"),
+    ({"elastic": "tpot", "elastic_target": 0.1, "elastic_floor": 1.5}, r"\(0, 1\]"),
+    ({"elastic": "tpot", "elastic_target": 0.1, "elastic_floor": 0.2}, "below the lowest calibrated ratio"),
+    ({"elastic": "tpot", "elastic_target": 0.1, "backend": "onnxruntime"}, "needs --backend python"),
     ({"max_new_tokens": 600}, "--max-new-tokens-cap"),
     ({"max_new_tokens_cap": 0}, ">= 1"),
     ({"deadline_s": 0.0}, "--deadline"),
