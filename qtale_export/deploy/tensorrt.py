@@ -22,7 +22,7 @@ from typing import Any
 
 from qtale_export.contract import file_sha256
 from qtale_export.errors import QtaleError
-from qtale_export.export.manifest import write_manifest
+from qtale_export.export.manifest import graph_files, write_manifest
 from qtale_export.safe_write import write_bytes
 
 from . import engine_info, graph_io, trt_builder
@@ -31,6 +31,8 @@ PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 GRAPHS = ("prefill", "decode")
 JETSON_ORIN_SM = "8.7"  # Orin: Ampere-class iGPU, no FP8 tensor cores
 FP8_MIN_SM = (8, 9)  # Ada / Hopper and newer
+PLUGIN_DIR = "plugins"  # where an export keeps the plugin library its engines were built with
+KERNELS_LIB = "libqtale_kernels.so"  # the CUDA kernels the plugin library loads from its own folder
 DEFAULT_WORKSPACE_MB = 4096
 JETSON_WORKSPACE_MB = 2048  # unified memory is shared with the CPU; leave room for the KV cache
 INSTALL_HINT = ("pip install 'qtale-export[tensorrt-rtx]' (engine builds without a GPU) or tensorrt on a GPU "
@@ -183,7 +185,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
     if options.graph not in graphs:
         raise QtaleError(f"export has no {options.graph!r} graph (has: {', '.join(graphs) or 'none'}); re-export it")
     graph = graphs[options.graph]
-    onnx_path = export_dir / graph.get("file", f"{options.graph}.onnx")
+    onnx_path = graph_files(export_dir, manifest, options.graph)[0]  # checked: listed, inside the folder
     if not onnx_path.is_file():
         raise QtaleError(f"{onnx_path} is missing; re-run qtale-export into {export_dir}")
 
@@ -275,7 +277,8 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
                   strongly_typed: bool, built_with: str, builder: str = "tensorrt",
                   compute_capabilities: tuple[str, ...] = (),
                   shapes: dict[str, tuple[list[int], list[int], list[int]]] | None = None,
-                  layers_file: Path | None = None, summary: dict | None = None) -> dict[str, Any]:
+                  layers_file: Path | None = None, summary: dict | None = None,
+                  io: dict | None = None) -> dict[str, Any]:
     """Add (or replace) the engine's entry in manifest.json and the sha256 of it (and of its layer
     report, if one was written) in "files"; atomic rewrite."""
     export_dir = Path(export_dir)
@@ -298,12 +301,12 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
         "gpu_sm": sm,
         "jetson": jetson,
         "strongly_typed": strongly_typed,
-        "plugin_library": None if plugin_lib is None else {
-            "path": str(Path(plugin_lib).resolve()), "sha256": file_sha256(Path(plugin_lib))},
+        "plugin_library": None if plugin_lib is None else _plugin_into(export_dir, Path(plugin_lib), manifest),
         "profile": {"batch": list(batch), "tokens": list(tokens),
                     "shapes": {name: [list(d) for d in dims] for name, dims in (shapes or {}).items()}},
         "built_with": built_with,
         "layers": None if layers_file is None else {"file": layers_file.name, "summary": summary},
+        "io": io,  # the engine's own inputs/outputs (names, TensorRT dtypes, shapes; -1 dynamic)
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest.setdefault("files", {})[rel] = digest
@@ -312,6 +315,22 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
     engines = [e for e in manifest.get("engines", []) if not (isinstance(e, dict) and e.get("file") == rel)]
     manifest["engines"] = engines + [entry]
     write_manifest(export_dir, manifest)
+    return entry
+
+
+def _plugin_into(export_dir: Path, lib: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Copy the plugin library (and the kernel library it loads through $ORIGIN) into the export's
+    plugins/ folder and list them, so the engine travels with the one library it was built with and
+    readers load it only as a listed file with its sha256 (export/manifest.py plugin_library)."""
+    folder = export_dir / PLUGIN_DIR
+    entry = {}
+    for src in [lib] + [p for p in [lib.parent / KERNELS_LIB] if p.is_file() and p.resolve() != lib.resolve()]:
+        dst = folder / src.name
+        if src.resolve() != dst.resolve():
+            write_bytes(dst, src.read_bytes())
+        rel = f"{PLUGIN_DIR}/{src.name}"
+        manifest.setdefault("files", {})[rel] = file_sha256(dst)
+        entry = entry or {"path": rel, "sha256": manifest["files"][rel]}
     return entry
 
 
@@ -343,7 +362,7 @@ def build(options: BuildOptions) -> dict[str, Any]:
                          tokens=plan.tokens, jetson=plan.jetson, strongly_typed=plan.strongly_typed,
                          built_with="tensorrt-python", builder=flavour.name,
                          compute_capabilities=plan.compute_capabilities, shapes=plan.shapes,
-                         layers_file=layers_file, summary=summary)
+                         layers_file=layers_file, summary=summary, io=built.io)
 
 
 def target_capabilities(plan: BuildPlan) -> tuple[str, ...]:

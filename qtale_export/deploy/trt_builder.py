@@ -99,6 +99,27 @@ class Built:
     engine: bytes
     layers: str | None  # the builder's "Layers:" report, when it gave one
     weights_bytes: int | None  # the builder's "Total Weights Memory"
+    io: dict  # {"inputs"|"outputs": [{"name", "dtype", "shape"}]}: the engine's I/O, -1 = dynamic
+
+
+def network_io(network: Any) -> dict:
+    """The network's inputs and outputs as the engine has them (TensorRT dtype names, -1 = dynamic)."""
+    def desc(t):
+        return {"name": t.name, "dtype": str(t.dtype).split(".")[-1], "shape": [int(d) for d in t.shape]}
+    return {"inputs": [desc(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [desc(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def has_gpu() -> bool:
+    """Whether a CUDA driver with at least one device is here (running an engine needs one)."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def parse_network(flavour: Flavour, builder: Any, logger: Any, onnx_path: Path,
@@ -175,5 +196,5 @@ def build(flavour: Flavour, onnx_path: Path, *, shapes: dict, strongly_typed: bo
     if serialized is None:
         raise QtaleError(f"{flavour.name} engine build failed (see the log above); try a smaller --max-tokens")
     built = Built(bytes(serialized), engine_info.layers_report(logger.messages),
-                  engine_info.weights_memory(logger.messages))
+                  engine_info.weights_memory(logger.messages), network_io(network))
     return built, (bytes(cache.serialize()) if cache is not None else None)

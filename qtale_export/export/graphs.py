@@ -299,6 +299,7 @@ class Lowering:
         self.b, self.w, self.s, self.ops, self.target = b, w, w.spec, ops, target
         self._w_inits: dict[str, str] = {}
         self._logit_theta: str | None = None
+        self._embed_table: str | None = None
 
     # -- weights --
     def tensor(self, name, dtype=None) -> str:
@@ -483,14 +484,31 @@ class Lowering:
         b = self.b
         return b.op("And", [valid, b.op("Less", [pos, b.const(self.s.keep_initial)])])
 
+    def embed_table(self, reuse: bool = True) -> str:
+        """The embedding table, which a tied LM head shares: a float initializer, or the
+        precision's quantized table behind a DequantizeLinear (`weight_fn.table`, set by the
+        precision policy: int4 / fp8 for TensorRT, whose engine keeps it quantized). reuse False:
+        a DequantizeLinear of its own over the same initializers, so that a consumer in another
+        TensorRT subgraph (the LM head after token compaction) dequantizes in place instead of
+        receiving the float table, which TensorRT would store as a float constant."""
+        fn = getattr(self.b.weight_fn, "table", None)
+        if fn is None:
+            return self.tensor("embed")
+        if self._embed_table is None or not reuse:
+            table = fn(self.b, "embed", self.w.tensors["embed"])
+            if self._embed_table is None:
+                self._embed_table = table
+            return table
+        return self._embed_table
+
     def embed(self, ids):
-        return self.b.op("Gather", [self.tensor("embed"), ids], axis=0)
+        return self.b.op("Gather", [self.embed_table(), ids], axis=0)
 
     def head(self, x):
         b = self.b
         h = self.rmsnorm(x, "norm.weight", self.s.eps)
         if self.s.tied:
-            wt = b.op("Transpose", [self.tensor("embed")], perm=[1, 0])
+            wt = b.op("Transpose", [self.embed_table(reuse=False)], perm=[1, 0])
             y = b.op("MatMul", [h, wt], name="lm_head/MatMul")
         else:
             y = b.weight_fn(b, h, "lm_head", self.w.tensors["lm_head.weight"])

@@ -121,6 +121,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         # reference inputs + PyTorch outputs, so `qtale verify` works without PyTorch (Polygraphy)
         reference_entry = store_reference(tmp, model, precision, described, theta) if reference else None
         t_build = time.time() - t0
+        int4_table = precision == "int4" and (ort_form or target == "tensorrt")
         ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
         eos = s.eos_token_id
         data = {
@@ -140,9 +141,10 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       "activation_dtype": np.dtype(act).name,
                       "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
                                   "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
-                      "embedding": "int4" if ort_form and precision == "int4" else "float",
-                      # the int4 embedding / LM-head table's block (int4 ort-cpu exports only)
-                      "int4_block": int4_group(s.hidden, "embedding") if ort_form and precision == "int4" else None,
+                      "embedding": ("int4" if int4_table else "fp8" if (precision, target) == ("fp8", "tensorrt")
+                                    else "float"),
+                      # the int4 embedding / LM-head table's block (int4 ort-cpu and tensorrt exports)
+                      "int4_block": int4_group(s.hidden, "embedding") if int4_table else None,
                       # group size per layer type: a quantized checkpoint's own, or quantize's rule (int4)
                       "group_sizes": ((model.quantization_info or {}).get("group_size")
                                       or (int4_group_sizes(w) if precision == "int4" else None))},

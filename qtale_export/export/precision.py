@@ -258,4 +258,33 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
         return b.op("MatMul", [x, deq], name=f"{name}/MatMul")
 
     fn.fusable = not fmts  # a quantized checkpoint's grids are lowered per projection
+    fn.table = DQ_TABLES.get(precision) if target == "tensorrt" else None
     return fn
+
+
+def dq_int4_table(b: Builder, name: str, w: np.ndarray) -> str:
+    """The embedding table W [V, K] of a TensorRT int4 export behind one block-wise INT4
+    DequantizeLinear (quantize's round-to-nearest grid along K, the ort-cpu int4 table's grid).
+    Why quantized: TensorRT compiles a prefill with token compaction into several subgraphs, each
+    keeping its own copy of the constants it reads, so a float table read by the gather and by the
+    tied LM head is stored twice (226 MB of the default model's 302 MB engine); as INT4 both copies
+    take 28 MB, and TensorRT keeps INT4 constants in 4 bits (docs/tensorrt.md)."""
+    grid = float_int4_grid(w, "embedding")
+    q = b.init(f"{name}.weight_q", grid["codes"].astype(ml_dtypes.int4))
+    s = b.init(f"{name}.weight_scale", np.ascontiguousarray(grid["scale"], dtype=np.float32))
+    return b.op("DequantizeLinear", [q, s], name=b.fresh(f"{name}/DequantizeLinear"), axis=1, block_size=grid["block"])
+
+
+def dq_fp8_table(b: Builder, name: str, w: np.ndarray) -> str:
+    """The FP8 export's table, for the same reason as `dq_int4_table`: E4M3 codes with one scale
+    per row (amax / 448), behind one DequantizeLinear on axis 0."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    scale = np.maximum(np.abs(w).max(axis=1), _EPS) / FP8_MAX
+    codes = np.clip(w / scale[:, None], -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    q = b.init(f"{name}.weight_q", codes)
+    s = b.init(f"{name}.weight_scale", scale.astype(np.float32))
+    return b.op("DequantizeLinear", [q, s], name=b.fresh(f"{name}/DequantizeLinear"), axis=0)
+
+
+# the precisions whose TensorRT form quantizes the embedding table (the tied LM head's too)
+DQ_TABLES = {"int4": dq_int4_table, "fp8": dq_fp8_table}

@@ -70,6 +70,14 @@ def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
         outs.append(node.output[0])
         for nd in deps + [n]:
             used.update(i for i in nd.input if i in inits)
+    for n in m.graph.node:  # a table behind a DequantizeLinear (the TensorRT int4 form): the table itself
+        table = producer.get(n.input[0]) if n.op_type == "Gather" and n.input else None
+        if table is not None and table.op_type == "DequantizeLinear":
+            node = copy.deepcopy(table)
+            node.output[0] = "T:embed"
+            nodes.append(node)
+            outs.append(node.output[0])
+            used.update(i for i in table.input if i in inits)
     gathers = []  # the int4 embedding table (OrtLowering): gather every row
     for n in m.graph.node:
         if n.op_type == "GatherBlockQuantized":
@@ -391,10 +399,14 @@ def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
 
         return {g: (OnnxrtRunner(lambda g=g: ort_ops.session(graph_files(folder, manifest, g)[0], exact=True),
                                  name=f"onnxrt:{g}"), None) for g in ("prefill", "decode")}
-    from ..optional import require
-    from ..deploy.tensorrt import INSTALL_HINT
+    import polygraphy.config
 
-    require("tensorrt", INSTALL_HINT, "TensorRT")
+    from ..deploy import trt_builder
+
+    # the TensorRT the engines were built with: Polygraphy runs TensorRT-RTX engines with TensorRT-RTX
+    rtx = {e.get("builder", "tensorrt") for e in manifest.get("engines", [])} == {"tensorrt-rtx"}
+    flavour = trt_builder.load("tensorrt-rtx" if rtx else "tensorrt")
+    polygraphy.config.USE_TENSORRT_RTX = rtx
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
 
@@ -410,6 +422,10 @@ def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
         out[e["graph"]] = (TrtRunner(loader, name=f"trt:{e['graph']}"), int(e["profile"]["batch"][2]))
     if "prefill" not in out:
         raise QtaleError(f"{folder} has no TensorRT engine for prefill.onnx: build one first (build_engine.sh / qtale build)")
+    if not trt_builder.has_gpu():  # everything above (listing, sha256, plugin rule, TensorRT) ran; running needs a GPU
+        raise QtaleError(f"running the {flavour.name} engines of {folder} needs an NVIDIA GPU "
+                         f"({'Ampere or later, RTX class' if rtx else 'the one they were built for'}); this machine has "
+                         "none. The engines were checked (listed, sha256, plugin rule) but not run")
     return out
 
 

@@ -159,6 +159,12 @@ def test_record_engine_updates_manifest(tmp_path, plugin_lib):
     assert manifest["engines"] == [entry]  # re-recording replaces, never duplicates
     assert entry["gpu_sm"] == "8.7" and entry["tensorrt_version"] == "10.3.0"
     assert entry["plugin_library"]["sha256"] == hashlib.sha256(plugin_lib.read_bytes()).hexdigest()
+    # the library travels with the engine: copied into the export, listed, loadable by the manifest rule
+    assert entry["plugin_library"]["path"] == f"plugins/{plugin_lib.name}"
+    assert (exp / entry["plugin_library"]["path"]).read_bytes() == plugin_lib.read_bytes()
+    assert manifest["files"][entry["plugin_library"]["path"]] == entry["plugin_library"]["sha256"]
+    from qtale_export.export.manifest import plugin_library, read_manifest
+    assert plugin_library(exp, read_manifest(exp), entry) == exp / entry["plugin_library"]["path"]
     assert [p.name for p in exp.iterdir() if p.name.endswith(".tmp")] == []
 
 

@@ -137,3 +137,109 @@ def test_layer_report_parsing():
     js = json.dumps({"Layers": [{"Name": "g", "LayerType": "gemm",
                                  "Constants": [{"Name": "w", "Dimensions": [8, 8], "Datatype": "Half"}]}]})
     assert engine_info.summary(engine_info.parse(js))["constant_bytes"] == {"Half": 128}
+
+
+def _builds(model: onnx.ModelProto) -> bool:
+    """Whether TensorRT-RTX parses and builds `model` (every dynamic dim 1/8/16)."""
+    trt = trt_builder.load("tensorrt-rtx").trt
+    logger = trt_builder._logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model.SerializeToString()):
+        return False
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        dims = [[1 if d < 0 else d for d in t.shape], [8 if d < 0 else d for d in t.shape], [16 if d < 0 else d for d in t.shape]]
+        profile.set_shape(t.name, *dims)
+    config.add_optimization_profile(profile)
+    return builder.build_serialized_network(network, config) is not None
+
+
+def _graph(nodes, inputs, outputs, inits=()):
+    from onnx import helper
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_conformance_check_against_the_builder():
+    """The static check is a fast pre-check; the builder is the truth. Where they disagree (an INT64
+    CumSum) the check stays strict on purpose: it also guards TensorRT 10.x on Jetson, whose
+    operator document lists float CumSum only (docs/tensorrt.md)."""
+    from onnx import TensorProto as P, helper, numpy_helper
+
+    from qtale_export.export.trt_conformance import problems
+
+    vi = helper.make_tensor_value_info
+    one = numpy_helper.from_array(np.array(1, np.int64), "one")
+    w = numpy_helper.from_array(np.ones((2, 2), np.int8), "w")
+    s = numpy_helper.from_array(np.ones(2, np.float32), "s")
+    then = helper.make_graph([helper.make_node("DequantizeLinear", ["w", "s"], ["y1"], axis=1),
+                              helper.make_node("Add", ["y1", "z"], ["y1z"])], "then", [], [vi("y1z", P.FLOAT, None)], [w, s])
+    other = helper.make_graph([helper.make_node("Identity", ["z"], ["y2"])], "else", [], [vi("y2", P.FLOAT, None)])
+    cases = {  # name: (graph, the check accepts, TensorRT-RTX builds)
+        "NonZero": (_graph([helper.make_node("NonZero", ["x"], ["y"])], [vi("x", P.BOOL, [1, "t"])],
+                           [vi("y", P.INT64, [2, "n"])]), False, False),
+        "Squeeze with runtime axes": (_graph([helper.make_node("Squeeze", ["x", "a"], ["y"])],
+                                             [vi("x", P.FLOAT, [1, "t"]), vi("a", P.INT64, [1])], [vi("y", P.FLOAT, ["t"])]),
+                                      False, False),
+        "DequantizeLinear inside If": (_graph([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                                              [vi("c", P.BOOL, []), vi("z", P.FLOAT, [2, 2])], [vi("y", P.FLOAT, [2, 2])]),
+                                       True, True),
+        "INT64 CumSum": (_graph([helper.make_node("CumSum", ["x", "one"], ["y"])], [vi("x", P.INT64, [1, "t"])],
+                                [vi("y", P.INT64, [1, "t"])], [one]), False, True),
+        "FP32 CumSum": (_graph([helper.make_node("CumSum", ["x", "one"], ["y"])], [vi("x", P.FLOAT, [1, "t"])],
+                               [vi("y", P.FLOAT, [1, "t"])], [one]), True, True),
+    }
+    for name, (model, accepted, builds) in cases.items():
+        assert (problems(model) == []) == accepted, name
+        assert _builds(model) == builds, name
+
+
+def test_verify_trt_goes_as_far_as_a_machine_without_gpu_allows(trt_exports):
+    """`qtale verify --trt` on TensorRT-RTX engines: the engines are read through the manifest (listed,
+    sha256, plugin rule), TensorRT-RTX and Polygraphy's runner are set up; running them needs a GPU."""
+    from qtale_export.export.verify import verify_with_polygraphy
+
+    if trt_builder.has_gpu():
+        pytest.skip("a GPU is here: tests/gpu/deploy runs the engines")
+    export = trt_exports[0]("fp16", "standard")
+    for graph in ("prefill", "decode"):
+        _build(export, graph)
+    with pytest.raises(QtaleError, match="engines of .* needs an NVIDIA GPU .* checked .* but not run"):
+        verify_with_polygraphy(export, backend="tensorrt")
+
+
+def test_engine_io_is_recorded(trt_exports):
+    entry = _build(trt_exports[0]("int4", "standard"), "decode")
+    names = [t["name"] for t in entry["io"]["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "theta"] and names[-1] == "past_exec"
+    by_name = {t["name"]: t for t in entry["io"]["inputs"] + entry["io"]["outputs"]}
+    assert by_name["input_ids"]["dtype"] == "INT64" and by_name["input_ids"]["shape"] == [-1, -1]
+    assert by_name["logits"]["dtype"] == "FLOAT" and by_name["exec_mask"]["dtype"] == "BOOL"
+
+
+def test_triton_repo_tensorrt_config_from_the_engine(trt_exports, tmp_path):
+    """`qtale triton-repo --backend tensorrt` writes each model's config.pbtxt from the built
+    engine's own I/O (names, dtypes, shapes), parsed with Triton's model-config protobuf."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from qtale_export.deploy.triton import build_repository
+
+    export = trt_exports[0]("fp16", "standard")
+    entries = {g: _build(export, g) for g in ("prefill", "decode")}
+    build_repository([export], tmp_path / "repo", backend="tensorrt")
+    for graph, entry in entries.items():
+        folder = tmp_path / "repo" / f"qtale_fp16_{graph}"
+        cfg = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert cfg.platform == "tensorrt_plan" and (folder / "1" / entry["file"]).is_file()
+        assert [i.name for i in cfg.input] == [t["name"] for t in entry["io"]["inputs"]]
+        assert [o.name for o in cfg.output] == [t["name"] for t in entry["io"]["outputs"]]
+        types = {i.name: model_config_pb2.DataType.Name(i.data_type) for i in list(cfg.input) + list(cfg.output)}
+        assert types["input_ids"] == "TYPE_INT64" and types["logits"] == "TYPE_FP32"
+        if graph == "decode":
+            assert types["past.0.key"] == "TYPE_FP16" and types["past_exec"] == "TYPE_BOOL"
+        assert all(len(i.dims) == len(t["shape"]) for i, t in zip(cfg.input, entry["io"]["inputs"]))

@@ -406,10 +406,16 @@ def test_existing_out_and_force(spread_ckpt, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(QtaleError, match="--force"):
         cli_export.export_of(_args([str(spread_ckpt), "--out", str(out)]))
+    # --force replaces only an earlier QTALE export (issue 24): a folder of the user's files is kept
+    with pytest.raises(QtaleError, match="is not a QTALE"):
+        cli_export.export_of(_args([str(spread_ckpt), "--out", str(out), "--force"]))
     assert (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
+    cli_export.export_of(_args([str(spread_ckpt), "--out", str(out), "--force", "--decode-steps", "1"]))
+    (out / "stray.log").write_text("x")  # a by-product beside an export, replaced with it
     data = cli_export.export_of(_args([str(spread_ckpt), "--out", str(out), "--force", "--ratio", "1.0",
                                          "--decode-steps", "1"]))
-    assert data["theta"] == 0.0 and not (out / "keep.txt").exists()
+    assert data["theta"] == 0.0 and not (out / "stray.log").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
