@@ -24,7 +24,7 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert (out / ".qtale-triton-repository").is_file()  # what --force looks for
     # one model per graph (onnxruntime) or one for both (python), whatever the number of ratios
-    graphs = ["qtale_fp32_decode", "qtale_fp32_prefill"] if backend == "onnxruntime" else ["qtale_fp32"]
+    graphs = ["qtale_fp32_decode", "qtale_fp32_prefill"] if backend == "onnxruntime" else ["qtale_fp32", "qtale_llm_fp32"]
     assert names == sorted(res["models"]) == sorted(graphs + ["qtale_router"])
     assert [(r["ratio"], r["mode"]) for r in res["ratios"]] == [(0.5, "exact"), (0.7, "interpolated"), (1.0, "exact")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
@@ -40,6 +40,9 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
             assert exports["fp32"]["theta_table"] == json.loads((tiny_export / "manifest.json").read_text())["theta_table"]
             assert cfg.parameters["ratio_mode"].string_value == "interpolate"
             assert [i.name for i in cfg.input if i.name == "precision"] == ["precision"]
+            continue
+        if name.startswith("qtale_llm_"):  # one instance: its scheduler owns the running batch (test_triton_repo.py)
+            assert cfg.model_transaction_policy.decoupled and cfg.instance_group[0].count == 1
             continue
         assert cfg.instance_group[0].count == 2 and len(cfg.model_warmup) == 1
         inputs = {i.name: i for i in cfg.input}

@@ -74,7 +74,8 @@ def test_one_model_serves_every_ratio_like_qtale_run(server, tiny_export_triton)
     from qtale_export.deploy.runtime import Runtime
 
     client, repo, _ = server
-    assert sorted(p.name for p in repo.iterdir()) == [".qtale-triton-repository", "qtale_fp32", "qtale_router"]
+    assert sorted(p.name for p in repo.iterdir()) == [".qtale-triton-repository", "qtale_fp32", "qtale_llm_fp32",
+                                                      "qtale_router"]
     rt = Runtime.open(tiny_export_triton)  # what `qtale run` uses, with its default ratio mode
     ids = rt.tokenizer.encode(PROMPT)
     for ratio in RATIOS:
@@ -168,6 +169,6 @@ def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(serv
     n_req = after.inference_count - before.inference_count
     n_exec = after.execution_count - before.execution_count
     assert n_req == clients * per_client and n_exec < n_req  # dynamic batching merged requests
-    assert [m.name for m in client.get_model_repository_index().models] == ["qtale_fp32", "qtale_router"]
+    assert [m.name for m in client.get_model_repository_index().models] == ["qtale_fp32", "qtale_llm_fp32", "qtale_router"]
 
 
