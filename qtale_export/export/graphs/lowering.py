@@ -2,10 +2,13 @@
 compaction) as plain ONNX ops or the qtale TokenCompact/TokenScatter ops."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from ...deploy import graph_io
+from ...errors import QtaleError
 from .builder import NP2ONNX, PLUGIN_ATTRS, QTALE_DOMAIN, Builder
 from .extract import Weights
 from .routers import GATE_OP, gate_name
@@ -65,20 +68,26 @@ class Lowering:
             return b.op("CumSum", [x, b.const(1)])
         return b.cast(b.op("CumSum", [b.cast(x, TensorProto.FLOAT), b.const(1)]), TensorProto.INT64)
 
-    def rope(self, pos):
-        """cos, sin [B, 1, T, hd] (act dtype) for int64 positions [B, T]."""
+    def rope(self, pos, i):
+        """cos, sin [B, 1, T, hd] (act dtype) of layer i's RoPE table for int64 positions [B, T]."""
         b, s = self.b, self.s
-        if "rope.inv_freq" not in b.inits:
-            b.init("rope.inv_freq", s.inv_freq.astype(np.float32))
-        freqs = b.op("Mul", [b.unsq(b.cast(pos, TensorProto.FLOAT), [-1]), "rope.inv_freq"])
+        freqs = b.op("Mul", [b.unsq(b.cast(pos, TensorProto.FLOAT), [-1]), self.inv_freq(i)])
         emb = b.op("Concat", [freqs, freqs], axis=-1)
         out = []
         for f in ("Cos", "Sin"):
             t = b.op(f, [emb])
-            if s.rope_scale != 1.0:
-                t = b.op("Mul", [t, b.const(s.rope_scale, np.float32)])
+            if s.rope_scales[s.rope[i]] != 1.0:
+                t = b.op("Mul", [t, b.const(s.rope_scales[s.rope[i]], np.float32)])
             out.append(b.unsq(b.to_act(t), [1]))
         return out
+
+    def inv_freq(self, i) -> str:
+        """The initializer of layer i's RoPE inverse frequencies (one per distinct table)."""
+        r = self.s.rope[i]
+        name = "rope.inv_freq" if r == 0 else f"rope.{r}.inv_freq"
+        if name not in self.b.inits:
+            self.b.init(name, self.s.inv_freqs[r].astype(np.float32))
+        return name
 
     def rotate(self, x, cos, sin):
         b, h = self.b, self.s.head_dim // 2
@@ -86,25 +95,39 @@ class Lowering:
         rot = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
         return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rot, sin])])
 
-    def attn_mask(self, q_pos, k_pos, k_ok):
+    def attn_mask(self, q_pos, k_pos, k_ok, window: int | None):
         """[B, 1, 1, Tq, Tk] bool, as routing.attention_mask_4d (rows with no key see every key)."""
         b = self.b
         kp = b.unsq(k_pos, [1])  # [B, 1, Tk]
         qp = b.unsq(q_pos, [2])  # [B, Tq, 1]
         allowed = b.op("And", [b.unsq(k_ok, [1]), b.op("LessOrEqual", [kp, qp])])
-        if self.s.window:
-            allowed = b.op("And", [allowed, b.op("Greater", [kp, b.op("Sub", [qp, b.const(self.s.window)])])])
+        if window:
+            allowed = b.op("And", [allowed, b.op("Greater", [kp, b.op("Sub", [qp, b.const(window)])])])
         anyk = b.reduce("ReduceMax", b.cast(allowed, TensorProto.INT32), [-1])
         allowed = b.op("Or", [allowed, b.op("Equal", [anyk, b.const(0, np.int32)])])
         return b.unsq(allowed, [1, 2])
 
     # -- blocks --
+    def block(self, i, x, attend):
+        """Layer i on x through its family's block (families/llama.py); attend(h) is the attention
+        on the normed input, o_proj included."""
+        return self.s.family.block(LayerOps(self, i), x, attend, self.s.act)
+
     def layer(self, i, x, q_pos, k_pos, k_ok, past=None):
-        """Pre-norm block on x [B, T, H]; returns (y, k, v) with k/v [B, kv, T, hd] of x only."""
+        """Block i on x [B, T, H]; returns (y, k, v) with k/v [B, kv, T, hd] of x only."""
+        kv = {}
+
+        def attend(h):
+            o, kv["k"], kv["v"] = self.attention(i, h, q_pos, k_pos, k_ok, past)
+            return o
+        return self.block(i, x, attend), kv["k"], kv["v"]
+
+    def attention(self, i, h, q_pos, k_pos, k_ok, past=None):
+        """Self-attention of layer i on the normed h [B, T, H] against past (key, value) and h's own
+        keys: (o_proj output, k, v of h [B, kv, T, hd])."""
         b, s = self.b, self.s
         p = f"layers.{i}"
         nh, kv, hd = s.heads, s.kv_heads, s.head_dim
-        h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
         q = b.op("Reshape", [self.proj(h, p, "q_proj"), b.const([0, 0, nh, hd])])
         k = b.op("Reshape", [self.proj(h, p, "k_proj"), b.const([0, 0, kv, hd])])
         v = b.op("Reshape", [self.proj(h, p, "v_proj"), b.const([0, 0, kv, hd])])
@@ -112,7 +135,7 @@ class Lowering:
             q = self.rmsnorm(q, f"{p}.q_norm.weight", s.eps)
             k = self.rmsnorm(k, f"{p}.k_norm.weight", s.eps)
         q, k, v = (b.op("Transpose", [t], perm=[0, 2, 1, 3]) for t in (q, k, v))
-        cos, sin = self.rope(q_pos)
+        cos, sin = self.rope(q_pos, i)
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         kk, vv = k, v
         if past is not None:
@@ -121,18 +144,32 @@ class Lowering:
         q5 = b.op("Reshape", [q, b.const([0, kv, nh // kv, -1, hd])])  # head h uses kv head h // rep
         kt = b.unsq(b.op("Transpose", [kk], perm=[0, 1, 3, 2]), [2])  # [B, kv, 1, hd, Tk]
         scores = b.op("Mul", [b.op("MatMul", [q5, kt]), b.actc(s.scaling)])
-        mask = self.attn_mask(q_pos, k_pos, k_ok)
+        mask = self.attn_mask(q_pos, k_pos, k_ok, s.windows[i])
         scores = b.op("Where", [mask, b.to_f32(scores), b.const(-np.inf, np.float32)])
         probs = b.to_act(b.op("Softmax", [scores], axis=-1))
         o = b.op("MatMul", [probs, b.unsq(vv, [2])])  # [B, kv, rep, T, hd]
         o = b.op("Reshape", [o, b.const([0, nh, -1, hd])])
         o = b.op("Reshape", [b.op("Transpose", [o], perm=[0, 2, 1, 3]), b.const([0, 0, nh * hd])])
-        x = b.op("Add", [x, self.proj(o, p, "o_proj")])
-        h = self.rmsnorm(x, f"{p}.ln2.weight", s.eps)
-        g = self.proj(h, p, "gate_proj")
-        g = b.op("Mul", [g, b.op("Sigmoid", [g])])
-        m = self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")
-        return b.op("Add", [x, m]), k, v
+        return self.proj(o, p, "o_proj"), k, v
+
+    def mlp(self, h, p, act):
+        """The gated MLP of layer prefix p: down(act(gate(h)) * up(h))."""
+        g = self.activation(self.proj(h, p, "gate_proj"), act)
+        return self.proj(self.b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")
+
+    def activation(self, x, act):
+        """silu: x sigmoid(x). gelu_tanh: 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi),
+        written as x sigmoid(2c (x + 0.044715 x^3)) (the same function: 0.5 (1 + tanh z) =
+        sigmoid(2z)) in fp32, with ops every target documents (TensorRT's table has no Tanh/Gelu)."""
+        b = self.b
+        if act == "silu":
+            return b.op("Mul", [x, b.op("Sigmoid", [x])])
+        if act != "gelu_tanh":
+            raise QtaleError(f"no ONNX lowering of the MLP activation '{act}'")
+        xf = b.to_f32(x)
+        inner = b.op("Add", [xf, b.op("Mul", [b.op("Mul", [b.op("Mul", [xf, xf]), xf]), b.const(0.044715, np.float32)])])
+        gate = b.op("Sigmoid", [b.op("Mul", [inner, b.const(2 * math.sqrt(2 / math.pi), np.float32)])])
+        return b.to_act(b.op("Mul", [xf, gate]))
 
     def router_gate(self, i, x, theta, valid, keep):
         """gate [B, T] bool = (P(execute) >= theta and valid) or keep; routers in fp32.
@@ -223,6 +260,11 @@ class Lowering:
         return self._embed_table
 
     def embed(self, ids):
+        """The embedding of ids, times the family's embedding scale (the LM head's table is unscaled)."""
+        x = self.lookup(ids)
+        return x if self.s.embed_scale == 1.0 else self.b.op("Mul", [x, self.b.actc(self.s.embed_scale)])
+
+    def lookup(self, ids):
         return self.b.op("Gather", [self.embed_table(), ids], axis=0)
 
     def head(self, x):
@@ -310,3 +352,19 @@ class Lowering:
         t3 = b.op("Reshape", [b.op("Transpose", [t], perm=[0, 2, 1, 3]), b.const([0, 0, s.kv_heads * s.head_dim])])
         full = self.scatter(zeros, t3, index, count, ok, b.actc(0.0))
         return b.op("Transpose", [b.op("Reshape", [full, b.const([0, 0, s.kv_heads, s.head_dim])])], perm=[0, 2, 1, 3])
+
+
+class LayerOps:
+    """The vocabulary of a family's `block` (families/llama.py) on layer i of a lowering."""
+
+    def __init__(self, lowering: Lowering, i: int):
+        self.L, self.p = lowering, f"layers.{i}"
+
+    def norm(self, x, name):
+        return self.L.rmsnorm(x, f"{self.p}.{name}.weight", self.L.s.eps)
+
+    def add(self, x, y):
+        return self.L.b.op("Add", [x, y])
+
+    def mlp(self, h, act):
+        return self.L.mlp(h, self.p, act)

@@ -42,7 +42,7 @@ class OrtLowering(Lowering):
         self.fuse, self.table_fn = fuse, table_fn
         # GroupQueryAttention's prompt mode for every prefill layer, except where its masking is not
         # the model's (sliding window) or q/k norm sits between projection and rotary
-        self.compact_unrouted = not (self.s.window or self.s.qk_norm)
+        self.compact_unrouted = not (any(self.s.windows) or self.s.qk_norm)
         self._fused: dict = {}
         self._split: dict = {}
         self._tables: dict = {}
@@ -96,9 +96,9 @@ class OrtLowering(Lowering):
             self._tables[name] = self.table_fn(self.w.tensors[name])
         return self._tables[name]
 
-    def embed(self, ids):
+    def lookup(self, ids):
         if self.table_fn is None:
-            return super().embed(ids)
+            return super().lookup(ids)
         data, scales, bs = self.table("embed")
         b, bits = self.b, self.table_fn.bits
         return b.op("GatherBlockQuantized", [b.init(f"embed.q{bits}", data), ids, b.init(f"embed.q{bits}_scales", scales)],
@@ -124,43 +124,43 @@ class OrtLowering(Lowering):
             y = b.op("Add", [y, self.tensor("lm_head.bias")])
         return y
 
-    def rope_tables(self):
-        """cos, sin [positions, head_dim / 2] for GroupQueryAttention, as `rope` computes them. Made
-        in the graph from inv_freq (ORT folds the constants once at load), so nothing is stored."""
-        if "rope.cos" not in self._tables:
+    def rope_tables(self, i):
+        """cos, sin [positions, head_dim / 2] of layer i's RoPE table for GroupQueryAttention and
+        RotaryEmbedding, as `rope` computes them. Made in the graph from inv_freq (ORT folds the
+        constants once at load), so nothing is stored."""
+        key = ("rope", self.s.rope[i])
+        if key not in self._tables:
             b, s = self.b, self.s
-            if "rope.inv_freq" not in b.inits:
-                b.init("rope.inv_freq", s.inv_freq.astype(np.float32))
             n = s.max_positions or 4096
             pos = b.cast(b.op("Range", [b.const(0), b.const(n), b.const(1)]), TensorProto.FLOAT)
-            freqs = b.op("Mul", [b.unsq(pos, [1]), b.unsq("rope.inv_freq", [0])])
+            freqs = b.op("Mul", [b.unsq(pos, [1]), b.unsq(self.inv_freq(i), [0])])
+            scale = s.rope_scales[s.rope[i]]
             out = []
             for f in ("Cos", "Sin"):
                 t = b.op(f, [freqs])
-                out.append(b.op("Mul", [t, b.const(s.rope_scale, np.float32)]) if s.rope_scale != 1.0 else t)
-            self._tables["rope.cos"] = tuple(out)
-        return self._tables["rope.cos"]
+                out.append(b.op("Mul", [t, b.const(scale, np.float32)]) if scale != 1.0 else t)
+            self._tables[key] = tuple(out)
+        return self._tables[key]
 
-    def key_biases(self, past_valid, q_pos, past_pos):
-        """attention_bias of every layer, [L, B, 1, 1, total]: 0 where the new token may attend, NEG
-        elsewhere; layer i's is Gather(., i). A past key counts where its layer executed it
-        (past_exec) and it is valid (and, with a window, near). The new token's own key is always
-        open: where a row's gate is off, its attention output is discarded (the layer passes x),
-        so the mask is made once per step instead of once per layer."""
+    def key_biases(self, past_valid, q_pos, past_pos, window: int | None):
+        """attention_bias of every layer with attention window `window`, [L, B, 1, 1, total]: 0
+        where the new token may attend, NEG elsewhere; layer i's is Gather(., i). A past key counts
+        where its layer executed it (past_exec) and it is valid (and, with a window, near). The new
+        token's own key is always open: where a row's gate is off, its attention output is
+        discarded (the layer passes x), so the mask is made once per step instead of once per layer."""
         b = self.b
         ok = b.op("And", [graph_io.PAST_EXEC, past_valid])  # [L, B, total - 1]
-        if self.s.window:  # the new key sits at q_pos, inside its own window
-            ok = b.op("And", [ok, b.op("Greater", [past_pos, b.op("Sub", [q_pos, b.const(self.s.window)])])])
+        if window:  # the new key sits at q_pos, inside its own window
+            ok = b.op("And", [ok, b.op("Greater", [past_pos, b.op("Sub", [q_pos, b.const(window)])])])
         bias = b.op("Where", [ok, b.const(0.0, np.float32), b.const(NEG, np.float32)])
         bias = b.op("Pad", [bias, b.const([0, 0, 0, 0, 0, 1]), b.const(0.0, np.float32)])  # the new key: 0
         return b.unsq(bias, [2, 3])
 
-    def qkv_packed(self, i, x, gate=None):
-        """ln1 + q/k/v of x [B, T, H] -> [B, T, (nh + 2 kv) hd], zero rows where `gate` ([B, 1, 1],
-        decode) is off."""
+    def qkv_packed(self, i, h, gate=None):
+        """q/k/v of the normed h [B, T, H] -> [B, T, (nh + 2 kv) hd], zero rows where `gate`
+        ([B, 1, 1], decode) is off."""
         b, s = self.b, self.s
         p = f"layers.{i}"
-        h = self.rmsnorm(x, f"{p}.ln1.weight", s.eps)
         if self.fuse and not s.qk_norm:  # GroupQueryAttention takes the fused output as it is
             qkv = self.fused_proj(h, p, "qkv_proj")[0]
             return qkv if gate is None else b.op("Where", [gate, qkv, b.const(0.0, np.float32)])
@@ -173,18 +173,26 @@ class OrtLowering(Lowering):
         qkv = b.op("Concat", [q, k, v], axis=-1)
         return qkv if gate is None else b.op("Where", [gate, qkv, b.const(0.0, np.float32)])
 
-    def attention(self, i, qkv, bias, pos, seqlens, total, cache_out: bool = True):
-        """GroupQueryAttention of the new token: its output, and with cache_out present.{i}.* as
-        graph outputs (past.{i}.* in place when bound to the same buffer); without, (attn, key,
-        value) under fresh names (inside an If branch, whose outputs are present.{i}.*)."""
+    def decode_layer(self, i, x, bias, pos, seqlens, total, gate=None):
+        """Layer i (its family's block) on the new token x [B, 1, H], attention by
+        GroupQueryAttention on the cache: (y, k, v). gate None (an unrouted layer): k, v are the
+        graph outputs present.{i}.* (past.{i}.* in place when bound to the same buffer); else q/k/v
+        are zero where the gate is off and k, v come under fresh names (an If branch's outputs)."""
         b, s = self.b, self.s
-        cos, sin = self.rope_tables()
+        cos, sin = self.rope_tables(i)
         cache = [graph_io.past(i, "key"), graph_io.past(i, "value")]
-        outputs = [f"layers.{i}/attn", graph_io.present(i, "key"), graph_io.present(i, "value")] if cache_out else None
-        out = b.op("GroupQueryAttention", [qkv, "", "", *cache, seqlens, total, cos, sin, pos, bias],
-                   name=f"layers.{i}/GroupQueryAttention", domain=MS_DOMAIN, n_out=3, outputs=outputs,
-                   num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)
-        return out[0] if cache_out else out
+        names = None if gate is not None else [f"layers.{i}/attn", graph_io.present(i, "key"),
+                                               graph_io.present(i, "value")]
+        kv = []
+
+        def attend(h):
+            attn, k, v = b.op("GroupQueryAttention", [self.qkv_packed(i, h, gate), "", "", *cache, seqlens, total,
+                                                      cos, sin, pos, bias],
+                              name=f"layers.{i}/GroupQueryAttention", domain=MS_DOMAIN, n_out=3, outputs=names,
+                              num_heads=s.heads, kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=1)
+            kv.extend((k, v))
+            return self.proj(attn, f"layers.{i}", "o_proj")
+        return self.block(i, x, attend), kv[0], kv[1]
 
     def layer(self, i, x, q_pos, k_pos, k_ok, past=None):
         """Prefill on a compacted run x [B, N, H] (row b's first count[b] tokens real, `k_ok`):
@@ -198,27 +206,22 @@ class OrtLowering(Lowering):
         count = b.reduce("ReduceSum", b.cast(k_ok, TensorProto.INT32), [1], keepdims=0)
         seqlens = b.op("Max", [b.op("Sub", [count, b.const(1, np.int32)]), b.const(0, np.int32)])  # a row of none: 0
         total = b.cast(b.op("Squeeze", [b.op("Shape", [x], start=1, end=2), b.const([0])]), TensorProto.INT32)
-        cos, sin = self.rope_tables()
-        q, k, v = b.op("Split", [self.qkv_packed(i, x), b.const([s.heads * s.head_dim, s.kv_heads * s.head_dim,
-                                                                 s.kv_heads * s.head_dim])], n_out=3, axis=-1)
-        # rotary by com.microsoft::RotaryEmbedding, which takes every token's own position: GQA's
-        # prompt mode rotates by position_ids[b, 0] + index, wrong for a run with skipped tokens
-        q, k = (b.op("RotaryEmbedding", [t, q_pos, cos, sin], domain=MS_DOMAIN, num_heads=n)
-                for t, n in ((q, s.heads), (k, s.kv_heads)))
-        attn, k, v = b.op("GroupQueryAttention", [q, k, v, "", "", seqlens, total], domain=MS_DOMAIN,
-                          name=f"layers.{i}/GroupQueryAttention", n_out=3, num_heads=s.heads,
-                          kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=0)
-        return self.mlp_block(i, x, attn), k, v
+        cos, sin = self.rope_tables(i)
+        kv = []
 
-    def mlp_block(self, i, x, attn):
-        """o_proj + residual, ln2, SiLU MLP + residual."""
-        b, s = self.b, self.s
-        p = f"layers.{i}"
-        x = b.op("Add", [x, self.proj(attn, p, "o_proj")])
-        h = self.rmsnorm(x, f"{p}.ln2.weight", s.eps)
-        g = self.proj(h, p, "gate_proj")
-        g = b.op("Mul", [g, b.op("Sigmoid", [g])])
-        return b.op("Add", [x, self.proj(b.op("Mul", [g, self.proj(h, p, "up_proj")]), p, "down_proj")])
+        def attend(h):
+            q, k, v = b.op("Split", [self.qkv_packed(i, h), b.const([s.heads * s.head_dim, s.kv_heads * s.head_dim,
+                                                                     s.kv_heads * s.head_dim])], n_out=3, axis=-1)
+            # rotary by com.microsoft::RotaryEmbedding, which takes every token's own position: GQA's
+            # prompt mode rotates by position_ids[b, 0] + index, wrong for a run with skipped tokens
+            q, k = (b.op("RotaryEmbedding", [t, q_pos, cos, sin], domain=MS_DOMAIN, num_heads=n)
+                    for t, n in ((q, s.heads), (k, s.kv_heads)))
+            attn, k, v = b.op("GroupQueryAttention", [q, k, v, "", "", seqlens, total], domain=MS_DOMAIN,
+                              name=f"layers.{i}/GroupQueryAttention", n_out=3, num_heads=s.heads,
+                              kv_num_heads=s.kv_heads, scale=s.scaling, do_rotary=0)
+            kv.extend((k, v))
+            return self.proj(attn, f"layers.{i}", "o_proj")
+        return self.block(i, x, attend), kv[0], kv[1]
 
 
 def build_prefill_ort(w: Weights, ops: str, opset: int, act, weight_fn,
@@ -236,7 +239,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     also be a preallocated buffer of any length >= total that is bound as present.{i}.* too (the
     runtime's IO binding): GroupQueryAttention then writes the new K/V in place and nothing is copied.
 
-    A routed layer is one If on "some row executes it": the whole layer (ln1, q/k/v, attention
+    A routed layer is one If on "some row executes it": the whole layer (norms, q/k/v, attention
     and MLP; a row whose gate is off gets zero K/V, exec false and its hidden state passed, as in
     `build_decode`), else the hidden state passes and attention is not run at all: the cache's new
     slot is left as it is in a preallocated buffer (zero as the runtime allocates it, and hidden
@@ -249,7 +252,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     L = OrtLowering(b, w, ops, fuse=bool(getattr(weight_fn, "fusable", True)), table_fn=table_fn)
     elem = NP2ONNX[b.act]
     _declare_inputs(b, s, "decode")
-    _, _, valid, pos, past_valid, past_pos = L.decode_positions(past_positions=bool(s.window))
+    _, _, valid, pos, past_valid, past_pos = L.decode_positions(past_positions=any(s.windows))
     keep = L.keep_mask(valid, pos)
     valid3 = b.unsq(valid, [2])  # [B, 1, 1]: gates stay in this shape
     threshold = L.gate_threshold(graph_io.THETA, valid3, b.unsq(keep, [2]))
@@ -258,7 +261,7 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     seqlens = b.cast(b.op("Expand", [b.op("Sub", [total, b.const([1])]), b.op("Shape", [graph_io.INPUT_IDS], end=1)]),
                      TensorProto.INT32)
     total32 = b.cast(b.op("Squeeze", [total, b.const([0])]), TensorProto.INT32)
-    biases = L.key_biases(past_valid, pos, past_pos)
+    biases = {win: L.key_biases(past_valid, pos, past_pos, win) for win in dict.fromkeys(s.windows)}
     x = L.embed(graph_io.INPUT_IDS)
     # the past is a preallocated buffer (length >= total, in place) or exactly total - 1 long
     in_place = b.op("Squeeze", [b.op("GreaterOrEqual", [b.op("Shape", [graph_io.past(0, "key")], start=2, end=3),
@@ -266,10 +269,10 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     pad_slot = b.const([0, 0, 0, 0, 0, 0, 1, 0])  # one zero slot at the end of the sequence axis
     execs = []
     for i in range(s.num_layers):
-        bias = b.op("Gather", [biases, b.const(i)], axis=0)  # [B, 1, 1, total]
+        bias = b.op("Gather", [biases[s.windows[i]], b.const(i)], axis=0)  # [B, 1, 1, total]
         if i not in s.routed:
             gate = valid3
-            x = L.mlp_block(i, x, L.attention(i, L.qkv_packed(i, x), bias, pos, seqlens, total32))
+            x = L.decode_layer(i, x, bias, pos, seqlens, total32)[0]
             execs.append(gate)
             continue
         gate = b.op(GATE_OP, [L.router_margin(i, x), threshold], name=gate_name(i))
@@ -279,8 +282,8 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
             cond = b.cast(b.reduce("ReduceMax", b.cast(gate, TensorProto.INT64), [0, 1, 2], keepdims=0),
                           TensorProto.BOOL)
         with b.subgraph() as run:
-            attn, k_run, v_run = L.attention(i, L.qkv_packed(i, x, gate), bias, pos, seqlens, total32, cache_out=False)
-            y = b.op("Where", [gate, L.mlp_block(i, x, attn), x])
+            y, k_run, v_run = L.decode_layer(i, x, bias, pos, seqlens, total32, gate)
+            y = b.op("Where", [gate, y, x])
         past = [graph_io.past(i, "key"), graph_io.past(i, "value")]
         with b.subgraph() as keep_buf:
             kept = [b.op("Identity", [t]) for t in past]
