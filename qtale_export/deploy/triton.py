@@ -7,9 +7,12 @@ weights file they share (once); onnxruntime / tensorrt: `qtale_<precision>_{pref
 (one graph per model there). Plus `qtale_router` (Python backend, BLS, dynamic batching):
 execution_ratio (+ optional precision) and input_ids / text in, generated tokens out; it turns
 each row's ratio into theta with the one policy (theta.py, copied next to it as
-theta_policy.py; `--ratio-mode`, default interpolate like `qtale run`) and runs the rows of a
-batch together (left-padded to the longest prompt), one theta per sequence, through the graph contract's
-loop (deploy/graph_io.py, copied next to it as graph_io.py).
+theta_policy.py; `--ratio-mode`, default interpolate like `qtale run`) and runs each row of a
+batch at batch 1 (`qtale run`'s shapes; the rows take turns) through the graph contract's loop
+(deploy/graph_io.py, copied next to it as graph_io.py). `--backend python` also writes
+`qtale_llm_<precision>` (triton_models/llm_model.py): decoupled, in-flight batching, streaming,
+sampling, the generate extension, metrics and the elastic ratio, running the graph model's files
+in its own process with copies of graph_io.py, theta.py, runtime/sampling.py and runtime/kv.py.
 
 The graph models have max_batch_size 0 (explicit -1 dims): exec_mask [layers, batch, seq] and
 past_exec do not have the batch first, which Triton's batcher requires; batching happens in the

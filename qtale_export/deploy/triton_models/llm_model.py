@@ -325,7 +325,8 @@ class TritonPythonModel:
     def rebalance(self, waiting: int) -> None:
         """Lower the ratio cap toward the floor while the server falls behind (a decode round, i.e.
         every running row's time per token, over the target; or more requests waiting than the
-        target), raise it back once it has caught up; at most one 0.1 step per `interval` seconds."""
+        target), raise it back once it has caught up (all of the way once the batch is empty); at
+        most one 0.1 step per `interval` seconds."""
         now = time.monotonic()
         if self.elastic == "off" or now - self.adjusted < self.interval:
             return
@@ -346,6 +347,9 @@ class TritonPythonModel:
     def serve(self) -> None:
         while True:
             with self.cond:
+                if not self.waiting and not self.active and self.level < 1.0:
+                    self.level = 1.0  # nothing left to do: the server has caught up
+                    self.m_level.set(1.0)
                 while not self.stopping and not self.waiting and not self.active:
                     self.cond.wait()
                 if self.stopping:

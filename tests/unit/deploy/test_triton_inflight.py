@@ -308,14 +308,17 @@ def test_flood_beyond_the_queue_is_refused_and_the_rest_answered(tritonserver, i
         assert all(a.text in wants for a in served)
 
 
-def test_elastic_ratio_lowers_rows_toward_the_floor_and_respects_opt_out(tritonserver, int4_export, runtime, tmp_path):
-    """elastic tpot with a target no round can meet: the ratio cap falls to the floor (0.6) while rows
-    run; an elastic row says requested 1.0, served 0.6, and its realized ratio is below 1; a row that
-    opted out keeps ratio 1.0 and equals `qtale run`; the cap is on the metrics port."""
+@pytest.mark.parametrize("policy, target, rows", [("tpot", 1e-6, 8), ("queue", 0.5, 1)])
+def test_elastic_ratio_lowers_rows_toward_the_floor_and_respects_opt_out(tritonserver, int4_export, runtime, tmp_path,
+                                                                         policy, target, rows):
+    """An elastic policy whose target the load breaks (tpot: no round is that fast; queue: one row
+    runs, the other waits): the ratio cap falls to the floor (0.6); the elastic request says
+    requested 1.0, served 0.6, realized below 1; the request that opted out keeps ratio 1.0 and
+    equals `qtale run`; once the batch is empty the cap is back at 1.0 on the metrics port."""
     from qtale_export.deploy.triton import build_repository
 
-    build_repository([int4_export], tmp_path / "repo", threads=1, max_new_tokens=8, max_new_tokens_cap=200,
-                     elastic="tpot", elastic_target=1e-6, elastic_floor=0.6, elastic_interval=0)
+    build_repository([int4_export], tmp_path / "repo", threads=1, max_batch=rows, max_new_tokens=8,
+                     max_new_tokens_cap=200, elastic=policy, elastic_target=target, elastic_floor=0.6, elastic_interval=0)
     ports = {}
     with tritonserver(tmp_path / "repo", tmp_path, metrics=True, ports=ports) as (_, addr):
         opts = {"text_input": PROMPTS[0], "execution_ratio": 1.0, "max_tokens": 200, "ignore_eos": True}
@@ -329,4 +332,7 @@ def test_elastic_ratio_lowers_rows_toward_the_floor_and_respects_opt_out(tritons
         assert el.final["served_ratio"] == pytest.approx(0.6) and el.final["realized_ratio"] < 0.99
         _same(kept, runtime.generate(PROMPTS[0], ratio=1.0, max_new_tokens=200, ignore_eos=True), False)
         assert kept.final["served_ratio"] == pytest.approx(1.0)
-        assert _value(_scrape(ports["metrics"]), "qtale_elastic_ratio") == pytest.approx(0.6)
+        deadline = time.monotonic() + 30
+        while _value(_scrape(ports["metrics"]), "qtale_elastic_ratio") != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _value(_scrape(ports["metrics"]), "qtale_elastic_ratio") == 1.0
