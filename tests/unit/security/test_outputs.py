@@ -25,7 +25,7 @@ def decoy(tmp_path):
 
 # (command line, what the decoy must be refused as); {decoy} is a folder of the user's own files
 FORCE_CASES = [
-    ("triton-repo {exp} --out {decoy} --force", "not a QTALE output"),
+    ("triton-repo {exp} --out {decoy} --force", "not a QTALE triton"),
     ("export {ck} --out {decoy} --force", "not a QTALE output"),
     ("quantize {ck} --format int3 --out {decoy} --force", "not a QTALE checkpoint"),
     ("quantize {ck} --format int3 --out {exp} --force", "not a QTALE checkpoint"),  # another kind
