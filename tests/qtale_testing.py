@@ -17,7 +17,17 @@ TEXT = (
 )
 
 
-def make_tiny(folder: Path, layers: int = 6, model_type: str = "llama", seed: int = 0) -> Path:
+# per model type, what its tiny config sets beyond the common shape: Gemma 3 gets a head_dim that
+# fits hidden 64 (its default is 256), a small sliding window so test sequences run past it, and tied
+# embeddings as the real model has (layer_types: its default, five sliding layers of every six)
+TINY_CONFIG = {"gemma3_text": {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True}}
+# model types whose norm weights start at zero (RMSNorm by (1 + w)): randomized so the offset matters
+ZERO_NORMS = ("gemma3_text",)
+
+
+def make_tiny(folder: Path, layers: int = 6, model_type: str = "llama", seed: int = 0, **config) -> Path:
+    """A tiny random model of `model_type` (hidden 64, 4 heads, 2 KV heads) with a real BPE tokenizer;
+    `config` overrides its config."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -29,16 +39,21 @@ def make_tiny(folder: Path, layers: int = 6, model_type: str = "llama", seed: in
     tok.train_from_iterator([TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(model_type, vocab_size=fast.vocab_size if hasattr(fast, "vocab_size") else 300,
-                               hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    shape = dict(vocab_size=fast.vocab_size if hasattr(fast, "vocab_size") else 300,
+                 hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model(model_type, **{**shape, **TINY_CONFIG.get(model_type, {}), **config})
     cfg.vocab_size = len(fast)
     model = AutoModelForCausalLM.from_config(cfg)
+    if model_type in ZERO_NORMS:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
-
 
 
 def spread_routers(model, std: float = 1.0, seed: int = 0) -> None:

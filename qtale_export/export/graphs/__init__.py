@@ -9,7 +9,7 @@ batch executes this layer" (a 0-D bool): the then-branch runs the layer for ever
 output only where the gate is on, the else-branch passes the hidden state through; both append zero
 K/V rows with exec=false where the gate is off. At batch 1 a skipped token skips the whole layer.
 
-The package: `builder` (the ONNX builder), `extract` (weights and structure of the model),
+The package: `builder` (the ONNX builder), `extraction` (weights and structure of the model),
 `lowering` (the standard decoder math), `ort` (the ONNX Runtime CPU form), `assemble` (the two
 graphs), `routers` (gate naming, router surgery). Its names are re-exported here, so callers use
 `graphs.X`.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from .assemble import (TRT_DECODE_FORMS, build_decode, build_decode_compacted, build_prefill, default_trt_decode,
                        graph_builders, io_description)
 from .builder import MIN_OPSET, MS_DOMAIN, NP2ONNX, PLUGIN_ATTRS, QTALE_DOMAIN, Builder
-from .extract import Spec, Weights, extract, quantizable
+from .extraction import Spec, Weights, extract, quantizable
 from .lowering import Lowering
 from .ort import FUSED, NEG, PARTS, OrtLowering, TableFn, build_decode_ort, build_prefill_ort
 from .routers import GATE_OP, cut_routers, gate_name, is_gate

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...deploy import graph_io
 from .builder import NP2ONNX, Builder
-from .extract import Spec, Weights
+from .extraction import Spec, Weights
 from .lowering import Lowering
 
 

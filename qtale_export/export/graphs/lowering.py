@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...deploy import graph_io
 from ...errors import QtaleError
 from .builder import NP2ONNX, PLUGIN_ATTRS, QTALE_DOMAIN, Builder
-from .extract import Weights
+from .extraction import Weights
 from .routers import GATE_OP, gate_name
 
 

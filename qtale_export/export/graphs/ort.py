@@ -11,7 +11,7 @@ from ...deploy import graph_io
 from ...errors import QtaleError
 from .assemble import _declare_inputs, _logits_and_cache_outputs, build_prefill
 from .builder import MS_DOMAIN, NP2ONNX, Builder
-from .extract import Weights
+from .extraction import Weights
 from .lowering import Lowering
 from .routers import GATE_OP, gate_name
 
