@@ -178,7 +178,7 @@ def main() -> None:
     from conftest import VENV, run_tritonserver  # the tests' server start-up
 
     from qtale_export.deploy.triton import build_repository
-    from qtale_export.export.manifest import read_manifest
+    from qtale_export.deploy.manifest import read_manifest
 
     precision = read_manifest(args.export, verify=False)["precision"]
     llm = f"qtale_llm_{precision}"

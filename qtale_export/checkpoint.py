@@ -21,7 +21,7 @@ from .contract import (SEAL, check_listing, check_seal, document_sha256, file_sh
                        listing_sha256, read_contract, seal)
 from .deploy.theta import check_table
 from .errors import QtaleError
-from .export.manifest import BYPRODUCTS, MANIFEST, read_manifest
+from .deploy.manifest import BYPRODUCTS, MANIFEST, read_manifest
 
 FORMAT = "qtale-checkpoint"
 FORMAT_VERSION = 1

@@ -59,8 +59,8 @@ class ExportModel:
     scoring code calls: `model(ids, attention_mask=, theta=, execute_all=).logits` through
     prefill.onnx (no KV cache, so `loglikelihood` scores each request as one forward), the
     tokenizer, and reset_stats()/execution_stats() counted from the graph's exec_mask by the same
-    stats.ExecutionStats RoutedModel uses (FLOPs from the manifest's dims; the MLP width is read
-    from the graph)."""
+    stats.ExecutionStats RoutedModel uses (FLOPs from the manifest's dims; an export written before
+    the manifest recorded its MLP width counts none)."""
 
     backend = "onnxruntime"
 
@@ -69,14 +69,13 @@ class ExportModel:
 
         self.rt = runtime
         self.manifest = runtime.manifest
-        m = self.manifest["model"]
         self.tokenizer = runtime.tokenizer.hf
         if self.tokenizer is None:
             raise QtaleError("evaluating an export needs the transformers tokenizer (pip install transformers)")
         self.hf_config = SimpleNamespace(max_position_embeddings=runtime.max_length)
-        self.layer_ids = [int(i) for i in m.get("routed_layers") or []]
-        self.theta = float(self.manifest.get("theta", 0.0))
-        self.precision = self.manifest.get("precision")
+        self.layer_ids = list(self.manifest.model.routed_layers)
+        self.theta = self.manifest.theta
+        self.precision = self.manifest.precision
         self._terms = self._flop_terms()
         self.reset_stats()
 
@@ -94,7 +93,7 @@ class ExportModel:
             return policy.check_theta(theta)
         if ratio is None:
             return self.theta
-        return policy.theta_for(self.manifest.get("theta_table"), ratio, "exact", " in the export's theta table")
+        return policy.theta_for(self.manifest.theta_table, ratio, "exact", " in the export's theta table")
 
     # -- what the scoring code calls ---------------------------------------------------------------
     def eval(self):
@@ -116,37 +115,15 @@ class ExportModel:
     # -- statistics ----------------------------------------------------------------------------------
     def _flop_terms(self):
         """FLOP terms of stats.flop_terms from the manifest's dims, or None when a dim is unknown."""
-        m = self.manifest["model"]
-        inter = _mlp_width(self.rt.folder / self.manifest["graphs"]["prefill"]["file"])
-        hidden_r = (self.manifest.get("router") or {}).get("router_hidden")
-        if inter is None or hidden_r is None:
-            return None
-        return flop_terms(int(m["hidden"]), int(m["heads"]), int(m["kv_heads"]), int(m["head_dim"]), inter,
-                          int(m["vocab"]), int(hidden_r))
+        m = self.manifest.model
+        dims = (m.hidden, m.heads, m.kv_heads, m.head_dim, m.mlp_width, m.vocab, self.manifest.router_hidden)
+        return None if None in dims else flop_terms(*dims)
 
     def reset_stats(self) -> None:
-        self.stats = ExecutionStats(self.layer_ids, int(self.manifest["model"]["num_layers"]), self._terms)
+        self.stats = ExecutionStats(self.layer_ids, self.manifest.model.num_layers, self._terms)
 
     def execution_stats(self) -> dict:
         return self.stats.summary()
-
-
-def _mlp_width(path) -> int | None:
-    """Output width of layers.0.gate_proj in an exported graph (float, DequantizeLinear or MatMulNBits)."""
-    import onnx
-
-    g = onnx.load(str(path), load_external_data=False).graph
-    for t in g.initializer:
-        if t.name in ("layers.0.gate_proj.weight_t", "layers.0.gate_proj.weight_q") and len(t.dims) == 2:
-            return int(t.dims[1])
-        if t.name in ("layers.0.gate_up_proj.weight_t", "layers.0.gate_up_proj.weight_q") and len(t.dims) == 2:
-            return int(t.dims[1]) // 2  # the ort-cpu form fuses gate and up
-    for n in g.node:
-        fused = n.name.startswith("layers.0.gate_up_proj/")
-        if n.op_type == "MatMulNBits" and (fused or n.name.startswith("layers.0.gate_proj/")):
-            width = next((int(a.i) for a in n.attribute if a.name == "N"), None)
-            return width // 2 if fused and width else width
-    return None
 
 
 def token_batches(lengths: list[int], budget: int, max_batch: int) -> list[list[int]]:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .deploy import theta as policy
+from .deploy.manifest import Manifest, load
 from .errors import QtaleError
 
 PROMPT = "The three most useful things to know about the moon are"
@@ -69,15 +70,12 @@ def _calibrated(meta: dict, ratios) -> bool:
             and all(policy.lookup(meta.get("theta_table"), r) is not None for r in ratios))
 
 
-def _exported(folder: Path, meta: dict) -> dict | None:
-    from .export.manifest import read_manifest
-
+def _exported(folder: Path, meta: dict) -> Manifest | None:
     try:
-        m = read_manifest(folder, verify=True)
+        m = load(folder, verify=True)
     except QtaleError:
         return None
-    ok = (m.get("verification") or {}).get("ok") and m.get("theta_table") == meta.get("theta_table")
-    return m if ok else None
+    return m if m.verification.get("ok") and m.theta_table == meta.get("theta_table") else None
 
 
 def _cached(path: Path, key: str) -> dict | None:
@@ -136,7 +134,7 @@ def run(out="runs/deploy", model: str = "smollm2-135m", fmt: str = "int4-awq", r
     manifest = _exported(edir, meta)
     if manifest is None:
         raise QtaleError(f"{edir} is not a complete, verified export of {qdir}")
-    key = manifest["files_sha256"]
+    key = manifest.files_sha256
     t0 = time.time()
     print("[verify]", flush=True)
     verified = _json_of("verify", edir)
@@ -171,7 +169,7 @@ def _summary(out, model, qdir, edir, manifest, ratio, runs, bench, held, times) 
     dec = {d["ratio"]: d for d in e["decode"]}
     weights = sum(b for n, b in e["files"].items() if n.endswith((".onnx", ".data")))
     return {
-        "model": str(model), "ratio": ratio, "theta": manifest["theta"], "precision": manifest["precision"],
+        "model": str(model), "ratio": ratio, "theta": manifest.theta, "precision": manifest.precision,
         "sizes_mb": {"export": _folder_mb(edir), "export_weights_and_graphs": round(weights / 1e6, 1),
                      "quantized_checkpoint_without_base": _folder_mb(qdir)},
         "speed_vs_all_layers": {"prefill_time": pre[ratio]["vs_dense"], "prefill_realized_ratio":

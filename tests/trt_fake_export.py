@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qtale_export.checkpoint import seal
-from qtale_export.export.manifest import BYPRODUCTS
+from qtale_export.deploy.manifest import BYPRODUCTS
 
 
 def make_export(root: Path, *, ops: str = "plugin", precision: str = "int4", manifest: bool = True) -> Path:

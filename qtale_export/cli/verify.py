@@ -6,7 +6,7 @@ import json
 import sys
 
 from .. import validate
-from ..export.main import verify
+from ..deploy.verify import Cases, verify
 from ..validate import arg
 from .common import print_table, verification_rows
 
@@ -27,10 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def live_reference(*args, **kwargs) -> Cases:
+    """The PyTorch side's reference, computed now: imported only when asked for (`--pytorch`, or
+    thetas / steps the stored reference does not hold), so `qtale verify` stays torch-free."""
+    from ..export.verify import live_cases
+
+    return live_cases(*args, **kwargs)
+
+
 def verify_of(args: argparse.Namespace) -> dict:
     """The verification the arguments ask for; returns the report ("ok" false: out of tolerance)."""
-    return verify(args.dir, thetas=args.theta, decode_steps=args.decode_steps, trt=args.trt,
-                  plugin_lib=args.plugin_lib, live=args.pytorch)
+    return verify(args.dir, thetas=args.theta, decode_steps=args.decode_steps,
+                  backend="tensorrt" if args.trt else "onnxrt", plugin_lib=args.plugin_lib, live=args.pytorch,
+                  live_cases=live_reference)
 
 
 def run(args: argparse.Namespace) -> int:

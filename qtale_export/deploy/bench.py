@@ -40,16 +40,16 @@ def _prompt_ids(rt, n: int) -> np.ndarray:
     return np.asarray([ids[:n]], np.int64)
 
 
-def _without_routers(folder: Path, graph_file: str, threads):
-    """(ORT session of the prefill graph with its routers cut out, gates cut): `graphs.cut_routers`."""
+def _without_routers(path: Path, threads):
+    """(ORT session of the prefill graph at `path` with its routers cut out, gates cut): `graphs.cut_routers`."""
     import onnx
 
-    from ..export import ort_ops
     from ..export.graphs import cut_routers
+    from . import ort_ops
 
-    m = onnx.load(str(folder / graph_file), load_external_data=False)
+    m = onnx.load(str(path), load_external_data=False)
     cut = cut_routers(m)
-    return ort_ops.session(folder / graph_file, threads=threads, model=m), cut
+    return ort_ops.session(path, threads=threads, model=m), cut
 
 
 def _rss_mb() -> float:
@@ -71,7 +71,7 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
     for folder in export_dirs:
         rt = Runtime.open(folder, threads=threads)
         sels = {ratio: rt.select(ratio=ratio) for ratio in ratios}
-        nocut, cut = _without_routers(rt.folder, rt.manifest["graphs"]["prefill"]["file"], threads)
+        nocut, cut = _without_routers(rt.manifest.graph_file("prefill"), threads)
         files = {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir())
                  if p.suffix in (".onnx", ".data", ".engine")}
         variants.append({"dir": str(folder), "rt": rt, "sels": sels, "nocut": nocut, "cut": cut, "files": files,
@@ -120,8 +120,8 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
               "exports": []}
     for vi, variant in enumerate(variants):
         m = variant["rt"].manifest
-        entry = {"dir": variant["dir"], "precision": m.get("precision"), "ops": m.get("ops"),
-                 "weights": m["model"].get("weights"), "files": variant["files"],
+        entry = {"dir": variant["dir"], "precision": m.precision, "ops": m.ops, "weights": m.model.weights,
+                 "files": variant["files"],
                  "weight_bytes": sum(size for name, size in variant["files"].items() if name.endswith((".onnx", ".data"))),
                  "peak_rss_mb_after_load": round(variant["rss_mb"], 1), "prefill": [], "decode": [],
                  "router_overhead": []}
@@ -144,7 +144,7 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
                                     "tokens_per_s": round(1.0 / seconds, 2)})
         report["exports"].append(entry)
         if record:
-            from ..export.manifest import read_manifest, write_manifest
+            from .manifest import read_manifest, write_manifest
 
             data = read_manifest(variant["dir"], verify=False)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -22,7 +22,7 @@ from typing import Any
 
 from qtale_export.contract import file_sha256
 from qtale_export.errors import QtaleError
-from qtale_export.export.manifest import graph_files, write_manifest
+from qtale_export.deploy.manifest import Manifest, load, read_manifest, write_manifest
 from qtale_export.safe_write import write_bytes
 
 from . import engine_info, graph_io, trt_builder
@@ -68,7 +68,7 @@ class BuildPlan:
     """Everything needed to build one engine, validated against the export folder."""
 
     export_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     graph: str
     onnx_path: Path
     precision: str
@@ -91,14 +91,6 @@ class BuildPlan:
     @property
     def engine_path(self) -> Path:
         return self.export_dir / self.engine_name
-
-
-def read_manifest(export_dir: Path, verify: bool = True, allow: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The export's manifest; with verify, every listed file's sha256 is checked (tampering fails)
-    and no file but those in `allow` may be unlisted."""
-    from qtale_export.export.manifest import read_manifest as read
-
-    return read(export_dir, verify=verify, allow=allow)
 
 
 def parse_range(text: str, what: str) -> tuple[int, int, int]:
@@ -180,16 +172,16 @@ def plan_build(options: BuildOptions) -> BuildPlan:
     export_dir = Path(options.export_dir)
     engine = options.engine  # recording: the engine built by trtexec, not listed yet
     allow = (os.path.relpath(Path(engine).resolve(), export_dir.resolve()),) if engine else ()
-    manifest = read_manifest(export_dir, allow=allow)
-    graphs = manifest.get("graphs") or {}
+    manifest = load(export_dir, allow=allow)
+    graphs = manifest.graphs
     if options.graph not in graphs:
         raise QtaleError(f"export has no {options.graph!r} graph (has: {', '.join(graphs) or 'none'}); re-export it")
     graph = graphs[options.graph]
-    onnx_path = graph_files(export_dir, manifest, options.graph)[0]  # checked: listed, inside the folder
+    onnx_path = manifest.graph_file(options.graph)  # checked: listed, inside the folder
     if not onnx_path.is_file():
         raise QtaleError(f"{onnx_path} is missing; re-run qtale-export into {export_dir}")
 
-    exported = manifest.get("precision", "fp32")
+    exported = manifest.precision
     precision = options.precision or exported
     if precision not in PRECISIONS:
         raise QtaleError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -204,7 +196,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
                          f"re-export with qtale-export --precision {precision}")
     check_fp8(precision, options.jetson, JETSON_ORIN_SM if options.jetson else None)
 
-    uses_plugins = manifest.get("ops") == "plugin" or onnx_uses_qtale_ops(onnx_path)
+    uses_plugins = manifest.ops == "plugin" or onnx_uses_qtale_ops(onnx_path)
     plugin_lib = Path(options.plugin_lib) if options.plugin_lib else None
     if uses_plugins and plugin_lib is None:
         raise QtaleError("export uses qtale plugin ops (TokenCompact/TokenScatter): build plugins/ with cmake and "
@@ -321,7 +313,7 @@ def record_engine(export_dir: Path, engine_file: Path, *, graph: str, precision:
 def _plugin_into(export_dir: Path, lib: Path, manifest: dict[str, Any]) -> dict[str, str]:
     """Copy the plugin library (and the kernel library it loads through $ORIGIN) into the export's
     plugins/ folder and list them, so the engine travels with the one library it was built with and
-    readers load it only as a listed file with its sha256 (export/manifest.py plugin_library)."""
+    readers load it only as a listed file with its sha256 (deploy/manifest.py plugin_library)."""
     folder = export_dir / PLUGIN_DIR
     entry = {}
     for src in [lib] + [p for p in [lib.parent / KERNELS_LIB] if p.is_file() and p.resolve() != lib.resolve()]:

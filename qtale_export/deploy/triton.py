@@ -289,7 +289,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     `elastic_floor` while the server falls behind, one 0.1 step per `elastic_interval` seconds at most;
     "off" (default) never changes a ratio."""
     from . import theta as policy
-    from ..export.manifest import engine_file, graph_files, read_manifest
+    from .manifest import engine_file, graph_files, read_manifest
 
     if backend not in BACKENDS:
         raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

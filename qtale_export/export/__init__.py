@@ -1,5 +1,6 @@
 """ONNX export of routed models: prefill/decode graphs, precisions, ORT custom ops, verification.
 
-Entry points: `main.export_checkpoint(...)` / `main.verify(...)` (behind `qtale export`,
-`qtale verify` and `qtale-export`, cli/); see docs/export.md for the graph and manifest contract.
+Entry point: `main.export_checkpoint(...)` (behind `qtale export` and `qtale-export`, cli/); the
+export folder's contract (manifest, ORT custom ops, stored reference, `qtale verify`) is deploy/'s.
+See docs/export.md.
 """

@@ -1,7 +1,7 @@
-"""The export pipeline behind `qtale export` / `qtale-export` and `qtale verify` (arguments: cli/).
+"""The export pipeline behind `qtale export` / `qtale-export` (arguments: cli/).
 
-export_checkpoint(...) -> manifest and verify(...) -> report raise QtaleError (one line) on bad
-input; verify returns the report with "ok" false when out of tolerance (the CLI exits non-zero then).
+export_checkpoint(...) -> manifest raises QtaleError (one line) on bad input or a failed
+verification. `qtale verify` is deploy/verify.py (torch-free) with export/verify.py's live reference.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     import transformers
 
     from . import graphs
-    from .manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
+    from ..deploy.manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
     from .precision import TABLES, activation_dtype, int4_group, int4_group_sizes, make_weight_fn
     from .trt_conformance import check as check_tensorrt_conformance
     from .verify import store_reference, verify_export
@@ -135,6 +135,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
             "reference": reference_entry,
             "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
                       "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": eos,
+                      "mlp_width": int(model.hf_config.intermediate_size),
                       "max_position_embeddings": int(getattr(model.hf_config, "max_position_embeddings", 0) or 0)
                       or None,
                       "routed_layers": s.routed, "keep_initial": s.keep_initial,
@@ -193,17 +194,3 @@ def export_checkpoint(checkpoint: str, out, *, ratio: float | None = None, theta
     return export(model, out, checkpoint=checkpoint, ratio=ratio, theta=theta, precision=precision, ops=ops,
                   target=target, opset=opset, force=force, decode_steps=decode_steps,
                   allow_stale_theta=allow_stale_theta, reference=reference, trt_decode=trt_decode)
-
-
-def verify(folder, *, thetas: list[float] | None = None, decode_steps: int | None = None, trt: bool = False,
-           plugin_lib: str | None = None, live: bool = False) -> dict:
-    """Polygraphy against the stored reference outputs (see verify.verify_with_polygraphy); trt:
-    the TensorRT engines of the manifest instead of ONNX Runtime; live: against PyTorch run now."""
-    from .verify import verify_with_polygraphy
-
-    for t in thetas or []:
-        validate.theta(t, "--theta")
-    if decode_steps is not None:
-        validate.positive_int(decode_steps, "--decode-steps")
-    return verify_with_polygraphy(folder, thetas=thetas, decode_steps=decode_steps,
-                                  backend="tensorrt" if trt else "onnxrt", plugin_lib=plugin_lib, live=live)

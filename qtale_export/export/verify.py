@@ -17,16 +17,18 @@ Polygraphy's runners and Comparator against the reference outputs stored in the 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..deploy import graph_io
-from ..errors import QtaleError
-from . import ort_ops
+from ..deploy import graph_io, ort_ops, reference
+from ..deploy.manifest import Manifest, load
+from ..deploy.verify import (MIN_TOP1, TIE, TOLERANCE, Cases, agreement, close_case, compare, default_thetas,
+                             tally_decode)
+from ..deploy.verify import verify as verify_stored
 from .graphs import quantizable
-from .manifest import engine_file, graph_files, plugin_library, read_manifest
 
 PROMPTS = [
     "The capital of France is",
@@ -34,11 +36,6 @@ PROMPTS = [
     "Plants convert sunlight into chemical energy through photosynthesis. The process",
     "A journey of a thousand miles begins",
 ]
-# max |onnx - torch| over real tokens must be <= atol + rtol * max|torch logits|
-TOLERANCE = {"fp32": (1e-3, 0.0), "fp16": (0.0, 2e-2), "int4": (2e-3, 1e-4), "int8": (2e-3, 1e-4),
-             "fp8": (2e-3, 1e-4)}
-TIE = {"fp32": 1e-4, "fp16": 5e-2, "int4": 1e-3, "int8": 1e-3, "fp8": 1e-3}
-MIN_TOP1 = {"fp32": 0.99, "fp16": 0.95, "int4": 0.98, "int8": 0.98, "fp8": 0.98}
 
 
 def dequantized_weights(path: Path) -> dict[str, np.ndarray]:
@@ -162,45 +159,12 @@ def _split_fused(weights: dict, layers) -> dict:
     return out
 
 
-def _tally_decode(dcase: dict, status: str, step: dict) -> bool:
-    """Add one compared decode step to `dcase`; False when the walk stops there (a mismatch or a
-    tie: the two sides would decode different tokens from then on)."""
-    if status != "ok":
-        dcase["stopped"] = status
-        dcase.update({k: v for k, v in step.items() if "exec" in k or "ties" in k})
-        return False
-    dcase["max_abs_diff"] = max(dcase["max_abs_diff"], step["decode_max_abs_diff"])
-    dcase["top1"].append(step["decode_top1"])
-    dcase["steps"] += 1
-    return True
 
 
-def _close_case(case: dict, dcase: dict, prefill_ok: bool) -> dict:
-    """The case with its decode walk; ok when prefill passed and decode did not stop on a mismatch."""
-    dcase["top1"] = float(np.mean(dcase["top1"])) if dcase["top1"] else None
-    case["decode"] = dcase
-    case["ok"] = bool(prefill_ok and dcase.get("stopped", "tie") == "tie")
-    return case
 
 
-def _agreement(cases: list[dict]) -> dict:
-    """The report's summary over every case: worst difference, top-1 and exec-mask agreement, ties."""
-    diffs = [c["max_abs_diff"] for c in cases if c.get("max_abs_diff") is not None]
-    diffs += [c["decode"]["max_abs_diff"] for c in cases if c["decode"]["steps"]]
-    top1 = [c["top1"] for c in cases if c.get("top1") is not None]
-    return {"max_abs_diff": float(max(diffs)) if diffs else None,
-            "top1_agreement": float(min(top1)) if top1 else None,
-            "exec_mask_agreement": float(min(c["exec_agreement"] for c in cases)),
-            "tie_cases": int(sum(1 for c in cases if c.get("ties") or c["decode"].get("stopped") == "tie"))}
 
 
-def _thetas(manifest: dict, extra=None) -> list[float]:
-    out = [0.0, float(manifest["theta"]), 0.3, 0.7] + list(extra or [])
-    seen = []
-    for t in out:
-        if round(t, 6) not in [round(s, 6) for s in seen]:
-            seen.append(float(t))
-    return seen
 
 
 def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompts=None,
@@ -208,16 +172,15 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
     """Run both graphs in ONNX Runtime against PyTorch; returns the JSON-able report."""
     import torch
 
-    folder = Path(folder)
-    manifest = read_manifest(folder, verify=check_files)
-    precision = manifest["precision"]
-    ref = reference_model(manifest, folder, model)
+    manifest = load(folder, verify=check_files)
+    precision = manifest.precision
+    ref = reference_model(manifest.data, manifest.folder, model)
     quantized_ckpt = bool(getattr(ref, "quantization_info", None))
     tok = ref.tokenizer
     if tok is None:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(manifest.folder)
     side = tok.padding_side
     tok.padding_side = "left"
     try:
@@ -225,14 +188,13 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
     finally:
         tok.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"].long()
-    sessions = {graph: ort_ops.session(graph_files(folder, manifest, graph)[0], exact=True)
-                for graph in graph_io.GRAPHS}
+    sessions = {graph: ort_ops.session(manifest.graph_file(graph), exact=True) for graph in graph_io.GRAPHS}
     atol, rtol = TOLERANCE[precision]
     tie = TIE[precision]
-    num_layers = manifest["model"]["num_layers"]
+    num_layers = manifest.model.num_layers
     routed = list(ref.layer_ids)
     cases = []
-    for theta_value in thetas if thetas is not None else _thetas(manifest):
+    for theta_value in thetas if thetas is not None else default_thetas(manifest.theta):
         theta = torch.full((ids.shape[0],), float(theta_value))
         case = {"theta": float(theta_value)}
         with torch.no_grad():
@@ -255,21 +217,21 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
             step = {}
             st = _compare(step, "decode", od, rd, np.ones((ids.shape[0], 1), bool), routed, theta_value, tie,
                           atol, rtol, MIN_TOP1[precision], new_only=True)
-            if not _tally_decode(dcase, st, step):
+            if not tally_decode(dcase, st, step):
                 break
             past_t = rd.past_key_values
             nxt = rd.logits[:, -1].argmax(-1, keepdim=True)
-        cases.append(_close_case(case, dcase, ok_case))
+        cases.append(close_case(case, dcase, ok_case))
     report = {
         "ok": all(c["ok"] for c in cases),
-        "precision": precision, "ops": manifest["ops"],
+        "precision": precision, "ops": manifest.ops,
         "reference": (f"pytorch quantized checkpoint ({ref.quantization_info.get('format')}, quantizers enabled)"
                       if quantized_ckpt else
                       "pytorch fp32 with the export's dequantized weights" if precision in ("int4", "int8", "fp8")
                       else "pytorch fp32"),
         "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": MIN_TOP1[precision]},
         "prompts": int(ids.shape[0]), "tokens": int(mask.sum()), "decode_steps": decode_steps,
-        **_agreement(cases),
+        **agreement(cases),
         "cases": cases,
     }
     return report
@@ -287,49 +249,12 @@ def _compare(case, kind, out, r, valid, routed, theta, tie, atol, rtol, min_top1
     return compare(case, kind, out, ref, probs, valid, routed, theta, tie, atol, rtol, min_top1, new_only)
 
 
-def compare(case, kind, out, ref, probs, valid, routed, theta, tie, atol, rtol, min_top1, new_only=False,
-            logits_ok=None) -> str:
-    """Fill `case` with the metrics of one run (outputs `out` against reference arrays `ref`, P(execute)
-    `probs` [L_routed, B, T]): "ok", "tie" (exec masks differ only where the reference P(execute) is
-    within `tie` of theta) or "fail". `logits_ok(bound)` decides closeness instead of diff <= bound
-    (the Polygraphy comparator)."""
-    ref_logits = ref["logits"]
-    lo = out["logits"]
-    ref_exec = ref["exec_mask"]
-    ex = out["exec_mask"]
-    if new_only:  # decode: compare the new column; the past was checked before
-        ref_exec, ex = ref_exec[:, :, -1:], ex[:, :, -1:]
-    mism = (ref_exec != ex) & valid[None]
-    pre = "" if kind == "prefill" else "decode_"
-    case[f"{pre}exec_agreement"] = 1.0 - float(mism.sum()) / max(int(valid.sum()) * ex.shape[0], 1)
-    if mism.any():
-        ties = 0
-        for layer, bb, t in zip(*np.nonzero(mism)):
-            if int(layer) in routed:
-                j = routed.index(int(layer))
-                ties += abs(float(probs[j][bb, t]) - theta) <= tie
-        case[f"{pre}ties"] = int(ties)
-        case[f"{pre}exec_mismatch"] = int(mism.sum())
-        case[f"{pre}max_abs_diff"] = None
-        case[f"{pre}top1"] = None
-        return "tie" if ties == int(mism.sum()) else "fail"
-    diff = float(np.abs(lo - ref_logits)[valid].max()) if valid.any() else 0.0
-    top1 = float((lo.argmax(-1) == ref_logits.argmax(-1))[valid].mean()) if valid.any() else 1.0
-    bound = atol + rtol * float(np.abs(ref_logits[valid]).max() if valid.any() else 0.0)
-    case[f"{pre}max_abs_diff"] = diff
-    case[f"{pre}top1"] = top1
-    case[f"{pre}bound"] = bound
-    close = diff <= bound if logits_ok is None else logits_ok(bound)
-    return "ok" if close and top1 >= min_top1 else "fail"
 
 
-# ---------------------------------------------------------------------------------------------
-# stored references and Polygraphy (`qtale verify`)
-# ---------------------------------------------------------------------------------------------
+# ---- the stored reference and `qtale verify`'s live reference ----------------------------------
 def store_reference(folder: Path, model, precision: str, graphs_desc: dict, theta: float) -> dict | None:
     """Write reference.npz (PyTorch outputs at theta 0 and the export's theta) into an export being
     built; returns its manifest entry (None without a tokenizer)."""
-    from . import reference
     from .precision import activation_dtype
 
     if model.tokenizer is None:
@@ -337,179 +262,76 @@ def store_reference(folder: Path, model, precision: str, graphs_desc: dict, thet
     ref = reference_model({"precision": precision, "graphs": graphs_desc}, Path(folder), model)
     thetas = [0.0] + ([float(theta)] if round(float(theta), 6) != 0.0 else [])
     prompts = PROMPTS[:reference.PROMPTS]
-    cases = reference.compute(ref, model.tokenizer, thetas, prompts, reference.STEPS, activation_dtype(precision))
+    cases = compute_reference(ref, model.tokenizer, thetas, prompts, reference.STEPS, activation_dtype(precision))
     reference.save(folder, cases, prompts)
     return {"file": reference.FILE, "thetas": thetas, "prompts": len(prompts), "decode_steps": reference.STEPS}
 
 
-def _quiet():
-    from polygraphy.logger import G_LOGGER
+def compute_reference(ref, tokenizer, thetas, prompts, steps: int, act_dtype) -> list[dict]:
+    """Run the PyTorch reference model: [{"theta", "runs": [{"graph", "feeds", "outputs", "prob"}]}]."""
+    import torch
 
-    return G_LOGGER.verbosity(G_LOGGER.ERROR)  # Polygraphy logs to stdout; `--json` owns stdout
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=48)
+    finally:
+        tokenizer.padding_side = side
+    ids, mask = enc["input_ids"], enc["attention_mask"].long()
+    act = np.dtype(act_dtype)
 
+    def outputs(r):
+        return {graph_io.LOGITS: r.logits.float().numpy(), graph_io.EXEC_MASK: exec_mask(r)}
 
-def _infer(runner, feeds_list: list[dict], max_batch: int | None) -> list[dict]:
-    """Polygraphy's Comparator.run over every feed dict (rows one at a time where the batch exceeds an
-    engine profile's max batch); returns logits and exec_mask per feed dict."""
-    from polygraphy.comparator import Comparator
+    def exec_mask(r):
+        return np.stack([p[2].numpy() for p in r.past_key_values])
 
-    compared = (graph_io.LOGITS, graph_io.EXEC_MASK)
-    items, owner = [], []
-    for k, feeds in enumerate(feeds_list):
-        batch = feeds["input_ids"].shape[0]
-        if max_batch is None or batch <= max_batch:
-            items.append(feeds)
-            owner.append(k)
-            continue
-        for row in range(batch):
-            items.append({n: np.take(a, [row], axis=graph_io.batch_axis(n)) for n, a in feeds.items()})
-            owner.append(k)
-    with _quiet():
-        results = Comparator.run([runner], data_loader=items)
-    parts: list[list] = [[] for _ in feeds_list]
-    for k, it in zip(owner, results[0][1]):
-        parts[k].append({n: np.asarray(it[n]) for n in compared})
-    return [{n: np.concatenate([p[n] for p in ps], axis=graph_io.batch_axis(n)) for n in compared} for ps in parts]
+    def prob(r):
+        return np.stack([rl.softmax(-1)[..., 0].float().numpy() for rl in r.router_logits]).astype(np.float32)
 
-
-def _polygraphy_close(runner_name: str, got: dict, want: dict, valid: np.ndarray, new_only: bool):
-    """logits_ok(bound) for `compare`: Polygraphy's Comparator with SimpleCompareFunc(atol=bound, rtol=0)
-    on the real tokens' logits (padding zeroed on both sides) and on the exec mask (exactly)."""
-    from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
-
-    def view(o):
-        ex = o["exec_mask"][:, :, -1:] if new_only else o["exec_mask"]
-        return {"logits": np.where(valid[..., None], o["logits"], 0.0).astype(np.float32),
-                "exec_mask": ex.astype(np.int32)}
-
-    def ok(bound: float) -> bool:
-        rr = RunResults()
-        rr.append((runner_name, [IterationResult(view(got), runner_name=runner_name)]))
-        rr.append(("pytorch", [IterationResult(view(want), runner_name="pytorch")]))
-        with _quiet(), np.errstate(divide="ignore", invalid="ignore"):  # relative errors of zeroed padding
-            return bool(Comparator.compare_accuracy(
-                rr, compare_func=SimpleCompareFunc(atol={"logits": bound, "exec_mask": 0.0}, rtol=0.0)))
-    return ok
+    cases = []
+    for th in thetas:
+        theta = torch.full((ids.shape[0],), float(th))
+        with torch.no_grad():
+            r = ref(ids, mask, theta=theta, use_cache=True)
+        runs = [{"graph": "prefill", "feeds": graph_io.prefill_feeds(ids.numpy(), mask.numpy(), theta.numpy()),
+                 "outputs": outputs(r), "prob": prob(r)}]
+        dmask = mask
+        for _ in range(steps):
+            nxt = r.logits[:, -1].argmax(-1, keepdim=True)
+            dmask = torch.cat([dmask, torch.ones_like(nxt)], 1)
+            # PyTorch's own cache in the graph's names, so each stored step stands alone
+            cache = {graph_io.EXEC_MASK: exec_mask(r)}
+            for i, p in enumerate(r.past_key_values):
+                cache[graph_io.present(i, "key")] = p[0].numpy().astype(act)
+                cache[graph_io.present(i, "value")] = p[1].numpy().astype(act)
+            feeds = graph_io.decode_feeds(cache, nxt.numpy(), dmask.numpy(), theta.numpy(), len(r.past_key_values))
+            with torch.no_grad():
+                r = ref(nxt, dmask, past_key_values=r.past_key_values, use_cache=True, theta=theta)
+            runs.append({"graph": "decode", "feeds": feeds, "outputs": outputs(r), "prob": prob(r)})
+        cases.append({"theta": float(th), "runs": runs})
+    return cases
 
 
-def _runners(folder: Path, manifest: dict, backend: str, plugin_lib) -> dict:
-    """{graph: (Polygraphy runner, max batch or None)} for the backend."""
-    if backend == "onnxrt":
-        from polygraphy.backend.onnxrt import OnnxrtRunner
+def live_cases(manifest: Manifest, thetas: list[float] | None, decode_steps: int | None, model=None) -> Cases:
+    """`qtale verify`'s reference computed now from the checkpoint (deploy/verify.py `LiveCases`):
+    4 prompts, the default thetas, 4 decode steps unless asked otherwise."""
+    ref = reference_model(manifest.data, manifest.folder, model)
+    tok = ref.tokenizer
+    if tok is None:
+        from transformers import AutoTokenizer
 
-        return {g: (OnnxrtRunner(lambda g=g: ort_ops.session(graph_files(folder, manifest, g)[0], exact=True),
-                                 name=f"onnxrt:{g}"), None) for g in ("prefill", "decode")}
-    import polygraphy.config
-
-    from ..deploy import trt_builder
-
-    # the TensorRT the engines were built with: Polygraphy runs TensorRT-RTX engines with TensorRT-RTX
-    rtx = {e.get("builder", "tensorrt") for e in manifest.get("engines", [])} == {"tensorrt-rtx"}
-    flavour = trt_builder.load("tensorrt-rtx" if rtx else "tensorrt")
-    polygraphy.config.USE_TENSORRT_RTX = rtx
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.trt import EngineFromBytes, LoadPlugins, TrtRunner
-
-    out = {}
-    for e in manifest.get("engines", []):
-        # the user's library, or the manifest's only inside the folder with its sha256 (threat-model.md)
-        lib = plugin_library(folder, manifest, e, plugin_lib)
-        if manifest.get("ops") == "plugin" and not lib:
-            raise QtaleError(f"{e['file']} uses the qtale plugins: pass --plugin-lib libqtale_trt_plugins.so")
-        loader = EngineFromBytes(BytesFromPath(str(engine_file(folder, manifest, e))))
-        if lib:
-            loader = LoadPlugins(plugins=[str(lib)], obj=loader)
-        out[e["graph"]] = (TrtRunner(loader, name=f"trt:{e['graph']}"), int(e["profile"]["batch"][2]))
-    if "prefill" not in out:
-        raise QtaleError(f"{folder} has no TensorRT engine for prefill.onnx: build one first (build_engine.sh / qtale build)")
-    if not trt_builder.has_gpu():  # everything above (listing, sha256, plugin rule, TensorRT) ran; running needs a GPU
-        raise QtaleError(f"running the {flavour.name} engines of {folder} needs an NVIDIA GPU "
-                         f"({'Ampere or later, RTX class' if rtx else 'the one they were built for'}); this machine has "
-                         "none. The engines were checked (listed, sha256, plugin rule) but not run")
-    return out
+        tok = AutoTokenizer.from_pretrained(manifest.folder)
+    n_steps = 4 if decode_steps is None else decode_steps
+    act = np.dtype(manifest.model.activation_dtype)
+    cases = compute_reference(ref, tok, thetas if thetas is not None else default_thetas(manifest.theta), PROMPTS,
+                              n_steps, act)
+    return cases, n_steps, f"live pytorch ({len(PROMPTS)} prompts)"
 
 
 def verify_with_polygraphy(folder, *, thetas=None, decode_steps: int | None = None, backend: str = "onnxrt",
                            plugin_lib=None, live: bool = False, model=None) -> dict:
-    """`qtale verify`: Polygraphy's runners (ONNX Runtime, or the TensorRT engines recorded in the
-    manifest) on the reference inputs, Polygraphy's Comparator against the PyTorch outputs, with the
-    per-precision tolerances of `verify_export`. The reference is the export's reference.npz (no
-    PyTorch needed) unless `live`, or thetas / decode steps it does not hold are asked for: then it
-    is computed from the checkpoint (needs PyTorch). Returns verify_export's report plus "verifier"."""
-    from ..optional import require
-    from . import reference
-
-    require("polygraphy", "pip install polygraphy (part of the base install)", "Polygraphy")
-    import polygraphy
-
-    folder = Path(folder)
-    manifest = read_manifest(folder, verify=True)
-    precision = manifest["precision"]
-    stored = None if live or not (folder / reference.FILE).is_file() else reference.load(folder)
-    want = [float(t) for t in thetas] if thetas is not None else None
-    if stored is not None:
-        have = {round(c["theta"], 6): c for c in stored[1]}
-        steps = min(len(c["runs"]) for c in stored[1]) - 1
-        if (want is None or all(round(t, 6) in have for t in want)) and (decode_steps is None or decode_steps <= steps):
-            cases = [have[round(t, 6)] for t in want] if want is not None else stored[1]
-            n_steps = steps if decode_steps is None else decode_steps
-            cases = [{"theta": c["theta"], "runs": c["runs"][:1 + n_steps]} for c in cases]
-            source = f"stored {reference.FILE} ({len(stored[0]['prompts'])} prompts)"
-        else:
-            stored = None
-    if stored is None:
-        require("torch", "verifying against a live PyTorch model needs the training extra "
-                "(or use the thetas/decode steps stored in reference.npz)", "PyTorch")
-        ref = reference_model(manifest, folder, model)
-        tok = ref.tokenizer
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(folder)
-        n_steps = 4 if decode_steps is None else decode_steps
-        act = np.float16 if manifest["model"]["activation_dtype"] == "float16" else np.float32
-        cases = reference.compute(ref, tok, want if want is not None else _thetas(manifest), PROMPTS, n_steps, act)
-        source = f"live pytorch ({len(PROMPTS)} prompts)"
-    runners = _runners(folder, manifest, backend, plugin_lib)
-    got = {}
-    for g, (runner, max_batch) in runners.items():
-        runs = [r for c in cases for r in c["runs"] if r["graph"] == g]
-        got[g] = iter(_infer(runner, [r["feeds"] for r in runs], max_batch)) if runs else iter(())
-    atol, rtol = TOLERANCE[precision]
-    tie, min_top1 = TIE[precision], MIN_TOP1[precision]
-    routed = list(manifest["model"]["routed_layers"])
-    report_cases = []
-    for c in cases:
-        case = {"theta": c["theta"]}
-        pre = c["runs"][0]
-        out = next(got["prefill"])
-        valid = pre["feeds"]["attention_mask"].astype(bool)
-        status = compare(case, "prefill", out, pre["outputs"], pre["prob"], valid, routed, c["theta"], tie, atol,
-                         rtol, min_top1, logits_ok=_polygraphy_close(runners["prefill"][0].name, out,
-                                                                      pre["outputs"], valid, False))
-        ok_case = status != "fail"
-        dcase = {"max_abs_diff": 0.0, "top1": [], "steps": 0}
-        decode_runs = c["runs"][1:] if "decode" in got else []
-        for run in decode_runs:
-            out = next(got["decode"])  # consumed in order even after a stop, to stay aligned
-            if status != "ok" or "stopped" in dcase:
-                continue
-            step = {}
-            ones = np.ones((run["feeds"]["input_ids"].shape[0], 1), bool)
-            st = compare(step, "decode", out, run["outputs"], run["prob"], ones, routed, c["theta"], tie, atol,
-                         rtol, min_top1, new_only=True,
-                         logits_ok=_polygraphy_close(runners["decode"][0].name, out, run["outputs"], ones, True))
-            _tally_decode(dcase, st, step)
-        report_cases.append(_close_case(case, dcase, ok_case))
-    first = cases[0]["runs"][0]["feeds"]["attention_mask"]
-    return {
-        "ok": all(c["ok"] for c in report_cases),
-        "precision": precision, "ops": manifest["ops"],
-        "reference": source,
-        "verifier": {"tool": "polygraphy", "version": polygraphy.__version__,
-                     "runners": [r.name for r, _ in runners.values()]},
-        "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": min_top1},
-        "prompts": int(first.shape[0]), "tokens": int(first.sum()), "decode_steps": int(n_steps),
-        **_agreement(report_cases),
-        "cases": report_cases,
-    }
+    """`qtale verify` (deploy/verify.py `verify`) with this side's live reference for thetas or
+    decode steps reference.npz does not hold, or `live`; `model`: the loaded checkpoint to use."""
+    return verify_stored(folder, thetas=thetas, decode_steps=decode_steps, backend=backend, plugin_lib=plugin_lib,
+                         live=live, live_cases=functools.partial(live_cases, model=model))

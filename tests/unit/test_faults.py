@@ -14,7 +14,7 @@ import pytest
 
 import qtale_export
 from qtale_export import checkpoint, safe_write
-from qtale_export.export.manifest import read_manifest
+from qtale_export.deploy.manifest import read_manifest
 from qtale_testing import spread_checkpoint
 
 KILLER = textwrap.dedent("""

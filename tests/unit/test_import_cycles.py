@@ -86,7 +86,7 @@ def test_cycle_finder_sees_a_cycle():
 def test_graph_reads_relative_and_function_level_imports():
     graph = import_graph()
     assert "qtale_export.quantize" in graph["qtale_export.api"]  # from .quantize import ...
-    assert "qtale_export.export.manifest" in graph["qtale_export.checkpoint"]
+    assert "qtale_export.deploy.manifest" in graph["qtale_export.checkpoint"]
     assert "qtale_export.data" in graph["qtale_export.tasks"]  # inside a function
     assert "qtale_export.safe_write" in graph["qtale_export.export.main"]  # from .. import safe_write
 

@@ -13,12 +13,11 @@ Both expose `run(graph, feeds) -> {output name: np.ndarray}` with graph in ("pre
 from __future__ import annotations
 
 import ctypes
-import os
-from pathlib import Path
 
 import numpy as np
 
 from ...errors import QtaleError
+from ..manifest import Manifest
 from .kv import InPlaceDecoder
 
 GRAPHS = ("prefill", "decode")
@@ -30,11 +29,11 @@ ORT_DEVICES = {"cpu": [], "cuda": ["CUDAExecutionProvider"],
 class OrtBackend:
     kind = "ort"
 
-    def __init__(self, folder: str | os.PathLike, manifest: dict, device: str = "cpu",
-                 threads: int | None = None, exact: bool = False, spin: bool = True):
+    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None, exact: bool = False,
+                 spin: bool = True):
         import onnxruntime as ort
 
-        from ...export import ort_ops  # torch-free: onnx + onnxruntime(-extensions)
+        from .. import ort_ops  # onnx + onnxruntime(-extensions)
 
         if device not in ORT_DEVICES:
             raise QtaleError(f"unknown ONNX Runtime device '{device}' (choose from {', '.join(ORT_DEVICES)})")
@@ -44,21 +43,18 @@ class OrtBackend:
         if missing:
             raise QtaleError(f"ONNX Runtime has no {missing[0]} here (available: {', '.join(have)}); "
                              f"install onnxruntime-gpu or use device='cpu'")
-        from ...export.manifest import graph_files
-
         self.providers = want + ["CPUExecutionProvider"]
-        self.folder = Path(folder)
+        self.folder = manifest.folder
         self.sessions = {}
         for g in GRAPHS:
-            path = graph_files(self.folder, manifest, g)[0]  # inside the folder and listed, or a QtaleError
+            path = manifest.graph_file(g)  # inside the folder and listed, or a QtaleError
             self.sessions[g] = ort_ops.session(path, providers=self.providers,
                                                threads=threads, exact=exact, spin=spin)
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.inputs = {g: {i.name for i in s.get_inputs()} | {i.name for i in s.get_overridable_initializers()}
                        for g, s in self.sessions.items()}
-        self.name = f"onnxruntime:{device}:{manifest.get('precision')}"
-
-        self.in_place = manifest["graphs"]["decode"].get("kv_cache") == "in-place"
+        self.name = f"onnxruntime:{device}:{manifest.precision}"
+        self.in_place = manifest.in_place_kv
 
     def accepts(self, graph: str, name: str) -> bool:
         """Whether `graph` takes input `name` (graph_io.optional_inputs are not in every export)."""
@@ -104,13 +100,10 @@ class TensorRTBackend:
 
     kind = "tensorrt"
 
-    def __init__(self, folder: str | os.PathLike, manifest: dict, precision: str | None = None,
-                 plugin_library: str | None = None):
-        from ...export.manifest import engine_file, plugin_library as library_of
-
-        folder = Path(folder)
+    def __init__(self, manifest: Manifest, precision: str | None = None, plugin_library: str | None = None):
+        folder = manifest.folder
         engines = {}
-        for e in manifest.get("engines") or []:
+        for e in manifest.engines:
             if not isinstance(e, dict) or e.get("graph") not in GRAPHS:
                 continue
             if precision and e.get("precision") != precision:
@@ -118,15 +111,14 @@ class TensorRTBackend:
             engines.setdefault(e["graph"], e)
         missing = [g for g in GRAPHS if g not in engines]
         if missing:
-            have = ", ".join(f"{e.get('graph')}:{e.get('precision')}" for e in manifest.get("engines") or []) or "none"
+            have = ", ".join(f"{e.get('graph')}:{e.get('precision')}" for e in manifest.engines) or "none"
             raise QtaleError(f"export {folder} has no TensorRT engine for the {missing[0]} graph"
                              f"{' at ' + precision if precision else ''} (engines: {have}); "
                              f"build one with `qtale build {folder} --graph {missing[0]}`")
         # every path checked before TensorRT is imported or anything is loaded; a plugin library
         # only by the user's word or the manifest's inside the folder with its sha256 (threat-model.md)
-        files = {g: engine_file(folder, manifest, e) for g, e in engines.items()}
-        libs = {lib for e in engines.values()
-                if (lib := library_of(folder, manifest, e, plugin_library)) is not None}
+        files = {g: manifest.engine_file(e) for g, e in engines.items()}
+        libs = {lib for e in engines.values() if (lib := manifest.plugin_library(e, plugin_library)) is not None}
         trt, cudart = _import_tensorrt()
         self.trt, self.cudart = trt, cudart
         for lib in sorted(libs):
@@ -185,11 +177,11 @@ class TensorRTBackend:
         return {n: a for n, (a, _) in outs.items()}
 
 
-def make_backend(folder, manifest: dict, backend: str = "ort", device: str = "cpu", threads=None,
+def make_backend(manifest: Manifest, backend: str = "ort", device: str = "cpu", threads=None,
                  precision: str | None = None, plugin_library: str | None = None, exact: bool = False,
                  spin: bool = True):
     if backend == "ort":
-        return OrtBackend(folder, manifest, device=device, threads=threads, exact=exact, spin=spin)
+        return OrtBackend(manifest, device=device, threads=threads, exact=exact, spin=spin)
     if backend == "tensorrt":
-        return TensorRTBackend(folder, manifest, precision=precision, plugin_library=plugin_library)
+        return TensorRTBackend(manifest, precision=precision, plugin_library=plugin_library)
     raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")

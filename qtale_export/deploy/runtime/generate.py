@@ -24,6 +24,7 @@ import numpy as np
 from ...errors import QtaleError
 from .. import theta as policy
 from .. import graph_io
+from ..manifest import Manifest, load
 from .backends import make_backend
 from .sampling import Sampler, StopText
 
@@ -125,18 +126,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Runtime:
-    def __init__(self, folder: Path, manifest: dict, backend, tokenizer: Tokenizer, max_length: int,
+    def __init__(self, folder: Path, manifest: Manifest, backend, tokenizer: Tokenizer, max_length: int,
                  ratio_mode: str = "interpolate"):
         self.folder, self.manifest, self.backend, self.tokenizer = folder, manifest, backend, tokenizer
         self.max_length = int(max_length)
         self.ratio_mode = ratio_mode
-        m = manifest["model"]
-        self.num_layers = int(m["num_layers"])
-        self.routed = [int(i) for i in m.get("routed_layers") or []]
-        eos = m.get("eos_token_id")
-        self.eos_ids = set(tokenizer.eos_ids)
-        self.eos_ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
-        self.kv_dtype = np.dtype(m.get("activation_dtype") or "float32")
+        m = manifest.model
+        self.num_layers = m.num_layers
+        self.routed = list(m.routed_layers)
+        self.eos_ids = set(tokenizer.eos_ids) | set(m.eos_ids)
+        self.kv_dtype = np.dtype(m.activation_dtype)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -146,24 +145,21 @@ class Runtime:
              plugin_library: str | None = None, exact: bool = False, spin: bool = True) -> "Runtime":
         """Open an export folder: manifest (+ every file's sha256 unless verify=False), backend, tokenizer.
         spin=False: ONNX Runtime's idle threads sleep instead of busy-waiting (a shared CPU)."""
-        from ...export.manifest import read_manifest
         from ...validate import cpus
 
         folder = Path(export_dir)
-        manifest = read_manifest(folder, verify=verify)
+        manifest = load(folder, verify=verify)
         policy.check_mode(ratio_mode)
         if threads is not None and not 1 <= int(threads) <= cpus():
             raise QtaleError(f"threads must be in [1, {cpus()}] (the CPUs this process may use), got {threads}")
-        m = manifest["model"]
         # the graphs' positions (their RoPE table): the model's maximum, else the exporter's default
-        positions = m.get("max_position_embeddings") or UNKNOWN_POSITIONS
+        positions = manifest.model.max_positions or UNKNOWN_POSITIONS
         if max_length is not None and not 1 <= int(max_length) <= positions:
             raise QtaleError(f"max length {max_length} is more than this model's {positions} positions")
-        be = make_backend(folder, manifest, backend=backend, device=device, threads=threads,
+        be = make_backend(manifest, backend=backend, device=device, threads=threads,
                           precision=precision, plugin_library=plugin_library, exact=exact, spin=spin)
         tok = Tokenizer(folder)
-        limit = max_length or m.get("max_position_embeddings") or m.get("max_length") or tok.max_length \
-            or DEFAULT_MAX_LENGTH
+        limit = max_length or manifest.model.max_positions or tok.max_length or DEFAULT_MAX_LENGTH
         return cls(folder, manifest, be, tok, min(int(limit), positions), ratio_mode)
 
     @property
@@ -176,9 +172,8 @@ class Runtime:
         if theta is not None:
             return {"theta": policy.check_theta(theta), "ratio": None, "mode": "theta"}
         if ratio is None:
-            return {"theta": float(self.manifest.get("theta", 0.0)), "ratio": self.manifest.get("ratio"),
-                    "mode": "export default"}
-        return policy.select(self.manifest.get("theta_table"), ratio, self.ratio_mode)
+            return {"theta": self.manifest.theta, "ratio": self.manifest.ratio, "mode": "export default"}
+        return policy.select(self.manifest.theta_table, ratio, self.ratio_mode)
 
     # ---- inputs -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:

@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 def _session(path, threads, plugin_ops):
     if plugin_ops:
-        from qtale_export.export import ort_ops
+        from qtale_export.deploy import ort_ops
 
         return ort_ops.session(path, threads=threads or None)
     import onnxruntime as ort

@@ -44,7 +44,7 @@ RATIO_BUCKETS = [round(0.1 * i, 1) for i in range(1, 11)]
 
 def _session(path, threads, plugin_ops):
     if plugin_ops:
-        from qtale_export.export import ort_ops
+        from qtale_export.deploy import ort_ops
 
         return ort_ops.session(path, threads=threads or None)
     import onnxruntime as ort

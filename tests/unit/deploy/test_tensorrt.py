@@ -163,7 +163,7 @@ def test_record_engine_updates_manifest(tmp_path, plugin_lib):
     assert entry["plugin_library"]["path"] == f"plugins/{plugin_lib.name}"
     assert (exp / entry["plugin_library"]["path"]).read_bytes() == plugin_lib.read_bytes()
     assert manifest["files"][entry["plugin_library"]["path"]] == entry["plugin_library"]["sha256"]
-    from qtale_export.export.manifest import plugin_library, read_manifest
+    from qtale_export.deploy.manifest import plugin_library, read_manifest
     assert plugin_library(exp, read_manifest(exp), entry) == exp / entry["plugin_library"]["path"]
     assert [p.name for p in exp.iterdir() if p.name.endswith(".tmp")] == []
 

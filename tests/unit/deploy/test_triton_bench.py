@@ -104,7 +104,7 @@ def test_bench_schema(tiny_export, tmp_path, capsys):
         assert all(d["tokens_per_s"] > 0 for d in e["decode"])
         assert [o["seq"] for o in e["router_overhead"]] == [16, 32] and e["router_overhead"][0]["routers_cut"] == 4
     # --record wrote the decode latencies (one per ratio), and the checksums still hold
-    from qtale_export.export.manifest import read_manifest
+    from qtale_export.deploy.manifest import read_manifest
 
     m = read_manifest(tiny_export, verify=True)
     assert len([b for b in m["benchmarks"] if b["backend"] == "ort-cpu"]) == 3

@@ -15,8 +15,8 @@ import qtale_export
 from qtale_export.cli import export as cli_export, verify as cli_verify
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
-from qtale_export.export import ort_ops
-from qtale_export.export.manifest import read_manifest
+from qtale_export.deploy import ort_ops
+from qtale_export.deploy.manifest import read_manifest, view
 
 from qtale_testing import make_tiny, random_batch, spread_checkpoint, spread_routed_model, spread_routers
 
@@ -151,7 +151,7 @@ def test_in_place_decode_batched_paths(exported, spread_model, precision, target
     out = exported(precision, "standard", target)
     manifest = read_manifest(out)
     m = reference_model(manifest, out, spread_model)
-    be = OrtBackend(out, manifest, exact=True)
+    be = OrtBackend(view(out, manifest), exact=True)
     assert be.in_place
     ids, mask = random_batch(m, n=2, t=9, seed=3)
     theta = torch.tensor([0.0, 0.6])

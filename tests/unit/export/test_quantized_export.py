@@ -11,7 +11,7 @@ from qtale_export import checkpoint
 from qtale_export.deploy import theta as theta_policy
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
-from qtale_export.export import ort_ops
+from qtale_export.deploy import ort_ops
 from qtale_export.export.graphs import extract
 from qtale_export.export.precision import checkpoint_grid
 from qtale_export.export.verify import reference_model, verify_export

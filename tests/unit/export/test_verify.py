@@ -12,8 +12,8 @@ import pytest
 from qtale_export.checkpoint import file_sha256
 from qtale_export.errors import QtaleError
 from qtale_export.export import main as export_main
-from qtale_export.export import reference
-from qtale_export.export.manifest import read_manifest, write_manifest
+from qtale_export.deploy import reference
+from qtale_export.deploy.manifest import read_manifest, write_manifest
 from qtale_export.export.verify import verify_with_polygraphy
 
 from qtale_testing import REPO, spread_checkpoint

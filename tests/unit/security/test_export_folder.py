@@ -16,7 +16,7 @@ import pytest
 from qtale_export import cli
 from qtale_export.contract import file_sha256, seal
 from qtale_export.errors import QtaleError
-from qtale_export.export.manifest import MAX_POSITIONS, graph_files, plugin_library, read_manifest
+from qtale_export.deploy.manifest import MAX_POSITIONS, graph_files, plugin_library, read_manifest
 
 OUTSIDE = "outside.bin"  # a file beside the export folder, which nothing may read or copy
 
@@ -68,6 +68,19 @@ def weights_swapped_for_symlink(f, m):
     data = f / "weights.onnx.data"
     shutil.move(data, f.parent / "moved.data")
     os.symlink(f.parent / "moved.data", data)
+
+
+def graph_reads_outside(f, m):
+    """The graph itself names data outside the folder (an initializer's external-data location):
+    ONNX Runtime, onnx and TensorRT's parser each refuse such a location before reading it."""
+    import onnx
+
+    path = f / m["graphs"]["prefill"]["file"]
+    model = onnx.load(str(path), load_external_data=False)
+    init = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in init.external_data if e.key == "location").value = f"../{OUTSIDE}"
+    path.write_bytes(model.SerializeToString())
+    m["files"][m["graphs"]["prefill"]["file"]] = file_sha256(path)
 
 
 def theta_nan(f, m):
@@ -122,6 +135,7 @@ CASES = [
     (listed_symlink_out, "leads out of"),
     (unlisted_symlink_to_folder, "up is a symlink leading out of the folder"),
     (weights_swapped_for_symlink, "weights.onnx.data leads out of"),
+    (graph_reads_outside, "escapes model directory"),
     (theta_nan, "theta must be in [0, 1]"),
     (table_theta_7, "theta of ratio"),
     (table_string, "theta_table must be a mapping"),

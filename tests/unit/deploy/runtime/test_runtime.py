@@ -130,7 +130,7 @@ def test_runtime_imports_without_torch(tiny_export):
 def test_the_export_declares_the_graph_contract(tiny_export):
     """The exporter's graph I/O is the contract's (deploy/graph_io.py), names, order, shapes and dtypes."""
     from qtale_export.deploy import graph_io
-    from qtale_export.export.manifest import read_manifest
+    from qtale_export.deploy.manifest import read_manifest
 
     manifest = read_manifest(tiny_export, verify=False)
     m = manifest["model"]

@@ -12,16 +12,23 @@ unlisted file or a missing listing is an error).
 folder and listed with its sha256 (`graph_files`, `engine_file` give them resolved), theta and the
 theta table are in range, the model's sizes are positive and match the graphs, its maximum
 positions is capped. `plugin_library` says which TensorRT plugin library, if any, may be loaded.
+
+`load` gives the checked document as a typed view (`Manifest`, `ModelShape`): what the runtime,
+the engine builder, the verifier, the eval of an export and the pipeline read, so they name fields
+instead of indexing the JSON. `read_manifest` / `write_manifest` stay for writers that update the
+document (engines, benchmarks). Torch-free: the deployment side owns the export contract.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import safe_write
 from ..contract import check_listing, file_sha256, is_sha256, member, read_contract, seal
-from ..deploy import theta as policy
 from ..errors import QtaleError
+from . import theta as policy
 
 FORMAT = "qtale-export"
 FORMAT_VERSION = 1
@@ -33,7 +40,8 @@ GRAPHS = ("prefill", "decode")
 # the most positions a manifest may claim (2**20; the Llama-family models QTALE routes have 8k-128k):
 # a larger value is an edit, and would size buffers from it
 MAX_POSITIONS = 1 << 20
-MODEL_SIZES = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "vocab")
+# "mlp_width" (the gated MLP's inner size) is recorded since issue 26; older exports lack it
+MODEL_SIZES = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "vocab", "mlp_width")
 
 
 def checksums(folder: str | os.PathLike) -> dict[str, str]:
@@ -188,3 +196,106 @@ def plugin_library(folder: str | os.PathLike, data: dict, entry: dict, named: st
     if digest != lib["sha256"] or digest != data["files"][lib["path"]]:
         raise QtaleError(f"{what}, which does not match its recorded sha256; {hint}")
     return path
+
+
+# ---- the typed view -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """manifest["model"]: the decoder's sizes and what the graphs' I/O depends on."""
+
+    num_layers: int
+    hidden: int | None
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    vocab: int | None
+    mlp_width: int | None  # None: an export written before the width was recorded
+    routed_layers: tuple[int, ...]
+    keep_initial: int | None
+    eos_ids: tuple[int, ...]
+    activation_dtype: str
+    max_positions: int | None
+    weights: str | None  # how the projections are stored: float, DequantizeLinear, MatMulNBits
+    embedding: str | None  # float, int4 or fp8
+    group_sizes: dict | None
+
+    @classmethod
+    def of(cls, m: dict) -> "ModelShape":
+        eos = m.get("eos_token_id")
+        return cls(num_layers=m["num_layers"], hidden=m.get("hidden"), heads=m.get("heads"),
+                   kv_heads=m.get("kv_heads"), head_dim=m.get("head_dim"), vocab=m.get("vocab"),
+                   mlp_width=m.get("mlp_width"), routed_layers=tuple(m.get("routed_layers") or ()),
+                   keep_initial=m.get("keep_initial"),
+                   eos_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None),
+                   activation_dtype=m.get("activation_dtype") or "float32",
+                   max_positions=m.get("max_position_embeddings"), weights=m.get("weights"),
+                   embedding=m.get("embedding"), group_sizes=m.get("group_sizes"))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A checked manifest.json (`load`): typed fields, and the file paths resolved through the
+    checks above. `data` is the document itself, for writers."""
+
+    folder: Path
+    data: dict[str, Any]
+    precision: str
+    ops: str | None
+    target: str | None
+    opset: int | None
+    ratio: float | None
+    theta: float
+    theta_table: dict | None
+    router_hidden: int | None
+    model: ModelShape
+    engines: tuple[dict, ...]
+    files_sha256: str | None  # the listing's checksum: changes with any listed file
+
+    @property
+    def graphs(self) -> dict[str, dict]:
+        """{graph: {"file", "external_data", "inputs", "outputs", ...}}."""
+        return self.data["graphs"]
+
+    def graph_file(self, graph: str) -> Path:
+        """The checked path of `graph`'s ONNX file."""
+        return graph_files(self.folder, self.data, graph)[0]
+
+    def graph_files(self, graph: str) -> list[Path]:
+        return graph_files(self.folder, self.data, graph)
+
+    def engine_file(self, entry: dict) -> Path:
+        return engine_file(self.folder, self.data, entry)
+
+    def plugin_library(self, entry: dict, named: str | os.PathLike | None = None) -> Path | None:
+        return plugin_library(self.folder, self.data, entry, named)
+
+    @property
+    def verification(self) -> dict:
+        """The export-time check's report ({} when none was recorded)."""
+        return self.data.get("verification") or {}
+
+    @property
+    def in_place_kv(self) -> bool:
+        """Whether decode may bind past.* as present.* (the ort-cpu form, docs/export.md)."""
+        return self.graphs.get("decode", {}).get("kv_cache") == "in-place"
+
+    @property
+    def decode_form(self) -> str | None:
+        """The TensorRT decode graph's form (graphs.TRT_DECODE_FORMS), None for other targets."""
+        return self.graphs.get("decode", {}).get("form")
+
+
+def view(folder: str | os.PathLike, data: dict) -> Manifest:
+    """The typed view of a document `read_manifest` checked."""
+    return Manifest(folder=Path(folder), data=data, precision=data.get("precision") or "fp32",
+                    ops=data.get("ops"), target=data.get("target"), opset=data.get("opset"),
+                    ratio=data.get("ratio"), theta=float(data.get("theta") or 0.0),
+                    theta_table=data.get("theta_table"),
+                    router_hidden=(data.get("router") or {}).get("router_hidden"),
+                    model=ModelShape.of(data["model"]), engines=tuple(data.get("engines") or ()),
+                    files_sha256=data.get("files_sha256"))
+
+
+def load(folder: str | os.PathLike, verify: bool = True, allow: tuple[str, ...] = ()) -> Manifest:
+    """`read_manifest` (every check) as a typed `Manifest`."""
+    return view(folder, read_manifest(folder, verify=verify, allow=allow))

@@ -5,7 +5,8 @@ A reference set is a list of cases, one per theta; a case is a list of runs: the
 left-padded prompts, then `steps` greedy decode steps. Every run holds the graph's feeds (decode
 feeds are PyTorch's own past K/V and exec mask, so each step stands alone) and PyTorch's outputs
 `logits` and `exec_mask`, plus `prob` (P(execute) per routed layer, [L_routed, B, T]) to tell
-legitimate ties at theta from errors. Only `compute` needs torch; `save`/`load` are numpy.
+legitimate ties at theta from errors. `save`/`load` are numpy (the deployment side reads the file);
+the PyTorch side computes the cases (export/verify.py `compute_reference`).
 """
 from __future__ import annotations
 
@@ -15,60 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..deploy import graph_io
 from ..errors import QtaleError
 
 FILE = "reference.npz"
 FORMAT = "qtale-reference"
 FORMAT_VERSION = 1
-PROMPTS = 2  # the first prompts of verify.PROMPTS: two lengths, so left padding is exercised
+PROMPTS = 2  # the first prompts of export/verify.py PROMPTS: two lengths, so left padding is exercised
 STEPS = 2  # decode steps per theta
-
-
-def compute(ref, tokenizer, thetas, prompts, steps: int, act_dtype) -> list[dict]:
-    """Run the PyTorch reference model: [{"theta", "runs": [{"graph", "feeds", "outputs", "prob"}]}]."""
-    import torch
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=48)
-    finally:
-        tokenizer.padding_side = side
-    ids, mask = enc["input_ids"], enc["attention_mask"].long()
-    act = np.dtype(act_dtype)
-
-    def outputs(r):
-        return {graph_io.LOGITS: r.logits.float().numpy(), graph_io.EXEC_MASK: exec_mask(r)}
-
-    def exec_mask(r):
-        return np.stack([p[2].numpy() for p in r.past_key_values])
-
-    def prob(r):
-        return np.stack([rl.softmax(-1)[..., 0].float().numpy() for rl in r.router_logits]).astype(np.float32)
-
-    cases = []
-    for th in thetas:
-        theta = torch.full((ids.shape[0],), float(th))
-        with torch.no_grad():
-            r = ref(ids, mask, theta=theta, use_cache=True)
-        runs = [{"graph": "prefill", "feeds": graph_io.prefill_feeds(ids.numpy(), mask.numpy(), theta.numpy()),
-                 "outputs": outputs(r), "prob": prob(r)}]
-        dmask = mask
-        for _ in range(steps):
-            nxt = r.logits[:, -1].argmax(-1, keepdim=True)
-            dmask = torch.cat([dmask, torch.ones_like(nxt)], 1)
-            # PyTorch's own cache in the graph's names, so each stored step stands alone
-            cache = {graph_io.EXEC_MASK: exec_mask(r)}
-            for i, p in enumerate(r.past_key_values):
-                cache[graph_io.present(i, "key")] = p[0].numpy().astype(act)
-                cache[graph_io.present(i, "value")] = p[1].numpy().astype(act)
-            feeds = graph_io.decode_feeds(cache, nxt.numpy(), dmask.numpy(), theta.numpy(), len(r.past_key_values))
-            with torch.no_grad():
-                r = ref(nxt, dmask, past_key_values=r.past_key_values, use_cache=True, theta=theta)
-            runs.append({"graph": "decode", "feeds": feeds, "outputs": outputs(r), "prob": prob(r)})
-        cases.append({"theta": float(th), "runs": runs})
-    return cases
 
 
 def save(folder: str | os.PathLike, cases: list[dict], prompts) -> Path:
