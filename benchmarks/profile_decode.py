@@ -35,7 +35,7 @@ def profiled_runtime(folder: str, threads: int) -> tuple[Runtime, object]:
     so.enable_profiling = True
     so.profile_file_prefix = str(Path("/tmp") / f"qtale_decode_{Path(folder).name}")
     so.log_severity_level = 3
-    path = Path(folder) / rt.manifest["graphs"]["decode"]["file"]
+    path = rt.manifest.graph_file("decode")
     be.sessions["decode"] = sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     be.outputs["decode"] = [o.name for o in sess.get_outputs()]
     return rt, sess
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     res = rt.generate(text, ratio=args.ratio, max_new_tokens=args.tokens, ignore_eos=True)
     wall = time.perf_counter() - t0
-    graph_file = Path(args.export_dir) / rt.manifest["graphs"]["decode"]["file"]
+    graph_file = rt.manifest.graph_file("decode")
     per_op, runs, branch_us = op_totals(sess.end_profiling(), branch_node_names(graph_file))
     nodes = per_op.pop("If", 0.0)  # an If's time includes its branch's nodes, listed on their own
     total = sum(per_op.values())
