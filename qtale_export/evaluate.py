@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import validate
 from .api import load
 from .data import pad as pad_tokens
+from .deploy.precisions import precision as precision_spec
 from .errors import QtaleError
 from .optional import require
 from .safe_write import write_json
@@ -398,7 +399,7 @@ def evaluate_checkpoint(source, config: EvalConfig) -> dict:
         model = ExportModel.open(source)  # QtaleError on a tampered file
         theta = model.theta_for(config.ratio, config.theta)  # QtaleError when not calibrated
         info = {"backend": ExportModel.backend, "precision": model.precision,
-                "quantization": model.precision if model.precision in ("int4", "int8", "fp8") else None}
+                "quantization": model.precision if precision_spec(model.precision).quantized else None}
     else:
         model = load(source, dtype=config.dtype, device=config.device, fold=True)
         if config.ratio is not None:

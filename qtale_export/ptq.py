@@ -14,6 +14,7 @@ import torch
 from . import checkpoint, quantize, safe_write
 from . import data as qdata
 from .api import load
+from .deploy.precisions import quant_format
 from .errors import QtaleError
 
 
@@ -57,7 +58,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, config: QuantizeCon
     if model.quantization_info:
         raise QtaleError(f"{source} is already quantized ({model.quantization_info.get('format')})")
     texts, calib_source = ([], None)
-    if quantize.FORMATS.get(config.format, ("", 0, "", ""))[3] == "awq_lite":  # the others are round-to-nearest
+    if quant_format(config.format).algorithm == "awq_lite":  # the others are round-to-nearest
         texts, calib_source = read_calibration(config.calib_data, config.calib_samples)
     info = quantize.quantize(model, config.format, texts, model.tokenizer, config.group_size,
                     calib_source=calib_source, max_length=config.calib_length)

@@ -36,20 +36,12 @@ import torch
 import torch.nn as nn
 
 from .data import pad as pad_tokens
+from .deploy.precisions import FORMATS, GROUPS, quant_format
 from .errors import QtaleError
 from .optional import require
 
-FORMATS = {
-    # name: (tool, bits, granularity, algorithm)
-    "int4-awq": ("modelopt", 4, "group", "awq_lite"),
-    "int4": ("modelopt", 4, "group", "max"),
-    "int3": ("qtale-rtn", 3, "group", "rtn"),
-    "int8": ("modelopt", 8, "channel", "max"),
-    "fp8": ("modelopt", 8, "channel", "max"),
-}
 QUANTIZER_FILE = "quantizer.safetensors"
 INT3_PREFIX = "qtale_rtn."  # tensor-name prefix of INT3 scales in quantizer.safetensors
-SCALE_BYTES = {"int": 2, "fp8": 4}  # fp16 scales for integer formats, fp32 for FP8 (TensorRT-LLM)
 
 
 # ---- which layers, which group size ---------------------------------------------------------
@@ -84,16 +76,16 @@ def choose_group(in_features: int, requested: int | None, name: str) -> int:
             raise QtaleError(f"--group-size {requested} does not divide the input dimension {in_features} "
                              f"of {layer_type(name)}")
         return requested
-    for g in (128, 64):
+    for g in GROUPS:
         if in_features % g == 0:
             return g
-    raise QtaleError(f"no group size of 128 or 64 divides the input dimension {in_features} of "
+    raise QtaleError(f"no group size of {' or '.join(map(str, GROUPS))} divides the input dimension {in_features} of "
                      f"{layer_type(name)}; pass --group-size")
 
 
 def group_sizes(linears: dict[str, nn.Linear], fmt: str, requested: int | None) -> dict[str, int | None]:
     """Group size per layer type (None: per output channel)."""
-    if FORMATS[fmt][2] == "channel":
+    if FORMATS[fmt].granularity == "channel":
         if requested is not None:
             raise QtaleError(f"--group-size applies to int4/int4-awq/int3; {fmt} uses per-channel scales")
         return {layer_type(n): None for n in linears}
@@ -127,12 +119,11 @@ def _quiet():
 
 def modelopt_config(linears: dict[str, nn.Linear], fmt: str, groups: dict, algorithm) -> dict:
     """A modelopt quant config that enables exactly the weight quantizers of `linears`."""
-    _, bits, gran, _ = FORMATS[fmt]
+    f = FORMATS[fmt]
+    bits = f.float_bits or f.bits  # modelopt: (exponent, mantissa) bits of a float format
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name in linears:
-        if fmt == "fp8":
-            cfg = {"num_bits": (4, 3), "axis": 0}
-        elif gran == "channel":
+        if f.granularity == "channel":
             cfg = {"num_bits": bits, "axis": 0}
         else:
             cfg = {"num_bits": bits, "block_sizes": {-1: groups[layer_type(name)], "type": "static"}}
@@ -185,8 +176,8 @@ def _apply_rtn(linears: dict[str, nn.Linear], bits: int, groups: dict) -> dict[s
 # ---- bookkeeping -----------------------------------------------------------------------------
 def weight_bytes(linears: dict[str, nn.Linear], fmt: str, groups: dict) -> dict:
     """Storage of the quantized weights at their bit width incl. scales, vs the same weights in fp16."""
-    _, bits, gran, alg = FORMATS[fmt]
-    scale_b = SCALE_BYTES["fp8" if fmt == "fp8" else "int"]
+    f = FORMATS[fmt]
+    bits, gran, alg, scale_b = f.bits, f.granularity, f.algorithm, f.scale_bytes
     q = fp16 = params = 0
     for name, lin in linears.items():
         o, i = lin.out_features, lin.in_features
@@ -238,12 +229,11 @@ def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, gro
              *, calib_source: str | None = None, max_length: int = 512) -> dict:
     """Quantize `model`'s decoder Linear weights in place; returns the JSON description (`info`)
     that restore() and the checkpoint need. The quantizer tensors are on model.quantizer_tensors."""
-    if fmt not in FORMATS:
-        raise QtaleError(f"unknown quantization format '{fmt}' (choose from {', '.join(FORMATS)})")
+    f = quant_format(fmt)
     if getattr(model, "quantization_info", None):
         raise QtaleError(f"the model is already quantized ({model.quantization_info.get('format')}); "
                          "quantize the unquantized checkpoint")
-    tool, bits, gran, algorithm = FORMATS[fmt]
+    tool, bits, gran, algorithm = f.tool, f.bits, f.granularity, f.algorithm
     tokenizer = tokenizer or model.tokenizer
     merge_lora(model)
     linears = decoder_linears(model)
@@ -290,7 +280,7 @@ def quantize(model, fmt: str, calib_texts: list[str] | None, tokenizer=None, gro
         "quantizer": quantizer,
         "algorithm": algorithm,
         "bits": bits,
-        "dtype": "fp8_e4m3" if fmt == "fp8" else f"int{bits}",
+        "dtype": f.dtype,
         "symmetric": True,
         "granularity": "per-group" if gran == "group" else "per-output-channel",
         "group_size": groups,
@@ -330,7 +320,7 @@ def restore(model, folder, info: dict) -> None:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise QtaleError(f"corrupt or missing {path}: {str(exc).splitlines()[0]}") from None
-    tool, bits, gran, _ = FORMATS[fmt]
+    tool, bits = FORMATS[fmt].tool, FORMATS[fmt].bits
     linears = decoder_linears(model)
     groups = info.get("group_size") or {}
     missing = {layer_type(n) for n in linears} - set(groups)
@@ -379,7 +369,7 @@ def fold(model) -> None:
     info = getattr(model, "quantization_info", None)
     if not info or getattr(model, "quantization_folded", False):
         return
-    if FORMATS[info["format"]][0] == "modelopt":
+    if FORMATS[info["format"]].tool == "modelopt":
         _, mtq = _modelopt()
         with _quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

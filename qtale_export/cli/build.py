@@ -9,14 +9,15 @@ from pathlib import Path
 
 from ..errors import QtaleError
 
-from ..deploy.tensorrt import (DEFAULT_WORKSPACE_MB, GRAPHS, JETSON_WORKSPACE_MB, PRECISIONS, BuildOptions, build,
-                               parse_sm, plan_build, record_built)
+from ..deploy.precisions import PRECISIONS, parse_sm
+from ..deploy.tensorrt import (DEFAULT_WORKSPACE_MB, GRAPHS, JETSON_WORKSPACE_MB, BuildOptions, build, plan_build,
+                               record_built)
 from ..deploy.trt_builder import BUILDERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", type=Path, help="folder written by qtale-export (has manifest.json)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
                         help="engine precision (default: the export's precision)")
     parser.add_argument("--graph", choices=GRAPHS, default="prefill", help="which exported graph to build")
     parser.add_argument("--min-tokens", type=int, default=1, help="optimization profile: shortest sequence")

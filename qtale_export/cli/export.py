@@ -6,7 +6,7 @@ import json
 
 from .. import validate
 from ..export.main import DEFAULT_OPSET, export_checkpoint
-from ..export.precision import PRECISIONS
+from ..deploy.precisions import PRECISIONS, TARGETS
 from ..validate import arg
 from .common import print_table, verification_rows
 
@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"{'/'.join(PRECISIONS)} (default fp32, or the checkpoint's quantization format)")
     parser.add_argument("--ops", default="standard", help="standard (plain ONNX) or plugin (qtale TokenCompact/TokenScatter)")
     parser.add_argument("--target", default=None,
-                        help="ort-cpu or tensorrt (default ort-cpu; tensorrt for fp8)")
+                        help=f"{' or '.join(TARGETS)} (default {TARGETS[0]}" + "".join(
+                            f"; {p.targets[0]} for {p.name}" for p in PRECISIONS.values() if p.targets[0] != TARGETS[0])
+                        + ")")
     parser.add_argument("--out", required=False, default=None, help="export folder to create")
     parser.add_argument("--opset", type=arg(validate.positive_int, "--opset"), default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET})")

@@ -5,7 +5,7 @@ import argparse
 
 from .. import validate
 from ..ptq import QuantizeConfig, quantize_checkpoint
-from ..quantize import FORMATS
+from ..deploy.precisions import FORMATS
 from ..validate import arg
 
 

@@ -23,14 +23,14 @@ from typing import Any
 from qtale_export.contract import file_sha256
 from qtale_export.errors import QtaleError
 from qtale_export.deploy.manifest import Manifest, load, read_manifest, write_manifest
+from qtale_export.deploy.precisions import capable, check_tensorrt, parse_sm
+from qtale_export.deploy.precisions import precision as spec
 from qtale_export.safe_write import write_bytes
 
 from . import engine_info, graph_io, trt_builder
 
-PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
 GRAPHS = ("prefill", "decode")
 JETSON_ORIN_SM = "8.7"  # Orin: Ampere-class iGPU, no FP8 tensor cores
-FP8_MIN_SM = (8, 9)  # Ada / Hopper and newer
 PLUGIN_DIR = "plugins"  # where an export keeps the plugin library its engines were built with
 KERNELS_LIB = "libqtale_kernels.so"  # the CUDA kernels the plugin library loads from its own folder
 DEFAULT_WORKSPACE_MB = 4096
@@ -128,11 +128,6 @@ def profile_shapes(graph: str, spec: dict[str, Any], batch: tuple[int, int, int]
         raise QtaleError(f"{graph}.onnx: {e}; re-export it with this version of qtale-export") from None
 
 
-def parse_sm(text: str | None) -> tuple[int, int] | None:
-    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text or "")
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
 def gpu_sm() -> str | None:
     """Compute capability "M.m" of GPU 0, or None when it cannot be determined (no GPU / no driver)."""
     if shutil.which("nvidia-smi"):
@@ -156,17 +151,6 @@ def gpu_sm() -> str | None:
     return None
 
 
-def check_fp8(precision: str, jetson: bool, sm: str | None) -> None:
-    """FP8 needs SM >= 8.9; Jetson Orin (SM 8.7) has none."""
-    if precision != "fp8":
-        return
-    if jetson:
-        raise QtaleError("FP8 is not supported on Jetson Orin (SM 8.7): use --precision int4 (W4A16) or fp16")
-    parsed = parse_sm(sm)
-    if parsed is not None and parsed < FP8_MIN_SM:
-        raise QtaleError(f"FP8 needs SM >= 8.9 (Ada/Hopper) but this GPU is SM {sm}: use --precision int4 or fp16")
-
-
 def plan_build(options: BuildOptions) -> BuildPlan:
     """Validate the options against the export folder; raises QtaleError with the fix."""
     export_dir = Path(options.export_dir)
@@ -183,8 +167,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
 
     exported = manifest.precision
     precision = options.precision or exported
-    if precision not in PRECISIONS:
-        raise QtaleError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    spec(precision)  # an unknown precision: one line naming the choices
     # The ONNX carries its own types (Q/DQ for int4/int8/fp8), so the engine is strongly typed and the
     # precision is the export's. The one exception: an fp32 export may be built weakly typed with FP16.
     if precision == exported:
@@ -194,7 +177,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
     else:
         raise QtaleError(f"export is {exported} but --precision {precision} was asked: "
                          f"re-export with qtale-export --precision {precision}")
-    check_fp8(precision, options.jetson, JETSON_ORIN_SM if options.jetson else None)
+    check_tensorrt(precision, options.jetson, JETSON_ORIN_SM if options.jetson else None)
 
     uses_plugins = manifest.ops == "plugin" or onnx_uses_qtale_ops(onnx_path)
     plugin_lib = Path(options.plugin_lib) if options.plugin_lib else None
@@ -336,7 +319,7 @@ def build(options: BuildOptions) -> dict[str, Any]:
     if options.dry_run:
         return {"dry_run": True, "trtexec": trtexec_command(plan), "engine": str(plan.engine_path)}
     sm = JETSON_ORIN_SM if options.jetson else gpu_sm()
-    check_fp8(plan.precision, plan.jetson, sm)
+    check_tensorrt(plan.precision, plan.jetson, sm)
     plan.compute_capabilities = target_capabilities(plan)
     built, flavour = build_engine(plan)
     layers_file = None
@@ -359,16 +342,17 @@ def build(options: BuildOptions) -> dict[str, Any]:
 
 def target_capabilities(plan: BuildPlan) -> tuple[str, ...]:
     """The SM versions a TensorRT-RTX engine is built for: as asked, else TensorRT-RTX's defaults,
-    and for FP8 only those that have FP8 (SM >= 8.9). Empty for TensorRT (it builds for its GPU)."""
+    and for a precision with an SM floor (FP8: 8.9) only those above it. Empty for TensorRT (it builds
+    for its GPU)."""
     if plan.builder == "tensorrt" or (plan.builder == "auto" and trt_builder.load("auto").name == "tensorrt"):
         return tuple(plan.compute_capabilities)
     sms = tuple(plan.compute_capabilities) or trt_builder.RTX_DEFAULT_SM
-    if plan.precision == "fp8":
-        low = [sm for sm in sms if parse_sm(sm) < FP8_MIN_SM]
-        if plan.compute_capabilities and low:
-            raise QtaleError(f"FP8 needs SM >= 8.9 but --compute-capability asks for {', '.join(low)}")
-        sms = tuple(sm for sm in sms if parse_sm(sm) >= FP8_MIN_SM)
-    return sms
+    able = capable(plan.precision, sms)
+    low = [sm for sm in sms if sm not in able]
+    if plan.compute_capabilities and low:
+        need = ".".join(map(str, spec(plan.precision).trt_min_sm))
+        raise QtaleError(f"{plan.precision.upper()} needs SM >= {need} but --compute-capability asks for {', '.join(low)}")
+    return able
 
 
 def record_built(options: BuildOptions, trtexec_log: Path | None = None) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 The criteria (`compare`): exec masks identical except where the reference P(execute) lies within
 `tie` of theta (such a case is reported and its logits are not compared: the paths diverge
 legitimately), max |logit diff| <= atol + rtol * max|reference logits| over real tokens, top-1
-agreement >= min_top1; the tolerances are the precision's (docs/export.md, "Verification").
+agreement >= min_top1; the tolerances are the precision's (precisions.py `Tolerance`).
 Both verifiers use them: the export-time check against the live PyTorch model (export/verify.py)
 and `qtale verify` here (`verify`): Polygraphy's runners (ONNX Runtime, or the TensorRT engines
 recorded in the manifest) and its Comparator against the PyTorch outputs stored in the export
@@ -20,12 +20,8 @@ import numpy as np
 from ..errors import QtaleError
 from . import graph_io, ort_ops, reference
 from .manifest import Manifest, load
+from .precisions import precision as spec
 
-# max |onnx - torch| over real tokens must be <= atol + rtol * max|torch logits|
-TOLERANCE = {"fp32": (1e-3, 0.0), "fp16": (0.0, 2e-2), "int4": (2e-3, 1e-4), "int8": (2e-3, 1e-4),
-             "fp8": (2e-3, 1e-4)}
-TIE = {"fp32": 1e-4, "fp16": 5e-2, "int4": 1e-3, "int8": 1e-3, "fp8": 1e-3}
-MIN_TOP1 = {"fp32": 0.99, "fp16": 0.95, "int4": 0.98, "int8": 0.98, "fp8": 0.98}
 # (cases, decode steps, a description of the source) of a reference set
 Cases = tuple[list[dict], int, str]
 LiveCases = Callable[[Manifest, "list[float] | None", "int | None"], Cases]
@@ -253,8 +249,8 @@ def compare_cases(manifest: Manifest, cases: list[dict], n_steps: int, source: s
     for g, (runner, max_batch) in runners.items():
         runs = [r for c in cases for r in c["runs"] if r["graph"] == g]
         got[g] = iter(_infer(runner, [r["feeds"] for r in runs], max_batch)) if runs else iter(())
-    atol, rtol = TOLERANCE[manifest.precision]
-    tie, min_top1 = TIE[manifest.precision], MIN_TOP1[manifest.precision]
+    tol = spec(manifest.precision).tolerance
+    atol, rtol, tie, min_top1 = tol.atol, tol.rtol, tol.tie, tol.min_top1
     routed = list(manifest.model.routed_layers)
     report_cases = []
     for c in cases:

@@ -123,7 +123,7 @@ def _train_section(raw: dict, keys: dict, here: Path) -> dict:
 
 
 def _quant_section(raw: dict, keys: dict, here: Path) -> dict:
-    from ..quantize import FORMATS
+    from ..deploy.precisions import FORMATS
 
     quant = _section(raw, "quantization", keys)
     formats = quant["formats"] if isinstance(quant["formats"], list) else [quant["formats"]]

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from .. import safe_write, validate
+from ..deploy.precisions import TARGETS, precision as spec
 from ..errors import QtaleError
-from .precision import PRECISIONS, TARGETS, min_opset
 
 OPS = ("standard", "plugin")
 DEFAULT_OPSET = 21
@@ -32,16 +32,15 @@ def check_options(ratio, precision, ops, target, opset, out, force, theta=None) 
     if theta is not None:
         validate.theta(theta, "--theta")
     precision = precision or "fp32"
-    if precision not in PRECISIONS:
-        raise QtaleError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    p = spec(precision)
     if ops not in OPS:
         raise QtaleError(f"unknown op set '{ops}' (choose from {', '.join(OPS)})")
-    target = target or ("tensorrt" if precision == "fp8" else "ort-cpu")
+    target = target or p.targets[0]
     if target not in TARGETS:
         raise QtaleError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
-    if precision == "fp8" and target == "ort-cpu":
-        raise QtaleError("--precision fp8 needs --target tensorrt (ONNX Runtime on CPU has no FP8 matmul)")
-    lo, hi = min_opset(precision), onnx.defs.onnx_opset_version()
+    if target not in p.targets:  # e.g. FP8: ONNX Runtime on CPU has no FP8 matmul
+        raise QtaleError(f"--precision {precision} needs --target {' or '.join(p.targets)}")
+    lo, hi = p.min_opset, onnx.defs.onnx_opset_version()
     if not lo <= int(opset) <= hi:
         raise QtaleError(f"--opset {opset} is not supported for {precision} (use {lo}..{hi})")
     if out is None:
@@ -67,7 +66,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
 
     from . import graphs
     from ..deploy.manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
-    from .precision import TABLES, activation_dtype, int4_group, int4_group_sizes, make_weight_fn
+    from .precision import activation_dtype, int4_group, int4_group_sizes, make_weight_fn, ort_table
     from .trt_conformance import check as check_tensorrt_conformance
     from .verify import store_reference, verify_export
     from .weights import SharedWeights
@@ -99,7 +98,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         builders = graphs.graph_builders(target, trt_decode)
         ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
         if ort_form:
-            table = TABLES.get(precision)  # the int4 / int8 embedding + LM head table
+            table = ort_table(precision)  # the quantized embedding + LM head table, if the precision has one
             builders = (("prefill", functools.partial(graphs.build_prefill_ort, table_fn=table)),
                         ("decode", functools.partial(graphs.build_decode_ort, table_fn=table)))
         with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
@@ -121,7 +120,7 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         # reference inputs + PyTorch outputs, so `qtale verify` works without PyTorch (Polygraphy)
         reference_entry = store_reference(tmp, model, precision, described, theta) if reference else None
         t_build = time.time() - t0
-        int4_table = precision == "int4" and (ort_form or target == "tensorrt")
+        embedding = spec(precision).embedding(target)
         ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
         eos = s.eos_token_id
         data = {
@@ -140,12 +139,9 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                       or None,
                       "routed_layers": s.routed, "keep_initial": s.keep_initial,
                       "activation_dtype": np.dtype(act).name,
-                      "weights": {"int4": ("MatMulNBits" if target == "ort-cpu" else "DequantizeLinear"),
-                                  "int8": "DequantizeLinear", "fp8": "DequantizeLinear"}.get(precision, "float"),
-                      "embedding": ("int4" if int4_table else "fp8" if (precision, target) == ("fp8", "tensorrt")
-                                    else "float"),
+                      "weights": spec(precision).weights_op(target), "embedding": embedding,
                       # the int4 embedding / LM-head table's block (int4 ort-cpu and tensorrt exports)
-                      "int4_block": int4_group(s.hidden, "embedding") if int4_table else None,
+                      "int4_block": int4_group(s.hidden, "embedding") if embedding == "int4" else None,
                       # group size per layer type: a quantized checkpoint's own, or quantize's rule (int4)
                       "group_sizes": ((model.quantization_info or {}).get("group_size")
                                       or (int4_group_sizes(w) if precision == "int4" else None))},

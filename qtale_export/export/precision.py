@@ -25,20 +25,16 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from ..deploy.precisions import FORMATS, precision as spec
 from ..errors import QtaleError
 from .graphs import MS_DOMAIN, Builder, quantizable
 
-PRECISIONS = ("fp32", "fp16", "int4", "int8", "fp8")
-TARGETS = ("ort-cpu", "tensorrt")
 FP8_MAX = 448.0
 
 
 def activation_dtype(precision: str):
-    return np.float16 if precision == "fp16" else np.float32
-
-
-def min_opset(precision: str) -> int:
-    return {"int4": 21, "fp8": 19}.get(precision, 18)
+    """The numpy dtype of the activations and KV cache of `precision` (the registry's)."""
+    return np.dtype(spec(precision).activation).type
 
 
 def _scale_from(absmax: np.ndarray, qmax: float) -> np.ndarray:
@@ -88,8 +84,6 @@ def float_int4_grid(w: np.ndarray, name: str) -> dict:
 
 
 # ---- quantized checkpoints: the checkpoint's own grid -----------------------------------------
-# checkpoint format -> export precision family
-FORMAT_PRECISION = {"int4": "int4", "int4-awq": "int4", "int3": "int4", "int8": "int8", "fp8": "fp8"}
 _EPS = 1.0 / (1 << 24)  # modelopt: amax at or below this quantizes to 0
 
 
@@ -98,9 +92,9 @@ def checkpoint_precision(info: dict | None) -> str | None:
     if not info:
         return None
     fmt = str(info.get("format", "")).lower()
-    if fmt not in FORMAT_PRECISION:
+    if fmt not in FORMATS:
         raise QtaleError(f"checkpoint quantization format '{info.get('format')}' has no ONNX lowering")
-    return FORMAT_PRECISION[fmt]
+    return FORMATS[fmt].precision
 
 
 def checkpoint_grid(w: np.ndarray, entry: dict) -> dict:
@@ -128,13 +122,13 @@ def checkpoint_grid(w: np.ndarray, entry: dict) -> dict:
     amax = amax.reshape(n, nb, 1)
     wb = wt.reshape(n, nb, k // nb)
     zero = amax <= _EPS
-    if fmt == "fp8":  # modelopt _fp8_eager
+    if FORMATS[fmt].float_bits == (4, 3):  # E4M3: modelopt _fp8_eager
         mult = 448.0 / torch.where(zero, torch.ones_like(amax), amax)
         inv = 1 / mult
         codes = (wb * mult).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
         return {"codes": codes.reshape(n, k).float().numpy().astype(ml_dtypes.float8_e4m3fn),
                 "scale": inv[..., 0].numpy(), "block": k // nb, "bits": 8, "fp8": True}
-    bits = 4 if fmt in ("int4", "int4-awq") else 8
+    bits = FORMATS[fmt].bits
     qmax = float(2 ** (bits - 1) - 1)
     mult = qmax / amax  # modelopt _tensor_quant: scale = max_bound / amax, narrow range
     mult = torch.where(zero, torch.zeros_like(mult), mult)
@@ -179,7 +173,13 @@ def int8_table(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 int8_table.bits = 8
-TABLES = {"int4": int4_table, "int8": int8_table}  # the precisions whose ort-cpu form quantizes the tables
+# the table lowerings of the precisions whose ort-cpu form quantizes the tables (`Precision.ort_table`)
+TABLES = {"int4": int4_table, "int8": int8_table}
+
+
+def ort_table(precision: str):
+    """The ort-cpu form's embedding + LM-head table lowering of `precision`, None when it stays float."""
+    return TABLES[precision] if spec(precision).ort_table else None
 
 
 def int4_group_sizes(weights) -> dict[str, int]:
@@ -229,7 +229,7 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
     act = np.dtype(activation_dtype(precision))
     fmts = {e["format"] for e in quantized.values() if "format" in e}
     if fmts:
-        fams = {FORMAT_PRECISION.get(f) for f in fmts}
+        fams = {FORMATS[f].precision if f in FORMATS else None for f in fmts}
         if fams != {precision}:
             raise QtaleError(f"the checkpoint is quantized to {'/'.join(sorted(fmts))}; export it with "
                              f"--precision {'/'.join(sorted(str(f) for f in fams))}, not {precision}")
@@ -238,7 +238,7 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
                          "quantize it with qtale quantize and export that checkpoint")
 
     def fn(b: Builder, x: str, name: str, w: np.ndarray) -> str:
-        if not quantizable(name) or precision in ("fp32", "fp16"):
+        if not quantizable(name) or not spec(precision).quantized:
             return b.op("MatMul", [x, b.init(f"{name}.weight_t", np.ascontiguousarray(w.T).astype(act))],
                         name=f"{name}/MatMul")
         if fmts:
@@ -258,7 +258,7 @@ def make_weight_fn(precision: str, target: str, quantized: dict | None = None):
         return b.op("MatMul", [x, deq], name=f"{name}/MatMul")
 
     fn.fusable = not fmts  # a quantized checkpoint's grids are lowered per projection
-    fn.table = DQ_TABLES.get(precision) if target == "tensorrt" else None
+    fn.table = DQ_TABLES[precision] if target == "tensorrt" and spec(precision).trt_table else None
     return fn
 
 
@@ -286,5 +286,6 @@ def dq_fp8_table(b: Builder, name: str, w: np.ndarray) -> str:
     return b.op("DequantizeLinear", [q, s], name=b.fresh(f"{name}/DequantizeLinear"), axis=0)
 
 
-# the precisions whose TensorRT form quantizes the embedding table (the tied LM head's too)
+# the table lowerings of the precisions whose TensorRT form quantizes the embedding table (the tied
+# LM head's too; `Precision.trt_table`)
 DQ_TABLES = {"int4": dq_int4_table, "fp8": dq_fp8_table}

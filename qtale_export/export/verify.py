@@ -25,8 +25,8 @@ import onnx
 
 from ..deploy import graph_io, ort_ops, reference
 from ..deploy.manifest import Manifest, load
-from ..deploy.verify import (MIN_TOP1, TIE, TOLERANCE, Cases, agreement, close_case, compare, default_thetas,
-                             tally_decode)
+from ..deploy.precisions import precision as spec
+from ..deploy.verify import Cases, agreement, close_case, compare, default_thetas, tally_decode
 from ..deploy.verify import verify as verify_stored
 from .graphs import quantizable
 
@@ -112,7 +112,7 @@ def reference_model(manifest: dict, folder: Path, model=None):
 
     if model is None:
         model = qtale_export.load(manifest["checkpoint"])
-    if manifest["precision"] not in ("int4", "int8", "fp8"):
+    if not spec(manifest["precision"]).quantized:
         return model
     weights = dequantized_weights(folder / manifest["graphs"]["prefill"]["file"])  # names checked by read_manifest
     tables = {k: weights.pop(k) for k in ("embed", "lm_head") if k in weights}  # int4 tables (ort-cpu)
@@ -189,8 +189,8 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
         tok.padding_side = side
     ids, mask = enc["input_ids"], enc["attention_mask"].long()
     sessions = {graph: ort_ops.session(manifest.graph_file(graph), exact=True) for graph in graph_io.GRAPHS}
-    atol, rtol = TOLERANCE[precision]
-    tie = TIE[precision]
+    tol = spec(precision).tolerance
+    atol, rtol, tie, min_top1 = tol.atol, tol.rtol, tol.tie, tol.min_top1
     num_layers = manifest.model.num_layers
     routed = list(ref.layer_ids)
     cases = []
@@ -202,7 +202,7 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
         loop = graph_io.Loop(lambda graph, feeds: _run(sessions[graph], feeds), num_layers, theta.numpy())
         out = loop.prefill(ids.numpy(), mask.numpy())
         valid = mask.bool().numpy()
-        status = _compare(case, "prefill", out, r, valid, routed, theta_value, tie, atol, rtol, MIN_TOP1[precision])
+        status = _compare(case, "prefill", out, r, valid, routed, theta_value, tie, atol, rtol, min_top1)
         ok_case = status != "fail"
         # decode: the reference's greedy tokens, fed to both (ONNX Runtime on its own K/V)
         past_t = r.past_key_values
@@ -216,7 +216,7 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
             od = loop.step(nxt.numpy())
             step = {}
             st = _compare(step, "decode", od, rd, np.ones((ids.shape[0], 1), bool), routed, theta_value, tie,
-                          atol, rtol, MIN_TOP1[precision], new_only=True)
+                          atol, rtol, min_top1, new_only=True)
             if not tally_decode(dcase, st, step):
                 break
             past_t = rd.past_key_values
@@ -227,9 +227,9 @@ def verify_export(folder, model=None, thetas=None, decode_steps: int = 4, prompt
         "precision": precision, "ops": manifest.ops,
         "reference": (f"pytorch quantized checkpoint ({ref.quantization_info.get('format')}, quantizers enabled)"
                       if quantized_ckpt else
-                      "pytorch fp32 with the export's dequantized weights" if precision in ("int4", "int8", "fp8")
+                      "pytorch fp32 with the export's dequantized weights" if spec(precision).quantized
                       else "pytorch fp32"),
-        "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": MIN_TOP1[precision]},
+        "tolerance": {"atol": atol, "rtol": rtol, "tie": tie, "min_top1": min_top1},
         "prompts": int(ids.shape[0]), "tokens": int(mask.sum()), "decode_steps": decode_steps,
         **agreement(cases),
         "cases": cases,

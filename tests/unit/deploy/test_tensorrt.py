@@ -15,6 +15,7 @@ import pytest
 from qtale_export import cli
 from qtale_export.contract import seal
 from qtale_export.deploy import tensorrt as qtrt
+from qtale_export.deploy.precisions import check_tensorrt
 from qtale_export.cli import build as cli_build
 from qtale_export.errors import QtaleError
 from trt_fake_export import make_export
@@ -125,9 +126,9 @@ def test_fp8_refused_on_jetson_and_sm87(tmp_path, monkeypatch):
     monkeypatch.setattr(qtrt, "gpu_sm", lambda: "8.7")
     with pytest.raises(QtaleError, match=r"SM >= 8\.9.*SM 8\.7"):
         cli_build.run(args(exp))
-    qtrt.check_fp8("fp8", False, "8.9")
-    qtrt.check_fp8("fp8", False, "9.0")
-    qtrt.check_fp8("int4", True, "8.7")
+    check_tensorrt("fp8", False, "8.9")
+    check_tensorrt("fp8", False, "9.0")
+    check_tensorrt("int4", True, "8.7")
 
 
 def test_missing_tensorrt_is_one_line_error(tmp_path, monkeypatch):
