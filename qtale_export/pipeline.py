@@ -1,19 +1,22 @@
 """The main job (`bash run.sh`): the shipped default model through the deployment path.
 
-quantize (INT4 AWQ) -> re-calibrate theta on the quantized weights -> `qtale-export --ratio R
---precision int4` -> `qtale verify` -> `qtale run` at two ratios -> `qtale bench` against the
-all-layers model of the same export (ratio 1.0, theta 0) -> held-out perplexity / KL at R vs all
-layers -> one summary (also written as `OUT/summary.json`).
+quantize (INT4 AWQ) -> re-calibrate theta on the quantized weights -> export at ratio R, int4 ->
+verify against the stored PyTorch reference -> the dial: one prompt through the model's chat
+template at ratio 1.0, the other ratio and R, side by side with each run's realized ratio and
+tokens/s -> benchmark against the all-layers model of the same export (ratio 1.0, theta 0) ->
+held-out perplexity / KL at R vs all layers -> one summary (also written as `OUT/summary.json`).
 
-Each stage runs the same command a user would (printed as it runs) and is skipped when its output
-exists and is complete: the quantized checkpoint verifies and has the format, its theta table is
-calibrated on those weights (theta.stale_reason) with every ratio, the export verifies and carries
-that table, and the bench / held-out results name the export's files_sha256. So a second run only
-repeats what is cheap (verify, generate).
+Each stage is one call of the library function behind its command (the command a user would type
+is printed as it runs) and is skipped when its output exists and is complete: the quantized
+checkpoint verifies and has the format, its theta table is calibrated on those weights
+(theta.stale_reason) with every ratio, the export verifies and carries that table, and the bench /
+held-out results name the export's files_sha256. So a second run only repeats what is cheap
+(verify, generate).
 """
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -21,33 +24,76 @@ from .deploy import theta as policy
 from .deploy.manifest import Manifest, load
 from .errors import QtaleError
 
-PROMPT = "The three most useful things to know about the moon are"
+# the dial's demonstration: one question through the model's chat template (an instruct model
+# answers a question, it does not continue a bare sentence), at each ratio of DIAL
+PROMPT = "What is the Moon made of? Answer in two sentences."
+DIAL_TOKENS = 40
 HELDOUT_TOKENS = 2048  # 4 windows of 512 of SciQ prose (the package's 234-token paragraphs without it)
+QUANT_CALIB = {"calib_samples": 16, "calib_length": 256}
+BENCH = {"seqs": [128], "repeats": 3, "decode_tokens": 16, "threads": 2}
 
 
-def _qtale(*argv) -> None:
-    """Run one `qtale` subcommand in this process (a non-zero exit is a QtaleError)."""
-    from .cli import export_main, main
-
-    argv = [str(a) for a in argv]
-    print("$ " + " ".join(["qtale-export" if argv[0] == "export" else "qtale"] + argv[argv[0] == "export":]),
-          flush=True)
-    code = export_main(argv[1:]) if argv[0] == "export" else main(argv)
-    if code:
-        raise QtaleError(f"`qtale {argv[0]}` failed (exit {code}); see its message above")
+def _say(*argv) -> None:
+    """Print the command a user would type for the library call that follows."""
+    print("$ " + " ".join(str(a) for a in argv), flush=True)
 
 
-def _json_of(*argv) -> dict:
-    """A `qtale ... --json` subcommand's result, captured instead of printed."""
-    import contextlib
-    import io
+def quantize_stage(model: str, qdir: Path, fmt: str) -> None:
+    from .ptq import QuantizeConfig, quantize_checkpoint
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        _qtale(*argv, "--json")
-    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("{")]
-    print(buf.getvalue().splitlines()[0])  # the command line
-    return json.loads(lines[-1])
+    _say("qtale quantize", model, "--format", fmt, "--out", qdir, "--force",
+         "--calib-samples", QUANT_CALIB["calib_samples"], "--calib-length", QUANT_CALIB["calib_length"])
+    quantize_checkpoint(model, qdir, QuantizeConfig(format=fmt, **QUANT_CALIB), force=True)
+
+
+def calibrate_stage(qdir: Path, ratios: list[float]) -> None:
+    from .calibrate import calibrate_checkpoint
+
+    _say("qtale calibrate", qdir, "--ratios", ",".join(map(str, ratios)))
+    calibrate_checkpoint(qdir, ratios)
+
+
+def export_stage(qdir: Path, edir: Path, ratio: float) -> None:
+    from .export.main import export_checkpoint
+
+    _say("qtale-export", qdir, "--ratio", ratio, "--precision int4 --out", edir, "--force")
+    export_checkpoint(str(qdir), edir, ratio=ratio, precision="int4", force=True)
+
+
+def verify_stage(edir: Path) -> dict:
+    """`qtale verify`: the export against its stored PyTorch reference (Polygraphy, no PyTorch)."""
+    from .deploy.verify import verify
+
+    _say("qtale verify", edir)
+    report = verify(edir)
+    if not report.get("ok"):
+        raise QtaleError(f"{edir} does not match its stored PyTorch reference")
+    return report
+
+
+def dial(edir: Path, prompt: str, ratios, max_new_tokens: int = DIAL_TOKENS) -> dict[str, dict]:
+    """`qtale run --chat` at each ratio on one export: {ratio: text, realized ratio, theta, tokens/s}.
+    Through the model's chat template when its tokenizer has one, else the bare prompt."""
+    from .deploy.runtime import Runtime
+
+    rt = Runtime.open(edir)
+    chat = bool(getattr(rt.tokenizer.hf, "chat_template", None))
+    out = {}
+    for r in ratios:
+        _say("qtale run", edir, "--ratio", r, "--max-new-tokens", max_new_tokens, *(["--chat"] if chat else []),
+             "--prompt", repr(prompt))
+        res = rt.generate(prompt, ratio=r, max_new_tokens=max_new_tokens, chat=chat)
+        out[str(r)] = {"text": res.text, "realized_ratio": round(res.realized_ratio, 6), "theta": res.theta,
+                       "tokens_per_s": round(res.tokens_per_s, 3), "new_tokens": res.new_tokens, "chat": chat}
+    return out
+
+
+def bench_stage(edir: Path, ratio: float, bench_dir: Path) -> dict:
+    from .deploy.bench import bench
+
+    _say("qtale bench", edir, "--ratios", f"1.0,{ratio}", "--seq", BENCH["seqs"][0], "--repeats", BENCH["repeats"],
+         "--decode-tokens", BENCH["decode_tokens"], "--threads", BENCH["threads"], "--out", bench_dir)
+    return json.loads(json.dumps(bench([edir], ratios=[1.0, ratio], out=bench_dir, **BENCH), default=str))
 
 
 def _folder_mb(folder: Path) -> float:
@@ -106,6 +152,7 @@ def heldout(export: Path, ratio: float, tokens: int) -> dict:
 
 def run(out="runs/deploy", model: str = "smollm2-135m", fmt: str = "int4-awq", ratio: float = 0.6,
         other_ratio: float = 0.8, prompt: str = PROMPT, calib_ratios=(0.5, 0.6, 0.7, 0.8)) -> dict:
+    """The main job (module doc); returns the summary, also written to OUT/summary.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ratio, other_ratio = policy.check_ratio(ratio), policy.check_ratio(other_ratio)
@@ -123,47 +170,35 @@ def run(out="runs/deploy", model: str = "smollm2-135m", fmt: str = "int4-awq", r
         fn()
         times[name] = round(time.time() - t0, 1)
 
-    stage("quantize", _quantized(qdir, fmt) is not None,
-          lambda: _qtale("quantize", model, "--format", fmt, "--out", qdir, "--force", "--calib-samples", 16,
-                         "--calib-length", 256))
-    stage("calibrate", _calibrated(_quantized(qdir, fmt), calib_ratios),
-          lambda: _qtale("calibrate", qdir, "--ratios", ",".join(map(str, calib_ratios))))
+    stage("quantize", _quantized(qdir, fmt) is not None, lambda: quantize_stage(model, qdir, fmt))
+    stage("calibrate", _calibrated(_quantized(qdir, fmt), calib_ratios), lambda: calibrate_stage(qdir, calib_ratios))
     meta = _quantized(qdir, fmt)
-    stage("export", _exported(edir, meta) is not None,
-          lambda: _qtale("export", qdir, "--ratio", ratio, "--precision", "int4", "--out", edir, "--force"))
+    stage("export", _exported(edir, meta) is not None, lambda: export_stage(qdir, edir, ratio))
     manifest = _exported(edir, meta)
     if manifest is None:
         raise QtaleError(f"{edir} is not a complete, verified export of {qdir}")
     key = manifest.files_sha256
     t0 = time.time()
     print("[verify]", flush=True)
-    verified = _json_of("verify", edir)
+    verify_stage(edir)
     times["verify"] = round(time.time() - t0, 1)
-    if not verified.get("ok"):
-        raise QtaleError(f"{edir} does not match its stored PyTorch reference")
     print("[generate]", flush=True)
-    runs = {}
-    for r in (ratio, other_ratio):
-        runs[r] = _json_of("run", edir, "--ratio", r, "--prompt", prompt, "--max-new-tokens", 24)
-        print(f"  ratio {r}: {runs[r]['text'].strip()!r} (realized {runs[r]['realized_ratio']:.3f})")
-    bench_dir = out / "bench"
+    runs = dial(edir, prompt, sorted({1.0, other_ratio, ratio}, reverse=True))
     bench = _cached(out / "bench.json", key)
     stage("bench", bench is not None, lambda: (out / "bench.json").write_text(json.dumps(
-        {"export_sha256": key, **_json_of("bench", edir, "--ratios", f"1.0,{ratio}", "--seq", "128",
-                                          "--repeats", 3, "--decode-tokens", 16, "--threads", 2,
-                                          "--out", bench_dir)})))
+        {"export_sha256": key, **bench_stage(edir, ratio, out / "bench")})))
     bench = _cached(out / "bench.json", key)
     held = _cached(out / "heldout.json", key)
     stage("heldout", held is not None, lambda: (out / "heldout.json").write_text(json.dumps(
         {"export_sha256": key, **heldout(edir, ratio, HELDOUT_TOKENS)})))
     held = _cached(out / "heldout.json", key)
-    summary = _summary(out, model, qdir, edir, manifest, ratio, runs, bench, held, times)
+    summary = _summary(out, model, qdir, edir, manifest, ratio, prompt, runs, bench, held, times)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(summary)
     return summary
 
 
-def _summary(out, model, qdir, edir, manifest, ratio, runs, bench, held, times) -> dict:
+def _summary(out, model, qdir, edir, manifest, ratio, prompt, runs, bench, held, times) -> dict:
     e = bench["exports"][0]
     pre = {p["ratio"]: p for p in e["prefill"]}
     dec = {d["ratio"]: d for d in e["decode"]}
@@ -177,8 +212,7 @@ def _summary(out, model, qdir, edir, manifest, ratio, runs, bench, held, times) 
                                 "decode_tokens_per_s": dec[ratio]["tokens_per_s"],
                                 "decode_tokens_per_s_all_layers": dec[1.0]["tokens_per_s"],
                                 "decode_speedup": round(dec[ratio]["tokens_per_s"] / dec[1.0]["tokens_per_s"], 3)},
-        "heldout": held, "generate": {str(r): {k: v[k] for k in ("text", "realized_ratio", "theta", "tokens_per_s")}
-                                      for r, v in runs.items()},
+        "heldout": held, "prompt": prompt, "generate": runs,
         "artifacts": {"quantized_checkpoint": str(qdir), "export": str(edir), "bench": str(out / "bench"),
                       "summary": str(out / "summary.json")},
         "stage_seconds": times,
@@ -198,8 +232,10 @@ def print_summary(s: dict) -> None:
         f"  held-out ({h['tokens']} tokens): perplexity {h['ppl']:.2f} at ratio {r} (realized "
         f"{h['realized_ratio']:.3f}) vs {h['ppl_all_layers']:.2f} all layers; KL to all layers {h['kl_vs_all_layers']:.4f}",
     ]
+    chat = " (chat template)" if any(g.get("chat") for g in s["generate"].values()) else ""
+    lines.append(f"  the dial, one prompt{chat}: {s.get('prompt', '')!r}")
     for k, g in s["generate"].items():
-        lines.append(f"  ratio {k}: realized {g['realized_ratio']:.3f}, {g['tokens_per_s']:.1f} tokens/s: "
-                     f"{g['text'].strip()[:80]!r}")
+        lines.append(f"  ratio {k}: realized {g['realized_ratio']:.3f}, {g['tokens_per_s']:.1f} tokens/s:")
+        lines += [f"      {line}" for line in textwrap.wrap(" ".join(g["text"].split()), 96)] or ["      (no text)"]
     lines.append("  artifacts: " + ", ".join(f"{k} {v}" for k, v in s["artifacts"].items()))
     print("\n".join(lines), flush=True)

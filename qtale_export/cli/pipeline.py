@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="execution ratio of the export (default %(default)s)")
     parser.add_argument("--other-ratio", type=arg(validate.ratio, "--other-ratio"), default=0.8,
                         help="a second ratio to generate at, on the same export (default %(default)s)")
-    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--prompt", default=PROMPT,
+                        help="the prompt of the dial's demonstration, generated at 1.0, --other-ratio and --ratio "
+                             "through the model's chat template (default %(default)r)")
     return parser
 
 

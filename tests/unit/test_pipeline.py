@@ -11,7 +11,13 @@ def test_main_job_runs_then_reuses_its_stages(tiny_dir, text_file, tmp_path):
                              batch_size=2, seq_len=64, router_hidden=16, target_ratio=0.6), progress=False)
     out = tmp_path / "deploy"
     first = pipeline.run(out=out, model=str(ckpt), ratio=0.6, other_ratio=0.8, calib_ratios=(0.6, 0.8))
-    assert first["model"] == str(ckpt) and first["ratio"] == 0.6 and first["precision"] == "int4" and set(first["generate"]) == {"0.6", "0.8"}
+    assert first["model"] == str(ckpt) and first["ratio"] == 0.6 and first["precision"] == "int4"
+    # the dial: one prompt at every layer, the other ratio and the export's, in that order
+    dial = first["generate"]
+    assert list(dial) == ["1.0", "0.8", "0.6"] and first["prompt"] == pipeline.PROMPT
+    assert dial["1.0"]["realized_ratio"] == 1.0 and dial["1.0"]["theta"] == 0.0
+    assert all(0 < g["realized_ratio"] < 1 and g["tokens_per_s"] > 0 and g["new_tokens"] > 0
+               for r, g in dial.items() if r != "1.0")
     assert first["sizes_mb"]["export"] > first["sizes_mb"]["export_weights_and_graphs"] > 0
     speed = first["speed_vs_all_layers"]
     assert speed["decode_tokens_per_s"] > 0 and speed["decode_tokens_per_s_all_layers"] > 0
