@@ -102,7 +102,38 @@ def graph_files(folder: str | os.PathLike, data: dict, graph: str) -> list[Path]
         names += g["external_data"]
     else:  # exports written before the shared weights file: <graph>.onnx.data next to each graph
         names += sorted(f for f in data["files"] if isinstance(g.get("file"), str) and f.startswith(g["file"] + "."))
-    return [_listed(folder, data, n, where) for n in names]
+    paths = [_listed(folder, data, n, where) for n in names]
+    _check_external_data(paths[0], set(names[1:]))
+    return paths
+
+
+def _external_locations(graph) -> set[str]:
+    import onnx
+
+    found = {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    for node in graph.node:  # If branches hold initializers of their own
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                found |= _external_locations(sub)
+    return found
+
+
+def _check_external_data(onnx_path: Path, listed: set[str]) -> None:
+    """The graph may read external data only from the files the manifest lists for it. ONNX Runtime,
+    onnx and TensorRT's parser each refuse a location outside the graph's folder too; checking here
+    turns it into QTALE's one line before any of them opens anything, and also refuses a listed
+    file of the folder that is not this graph's external data."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # a truncated or foreign file: the sha256 check passed, so it was listed so
+        raise QtaleError(f"{onnx_path} is not a readable ONNX graph: {str(e).splitlines()[0][:200]}") from None
+    extra = sorted(_external_locations(model.graph) - listed)
+    if extra:
+        raise QtaleError(f"{onnx_path.name} reads external data from {extra[0]!r}, which the manifest does not "
+                         "list as its external data")
 
 
 def engine_file(folder: str | os.PathLike, data: dict, entry: dict) -> Path:

@@ -71,8 +71,8 @@ def weights_swapped_for_symlink(f, m):
 
 
 def graph_reads_outside(f, m):
-    """The graph itself names data outside the folder (an initializer's external-data location):
-    ONNX Runtime, onnx and TensorRT's parser each refuse such a location before reading it."""
+    """The graph itself names data outside the folder (an initializer's external-data location): the
+    loader refuses it before any reader (ONNX Runtime, onnx and TensorRT's parser refuse it too)."""
     import onnx
 
     path = f / m["graphs"]["prefill"]["file"]
@@ -135,7 +135,7 @@ CASES = [
     (listed_symlink_out, "leads out of"),
     (unlisted_symlink_to_folder, "up is a symlink leading out of the folder"),
     (weights_swapped_for_symlink, "weights.onnx.data leads out of"),
-    (graph_reads_outside, "escapes model directory"),
+    (graph_reads_outside, "reads external data from '../outside.bin', which the manifest does not list"),
     (theta_nan, "theta must be in [0, 1]"),
     (table_theta_7, "theta of ratio"),
     (table_string, "theta_table must be a mapping"),
