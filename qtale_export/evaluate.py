@@ -175,10 +175,7 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
             raise QtaleError(f"empty continuation after tokenization: {cont!r}")
         t = t[-window:]
         c = c[-(window + 1 - len(t)):]  # the harness keeps the last window+1 tokens of context+continuation
-        key = (tuple(c), tuple(t))
-        if key not in enc:
-            enc[key] = len(enc)
-        order.append(enc[key])
+        order.append(enc.setdefault((tuple(c), tuple(t)), len(enc)))
     uniq = list(enc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     routed = not isinstance(model, ExportModel)

@@ -56,14 +56,43 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _entry(vi: int, variant: dict, seqs, ratios, times: dict) -> dict:
+    """One export's report: median prefill / decode times per length and ratio, router overhead."""
+    med = statistics.median
+    prefill_t, realized, decode_t, router_t = times["prefill"], times["realized"], times["decode"], times["router"]
+    m = variant["rt"].manifest
+    entry = {"dir": variant["dir"], "precision": m.precision, "ops": m.ops, "weights": m.model.weights,
+             "files": variant["files"],
+             "weight_bytes": sum(size for name, size in variant["files"].items() if name.endswith((".onnx", ".data"))),
+             "peak_rss_mb_after_load": round(variant["rss_mb"], 1), "prefill": [], "decode": [],
+             "router_overhead": []}
+    for seq in seqs:
+        dense = med(prefill_t[(vi, seq, 1.0)])
+        for ratio in ratios:
+            seconds = med(prefill_t[(vi, seq, ratio)])
+            entry["prefill"].append({"seq": seq, "ratio": ratio, "theta": variant["sels"][ratio]["theta"],
+                                     "selection": variant["sels"][ratio]["mode"], "ms": round(seconds * 1e3, 3),
+                                     "vs_dense": round(seconds / dense, 4),
+                                     "realized_ratio": round(realized[(vi, seq, ratio)], 4)})
+        with_routers, without_routers = med(router_t[(vi, seq, "with")]), med(router_t[(vi, seq, "without")])
+        entry["router_overhead"].append({"seq": seq, "dense_ms": round(with_routers * 1e3, 3),
+                                         "no_router_ms": round(without_routers * 1e3, 3),
+                                         "overhead": round((with_routers - without_routers) / without_routers, 4),
+                                         "routers_cut": variant["cut"]})
+    for ratio in ratios:
+        seconds = med(decode_t[(vi, ratio)])
+        entry["decode"].append({"ratio": ratio, "ms_per_token": round(seconds * 1e3, 3),
+                                "tokens_per_s": round(1.0 / seconds, 2)})
+    return entry
+
+
 def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: int = 16, threads=None,
           out=None, record: bool = False) -> dict:
     from .runtime.generate import Runtime
 
     seqs = list(seqs or DEFAULT_SEQ)
     ratios = list(ratios or DEFAULT_RATIOS)
-    if 1.0 not in ratios:
-        ratios = [1.0] + ratios  # the dense reference
+    ratios = ratios if 1.0 in ratios else [1.0] + ratios  # the dense reference
     if repeats < 1 or decode_tokens < 1:
         raise QtaleError("--repeats and --decode-tokens must be >= 1")
     rss0 = _rss_mb()
@@ -113,35 +142,13 @@ def bench(export_dirs, seqs=None, ratios=None, repeats: int = 5, decode_tokens: 
                 for _ in range(decode_tokens):
                     token = graph_io.greedy(loop.step(token))
                 decode_t.setdefault((vi, ratio), []).append((time.perf_counter() - t0) / decode_tokens)
-    med = statistics.median
     report = {"method": "onnxruntime CPU, interleaved repeats, medians (docs/benchmarks.md)",
               "repeats": repeats, "decode_tokens": decode_tokens, "threads": threads,
               "onnxruntime": __import__("onnxruntime").__version__, "rss_start_mb": round(rss0, 1),
               "exports": []}
     for vi, variant in enumerate(variants):
-        m = variant["rt"].manifest
-        entry = {"dir": variant["dir"], "precision": m.precision, "ops": m.ops, "weights": m.model.weights,
-                 "files": variant["files"],
-                 "weight_bytes": sum(size for name, size in variant["files"].items() if name.endswith((".onnx", ".data"))),
-                 "peak_rss_mb_after_load": round(variant["rss_mb"], 1), "prefill": [], "decode": [],
-                 "router_overhead": []}
-        for seq in seqs:
-            dense = med(prefill_t[(vi, seq, 1.0)])
-            for ratio in ratios:
-                seconds = med(prefill_t[(vi, seq, ratio)])
-                entry["prefill"].append({"seq": seq, "ratio": ratio, "theta": variant["sels"][ratio]["theta"],
-                                         "selection": variant["sels"][ratio]["mode"], "ms": round(seconds * 1e3, 3),
-                                         "vs_dense": round(seconds / dense, 4),
-                                         "realized_ratio": round(realized[(vi, seq, ratio)], 4)})
-            with_routers, without_routers = med(router_t[(vi, seq, "with")]), med(router_t[(vi, seq, "without")])
-            entry["router_overhead"].append({"seq": seq, "dense_ms": round(with_routers * 1e3, 3),
-                                             "no_router_ms": round(without_routers * 1e3, 3),
-                                             "overhead": round((with_routers - without_routers) / without_routers, 4),
-                                             "routers_cut": variant["cut"]})
-        for ratio in ratios:
-            seconds = med(decode_t[(vi, ratio)])
-            entry["decode"].append({"ratio": ratio, "ms_per_token": round(seconds * 1e3, 3),
-                                    "tokens_per_s": round(1.0 / seconds, 2)})
+        entry = _entry(vi, variant, seqs, ratios, {"prefill": prefill_t, "realized": realized, "decode": decode_t,
+                                                   "router": router_t})
         report["exports"].append(entry)
         if record:
             from .manifest import read_manifest, write_manifest

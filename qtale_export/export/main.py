@@ -58,18 +58,10 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
     A theta table calibrated on other weights (`model.theta_stale`, theta.py) is refused.
     reference False: no reference.npz (a smaller folder; `qtale verify` then needs PyTorch).
     trt_decode: the TensorRT decode graph's form (graphs.TRT_DECODE_FORMS; None: graphs.default_trt_decode)."""
-    import numpy as np
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
+    from ..deploy.manifest import write_manifest
     from . import graphs
-    from ..deploy.manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums, write_manifest
-    from .precision import activation_dtype, int4_group, int4_group_sizes, make_weight_fn, ort_table
-    from .trt_conformance import check as check_tensorrt_conformance
+    from .precision import make_weight_fn
     from .verify import store_reference, verify_export
-    from .weights import SharedWeights
 
     qprec = _quant_precision(getattr(model, "quantization_info", None))
     if qprec and precision and precision != qprec:
@@ -86,72 +78,18 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
                                   kind="export")
     t0 = time.time()
     w = graphs.extract(model)
-    s = w.spec
     weight_fn = make_weight_fn(precision, target, w.quantized)
-    act = activation_dtype(precision)
     tmp = safe_write.staging_dir(out)  # pid-tagged; becomes `out` only after the verification passed
     try:
-        described = {}
-        trt_decode = trt_decode or graphs.default_trt_decode(precision)
-        if trt_decode not in graphs.TRT_DECODE_FORMS:
-            raise QtaleError(f"unknown --trt-decode {trt_decode!r} (choose from {', '.join(graphs.TRT_DECODE_FORMS)})")
-        builders = graphs.graph_builders(target, trt_decode)
-        ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
-        if ort_form:
-            table = ort_table(precision)  # the quantized embedding + LM head table, if the precision has one
-            builders = (("prefill", functools.partial(graphs.build_prefill_ort, table_fn=table)),
-                        ("decode", functools.partial(graphs.build_decode_ort, table_fn=table)))
-        with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
-            for kind, build in builders:
-                m = build(w, ops, int(opset), act, weight_fn)
-                onnx.checker.check_model(m)
-                name = f"{kind}.onnx"
-                described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
-                if ort_form and kind == "decode":  # past.* may be bound as present.* (docs/export.md)
-                    described[kind]["kv_cache"] = "in-place"
-                if target == "tensorrt" and kind == "decode":
-                    described[kind]["form"] = trt_decode
-                store.save(m, tmp / name)
-                del m
-                if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
-                    check_tensorrt_conformance(tmp / name)
+        described = _write_graphs(w, tmp, precision=precision, ops=ops, target=target, opset=opset,
+                                  weight_fn=weight_fn, trt_decode=trt_decode)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
         # reference inputs + PyTorch outputs, so `qtale verify` works without PyTorch (Polygraphy)
         reference_entry = store_reference(tmp, model, precision, described, theta) if reference else None
         t_build = time.time() - t0
-        embedding = spec(precision).embedding(target)
-        ckpt = str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint)
-        eos = s.eos_token_id
-        data = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "base_model": dict(model.base_info), "checkpoint": ckpt,
-            "precision": precision, "ops": ops, "target": target, "opset": int(opset),
-            "ratio": float(ratio), "theta": theta, "theta_table": model.theta_table,
-            "theta_calibration": getattr(model, "theta_calibration", None),
-            "router": model.router_config.to_dict(),
-            "graphs": described,
-            "reference": reference_entry,
-            "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
-                      "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": eos,
-                      "mlp_width": int(model.hf_config.intermediate_size),
-                      "max_position_embeddings": int(getattr(model.hf_config, "max_position_embeddings", 0) or 0)
-                      or None,
-                      "routed_layers": s.routed, "keep_initial": s.keep_initial,
-                      "activation_dtype": np.dtype(act).name,
-                      "weights": spec(precision).weights_op(target), "embedding": embedding,
-                      # the int4 embedding / LM-head table's block (int4 ort-cpu and tensorrt exports)
-                      "int4_block": int4_group(s.hidden, "embedding") if embedding == "int4" else None,
-                      # group size per layer type: a quantized checkpoint's own, or quantize's rule (int4)
-                      "group_sizes": ((model.quantization_info or {}).get("group_size")
-                                      or (int4_group_sizes(w) if precision == "int4" else None))},
-            "files": checksums(tmp),
-            "unchecked": BYPRODUCTS,
-            "engines": [],
-            "tools": {"torch": torch.__version__, "transformers": transformers.__version__,
-                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-            "verification": None,
-        }
+        data = _document(model, w, tmp, checkpoint=checkpoint, precision=precision, ops=ops, target=target,
+                         opset=opset, ratio=ratio, theta=theta, graphs_desc=described, reference=reference_entry)
         write_manifest(tmp, data)
         t1 = time.time()
         report = verify_export(tmp, model=model, decode_steps=decode_steps, check_files=False,
@@ -170,6 +108,92 @@ def export(model, out, *, checkpoint: str, ratio: float = 0.6, theta: float | No
         shutil.rmtree(tmp, ignore_errors=True)
     return data
 
+
+
+def _write_graphs(w, tmp: Path, *, precision: str, ops: str, target: str, opset: int, weight_fn,
+                  trt_decode: str | None) -> dict:
+    """Build, check and write prefill.onnx and decode.onnx (one shared weights file) into `tmp`;
+    returns their manifest descriptions."""
+    import numpy as np
+    import onnx
+
+    from . import graphs
+    from .precision import activation_dtype, ort_table
+    from .trt_conformance import check as check_tensorrt_conformance
+    from .weights import SharedWeights
+
+    act = activation_dtype(precision)
+    described = {}
+    trt_decode = trt_decode or graphs.default_trt_decode(precision)
+    if trt_decode not in graphs.TRT_DECODE_FORMS:
+        raise QtaleError(f"unknown --trt-decode {trt_decode!r} (choose from {', '.join(graphs.TRT_DECODE_FORMS)})")
+    builders = graphs.graph_builders(target, trt_decode)
+    ort_form = target == "ort-cpu" and np.dtype(act) == np.float32  # ORT contrib ops, in-place KV
+    if ort_form:
+        table = ort_table(precision)  # the quantized embedding + LM head table, if the precision has one
+        builders = (("prefill", functools.partial(graphs.build_prefill_ort, table_fn=table)),
+                    ("decode", functools.partial(graphs.build_decode_ort, table_fn=table)))
+    with SharedWeights(tmp) as store:  # both graphs point at one copy of the weights
+        for kind, build in builders:
+            m = build(w, ops, int(opset), act, weight_fn)
+            onnx.checker.check_model(m)
+            name = f"{kind}.onnx"
+            described[kind] = {"file": name, "external_data": [store.name], **graphs.io_description(m)}
+            if ort_form and kind == "decode":  # past.* may be bound as present.* (docs/export.md)
+                described[kind]["kv_cache"] = "in-place"
+            if target == "tensorrt" and kind == "decode":
+                described[kind]["form"] = trt_decode
+            store.save(m, tmp / name)
+            del m
+            if target == "tensorrt":  # what TensorRT documents, checked without TensorRT
+                check_tensorrt_conformance(tmp / name)
+    return described
+
+
+def _document(model, w, tmp: Path, *, checkpoint: str, precision: str, ops: str, target: str, opset: int,
+              ratio: float, theta: float, graphs_desc: dict, reference: dict | None) -> dict:
+    """The manifest of the export being written in `tmp` (docs/export.md, deploy/manifest.py)."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from ..deploy.manifest import BYPRODUCTS, FORMAT, FORMAT_VERSION, checksums
+    from .precision import activation_dtype, int4_group, int4_group_sizes
+
+    s = w.spec
+    embedding = spec(precision).embedding(target)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "base_model": dict(model.base_info),
+        "checkpoint": str(Path(checkpoint).resolve()) if Path(checkpoint).exists() else str(checkpoint),
+        "precision": precision, "ops": ops, "target": target, "opset": int(opset),
+        "ratio": float(ratio), "theta": theta, "theta_table": model.theta_table,
+        "theta_calibration": getattr(model, "theta_calibration", None),
+        "router": model.router_config.to_dict(),
+        "graphs": graphs_desc,
+        "reference": reference,
+        "model": {"num_layers": s.num_layers, "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads,
+                  "head_dim": s.head_dim, "vocab": s.vocab, "eos_token_id": s.eos_token_id,
+                  "mlp_width": int(model.hf_config.intermediate_size),
+                  "max_position_embeddings": int(getattr(model.hf_config, "max_position_embeddings", 0) or 0)
+                  or None,
+                  "routed_layers": s.routed, "keep_initial": s.keep_initial,
+                  "activation_dtype": np.dtype(activation_dtype(precision)).name,
+                  "weights": spec(precision).weights_op(target), "embedding": embedding,
+                  # the int4 embedding / LM-head table's block (int4 ort-cpu and tensorrt exports)
+                  "int4_block": int4_group(s.hidden, "embedding") if embedding == "int4" else None,
+                  # group size per layer type: a quantized checkpoint's own, or quantize's rule (int4)
+                  "group_sizes": ((model.quantization_info or {}).get("group_size")
+                                  or (int4_group_sizes(w) if precision == "int4" else None))},
+        "files": checksums(tmp),
+        "unchecked": BYPRODUCTS,
+        "engines": [],
+        "tools": {"torch": torch.__version__, "transformers": transformers.__version__,
+                  "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "verification": None,
+    }
 
 FALLBACK_RATIO = 0.6  # a checkpoint without a recommended ratio (one not shipped by the experiment)
 
