@@ -26,7 +26,7 @@ from .errors import QtaleError
 
 # the dial's demonstration: one question through the model's chat template (an instruct model
 # answers a question, it does not continue a bare sentence), at each ratio of DIAL
-PROMPT = "What is the Moon made of? Answer in two sentences."
+PROMPT = "What is the capital of France?"
 DIAL_TOKENS = 40
 HELDOUT_TOKENS = 2048  # 4 windows of 512 of SciQ prose (the package's 234-token paragraphs without it)
 QUANT_CALIB = {"calib_samples": 16, "calib_length": 256}
