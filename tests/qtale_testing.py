@@ -18,9 +18,11 @@ TEXT = (
 
 
 # per model type, what its tiny config sets beyond the common shape: Gemma 3 gets a head_dim that
-# fits hidden 64 (its default is 256), a small sliding window so test sequences run past it, and tied
-# embeddings as the real model has (layer_types: its default, five sliding layers of every six)
-TINY_CONFIG = {"gemma3_text": {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True}}
+# fits hidden 64 (its default is 256), a small sliding window so test sequences run past it, tied
+# embeddings as the real model has, and a global (full-attention, own RoPE base) layer every third
+# instead of every sixth, so that even 4 layers have one and 6 have two sharing a table
+TINY_CONFIG = {"gemma3_text": {"head_dim": 16, "sliding_window": 8, "tie_word_embeddings": True,
+                               "sliding_window_pattern": 3}}
 # model types whose norm weights start at zero (RMSNorm by (1 + w)): randomized so the offset matters
 ZERO_NORMS = ("gemma3_text",)
 

@@ -126,7 +126,11 @@ def extract(model) -> Weights:
 
 
 def _linear(w: Weights, name: str, mod, fmt: str | None) -> None:
-    """A projection's weight (and bias), and its modelopt quantizer state where it has one."""
+    """A projection's weight (and bias), and its modelopt quantizer state where it has one. The
+    weight of a `qtale quantize` checkpoint's projection is the one its PyTorch model applies, the
+    fake-quantized weight: precision.checkpoint_grid recovers the codes from it unambiguously, where
+    from the float weight a value on a rounding tie (frequent in weights dequantized from a GGUF,
+    which lie on a grid) can round the other way than modelopt's own arithmetic."""
     w.tensors[f"{name}.weight"] = _np(mod.weight)
     if getattr(mod, "bias", None) is not None:
         w.tensors[f"{name}.bias"] = _np(mod.bias)
@@ -135,6 +139,7 @@ def _linear(w: Weights, name: str, mod, fmt: str | None) -> None:
     if amax is not None and getattr(wq, "is_enabled", True):
         w.quantized[name] = {"amax": _np(amax)}
         if fmt:
+            w.tensors[f"{name}.weight"] = _np(wq(mod.weight.detach()))
             w.quantized[name]["format"] = fmt
             iq = getattr(mod, "input_quantizer", None)
             pqs = getattr(iq, "pre_quant_scale", None) if iq is not None else None

@@ -267,6 +267,8 @@ def build_decode_ort(w: Weights, ops: str, opset: int, act, weight_fn,
     in_place = b.op("Squeeze", [b.op("GreaterOrEqual", [b.op("Shape", [graph_io.past(0, "key")], start=2, end=3),
                                                          total]), b.const([0])])
     pad_slot = b.const([0, 0, 0, 0, 0, 0, 1, 0])  # one zero slot at the end of the sequence axis
+    for i in range(s.num_layers):  # every RoPE table in the main graph: one made inside a layer's If
+        L.rope_tables(i)           # branch would be out of scope for the later layers that share it
     execs = []
     for i in range(s.num_layers):
         bias = b.op("Gather", [biases[s.windows[i]], b.const(i)], axis=0)  # [B, 1, 1, total]

