@@ -235,6 +235,7 @@ def _llm_model(tmp: Path, folder: Path, m: dict, graph_model: str, graph_params:
     ver = tmp / name / "1"
     ver.mkdir(parents=True)
     shutil.copy2(TEMPLATES / "llm_model.py", ver / "model.py")
+    shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its session and tokenizer
     for module, copy in ((graph_io, "graph_io.py"), (policy, "theta_policy.py"), (sampling, "sampling.py"), (kv, "kv.py")):
         shutil.copy2(Path(module.__file__), ver / copy)
     if (folder / "tokenizer.json").exists():
@@ -362,6 +363,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
                 for f in files:
                     _place(f, ver / f.name)
                 shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
+                shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its sessions
                 shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the names model.py feeds
                 params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name
                                                           for g in ("prefill", "decode")}),
@@ -403,6 +405,7 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
         ver = tmp / ROUTER / "1"
         ver.mkdir(parents=True)
         shutil.copy2(TEMPLATES / "router_model.py", ver / "model.py")
+        shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its tokenizer
         shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
         shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
         if (exports[0][0] / "tokenizer.json").exists():

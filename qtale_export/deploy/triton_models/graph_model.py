@@ -19,20 +19,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def _session(path, threads, plugin_ops):
-    if plugin_ops:
-        from qtale_export.deploy import ort_ops
-
-        return ort_ops.session(path, threads=threads or None)
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
@@ -40,13 +26,14 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         sys.path.insert(0, folder)
         import graph_io
+        import model_files
 
         self.graph_io = graph_io
         self.vocab = int(params["vocab"])
         self.max_length = int(params["max_length"])
         self.max_batch = int(params.get("max_batch") or 64)
         threads = int(params.get("threads") or 0)
-        self.sessions = {g: _session(os.path.join(folder, f), threads, params.get("plugin_ops") == "1")
+        self.sessions = {g: model_files.session(os.path.join(folder, f), threads, params.get("plugin_ops") == "1")
                          for g, f in json.loads(params["graphs"]).items()}
         self.inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
         # inputs with a default (logits_to_keep): fed when a request carries them

@@ -42,20 +42,6 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 RATIO_BUCKETS = [round(0.1 * i, 1) for i in range(1, 11)]
 
 
-def _session(path, threads, plugin_ops):
-    if plugin_ops:
-        from qtale_export.deploy import ort_ops
-
-        return ort_ops.session(path, threads=threads or None)
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
 def _one(request, name, cast):
     """The single value of an optional [1] input, or None."""
     t = pb_utils.get_input_tensor_by_name(request, name)
@@ -92,6 +78,7 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         sys.path.insert(0, folder)
         import graph_io
+        import model_files
         import kv
         import sampling
         import theta_policy
@@ -115,20 +102,12 @@ class TritonPythonModel:
         # the graphs are the sibling graph model's files (held once in the repository)
         graphs_dir = os.path.join(os.path.dirname(args["model_repository"]), p["graph_model"], "1")
         threads, plugin = int(p.get("threads") or 0), p.get("plugin_ops") == "1"
-        self.sessions = {g: _session(os.path.join(graphs_dir, f), threads, plugin)
+        self.sessions = {g: model_files.session(os.path.join(graphs_dir, f), threads, plugin)
                          for g, f in json.loads(p["graphs"]).items()}
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.keep_last = graph_io.LOGITS_TO_KEEP in {i.name for i in self.sessions["prefill"].get_overridable_initializers()}
         self.in_place = p.get("in_place") == "1"
-        self.tokenizer = None
-        tj = os.path.join(folder, "tokenizer.json")
-        if os.path.isfile(tj):
-            try:
-                from tokenizers import Tokenizer
-
-                self.tokenizer = Tokenizer.from_file(tj)
-            except ImportError:
-                pass
+        self.tokenizer = model_files.tokenizer(folder)
         self.metrics()
         self.cond = threading.Condition()
         self.waiting, self.active, self.stopping = collections.deque(), [], False

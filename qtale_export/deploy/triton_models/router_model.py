@@ -42,6 +42,7 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         sys.path.insert(0, folder)
         import graph_io
+        import model_files
         import theta_policy
 
         self.policy, self.graph_io = theta_policy, graph_io
@@ -58,15 +59,7 @@ class TritonPythonModel:
         self.prompt_cap = min(int(p.get("max_prompt_tokens") or self.max_length), self.max_length - 1)
         self.deadline_s = float(p.get("deadline_s") or 60)
         self.out_names = graph_io.output_names(self.num_layers)
-        self.tokenizer = None
-        tj = os.path.join(folder, "tokenizer.json")
-        if os.path.isfile(tj):
-            try:
-                from tokenizers import Tokenizer
-
-                self.tokenizer = Tokenizer.from_file(tj)
-            except ImportError:
-                pass
+        self.tokenizer = model_files.tokenizer(folder)
 
     def call(self, model, feeds):
         # Triton dims have at least one axis: a scalar (logits_to_keep) travels as [1]

@@ -55,7 +55,7 @@ def test_triton_repo(tiny_export, tmp_path, backend, capsys):
             assert sorted(p.name for p in ver.iterdir()) == sorted([f"{graph}.onnx", "weights.onnx.data"])
         else:  # both graphs and the weights they share, once
             assert cfg.backend == "python" and (ver / "model.py").is_file()
-            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "graph_io.py", "model.py",
+            assert sorted(p.name for p in ver.iterdir()) == ["decode.onnx", "graph_io.py", "model.py", "model_files.py",
                                                              "prefill.onnx", "weights.onnx.data"]
             assert inputs["past_exec"].optional and not inputs["input_ids"].optional
     sizes = {}

@@ -59,8 +59,8 @@ def test_in_flight_model_config(tiny_export, tmp_path):
     assert (p["graph_model"], p["max_rows"], p["max_queue"], p["elastic"], p["elastic_target"], p["elastic_floor"]) == \
         ("qtale_fp32", "5", "9", "tpot", "0.05", "0.7")
     ver = repo / "qtale_llm_fp32" / "1"
-    assert sorted(f.name for f in ver.iterdir()) == ["graph_io.py", "kv.py", "model.py", "sampling.py", "theta_policy.py",
-                                                      "tokenizer.json"]
+    assert sorted(f.name for f in ver.iterdir()) == ["graph_io.py", "kv.py", "model.py", "model_files.py", "sampling.py",
+                                                      "theta_policy.py", "tokenizer.json"]
     assert not list(ver.glob("*.onnx*"))  # the weights live once, in the graph model's folder
     assert all((repo / "qtale_fp32" / "1" / f).is_file() for f in json.loads(p["graphs"]).values())
     off = triton.build_repository([tiny_export], tmp_path / "off")
