@@ -44,7 +44,7 @@ def _without_routers(path: Path, threads):
     """(ORT session of the prefill graph at `path` with its routers cut out, gates cut): `graphs.cut_routers`."""
     import onnx
 
-    from ..export.graphs import cut_routers
+    from .routers import cut_routers
     from . import ort_ops
 
     m = onnx.load(str(path), load_external_data=False)

@@ -22,7 +22,7 @@ from .builder import MIN_OPSET, MS_DOMAIN, NP2ONNX, PLUGIN_ATTRS, QTALE_DOMAIN, 
 from .extraction import Spec, Weights, extract, quantizable
 from .lowering import Lowering
 from .ort import FUSED, NEG, PARTS, OrtLowering, TableFn, build_decode_ort, build_prefill_ort
-from .routers import GATE_OP, cut_routers, gate_name, is_gate
+from ...deploy.routers import GATE_OP, cut_routers, gate_name, is_gate
 
 __all__ = ["Builder", "FUSED", "GATE_OP", "MIN_OPSET", "MS_DOMAIN", "NEG", "NP2ONNX", "OrtLowering", "PARTS",
            "PLUGIN_ATTRS", "QTALE_DOMAIN", "Spec", "TRT_DECODE_FORMS", "TableFn", "Lowering", "Weights",

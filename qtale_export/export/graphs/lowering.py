@@ -11,7 +11,7 @@ from ...deploy import graph_io
 from ...errors import QtaleError
 from .builder import NP2ONNX, PLUGIN_ATTRS, QTALE_DOMAIN, Builder
 from .extraction import Weights
-from .routers import GATE_OP, gate_name
+from ...deploy.routers import GATE_OP, gate_name
 
 
 class Lowering:

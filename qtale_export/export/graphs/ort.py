@@ -13,7 +13,7 @@ from .assemble import _declare_inputs, _logits_and_cache_outputs, build_prefill
 from .builder import MS_DOMAIN, NP2ONNX, Builder
 from .extraction import Weights
 from .lowering import Lowering
-from .routers import GATE_OP, gate_name
+from ...deploy.routers import GATE_OP, gate_name
 
 # q/k/v and gate/up are one matmul each (blocks run along K, so a fused MatMulNBits holds the same
 # codes as the separate ones); RMSNorm is written in the exact pattern ORT's SimplifiedLayerNormFusion

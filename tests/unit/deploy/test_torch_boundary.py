@@ -22,9 +22,8 @@ HEAVY = ("torch", "transformers", "peft", "modelopt")
 OUTSIDE = ["qtale_export", "qtale_export.cli", *(f"qtale_export.cli.{c}" for c in ("common", "verify", "build", "run",
                                                                                  "triton_repo", "bench"))]
 DEPLOY = Path(qtale_export.deploy.__file__).parent
-# the one import of the torch side left in deploy/: `qtale bench` cuts the routers with the graph
-# builder's own surgery (export/graphs/routers.py, beside the gate it emits; torch-free, lazy)
-ALLOWED_EXPORT_IMPORTS = {("bench.py", "qtale_export.export.graphs")}
+# deploy/ imports nothing from export/ (router surgery and gate naming live in deploy/routers.py)
+ALLOWED_EXPORT_IMPORTS: set = set()
 # files copied into a Triton model repository: they import triton_python_backend_utils, which only
 # tritonserver's Python has (tests/unit/deploy/test_triton_server.py runs them)
 TRITON_TEMPLATES = "qtale_export.deploy.triton_models."

@@ -1,5 +1,6 @@
-"""Router gates in the graphs: their naming, and router surgery (`cut_routers`, the benchmark's
-graph without routers)."""
+"""Router gates in the graphs: their naming (part of the graph contract: the exporter names each
+gate so, `qtale bench` finds them), and router surgery (`cut_routers`, the benchmark's graph
+without routers). onnx only, no torch: the exporter (export/graphs/) imports it from here."""
 from __future__ import annotations
 
 import onnx
