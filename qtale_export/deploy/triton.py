@@ -267,6 +267,148 @@ def _io_union(prefill: dict, decode: dict) -> dict:
     return {"inputs": ins, "outputs": dict(prefill["outputs"])}
 
 
+def _check_limits(backend: str, max_batch: int, instances: int, max_queue: int, router_instances: int,
+                  max_new_tokens: int, max_new_tokens_cap: int, max_prompt_tokens: int | None,
+                  deadline_s: float) -> None:
+    """The serving limits' own ranges (one line naming the option)."""
+    if backend not in BACKENDS:
+        raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if min(max_batch, instances, max_queue, router_instances, max_new_tokens_cap) < 1:
+        raise QtaleError("--max-batch, --instances, --max-queue, --router-instances and --max-new-tokens-cap "
+                         "must be >= 1")
+    if not 1 <= max_new_tokens <= max_new_tokens_cap:
+        raise QtaleError(f"--max-new-tokens {max_new_tokens} must be in 1..--max-new-tokens-cap ({max_new_tokens_cap})")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise QtaleError("--max-prompt-tokens must be >= 1")
+    if not (deadline_s > 0 and deadline_s <= 86400):  # NaN fails too
+        raise QtaleError(f"--deadline must be in (0, 86400] seconds, got {deadline_s}")
+
+
+def _check_elastic(backend: str, elastic: str, elastic_target: float | None, elastic_floor: float,
+                   elastic_interval: float) -> float:
+    """The elastic policy's options; returns the checked floor ratio."""
+    from . import theta as policy
+
+    if elastic not in ELASTIC:
+        raise QtaleError(f"unknown elastic policy '{elastic}' (choose from {', '.join(ELASTIC)})")
+    if elastic == "off":
+        return elastic_floor
+    if backend != "python":
+        raise QtaleError("--elastic needs --backend python (the in-flight model)")
+    if elastic_target is None or not (elastic_target > 0 and elastic_target < 1e6):  # NaN fails too
+        raise QtaleError(f"--elastic {elastic} needs --elastic-target > 0 (seconds per output token or "
+                         f"requests waiting), got {elastic_target}")
+    if not 0 <= elastic_interval <= 3600:
+        raise QtaleError(f"--elastic-interval must be in [0, 3600] seconds, got {elastic_interval}")
+    return policy.check_ratio(elastic_floor)
+
+
+def _read_exports(export_dirs) -> list[tuple[Path, dict]]:
+    """(folder, manifest) of every export, checked: one per precision, all of one model."""
+    from .manifest import read_manifest
+
+    exports = [(Path(d), read_manifest(Path(d), verify=True)) for d in export_dirs]
+    precisions = [m["precision"] for _, m in exports]
+    if len(set(precisions)) != len(precisions):
+        raise QtaleError(f"two exports with the same precision ({', '.join(precisions)}): one per precision")
+    first = exports[0][1]["model"]
+    for d, m in exports[1:]:
+        if m["model"]["num_layers"] != first["num_layers"] or m["model"]["vocab"] != first["vocab"]:
+            raise QtaleError(f"{d} is an export of another model than {exports[0][0]}")
+    return exports
+
+
+def _engines(folder: Path, m: dict) -> dict:
+    """{graph: engine entry} of an export served by Triton's TensorRT backend (both graphs needed)."""
+    engines: dict = {}
+    for e in m.get("engines") or []:
+        if isinstance(e, dict) and e.get("graph") in ("prefill", "decode"):
+            engines.setdefault(e["graph"], e)
+    for g in ("prefill", "decode"):
+        if g not in engines:
+            raise QtaleError(f"{folder} has no TensorRT engine for the {g} graph; "
+                             f"run `qtale build {folder} --graph {g}` first")
+    return engines
+
+
+def _python_graph_model(tmp: Path, folder: Path, m: dict, base: str, common: dict, threads: int,
+                        max_batch: int, instances: int, kind: str) -> dict:
+    """`qtale_<precision>`: one Python model holding both graphs and the weights file they share
+    (once per precision); returns its parameters (the in-flight model reads the same graphs)."""
+    from .manifest import graph_files
+
+    ver = tmp / base / "1"
+    ver.mkdir(parents=True)
+    files = sorted(set(graph_files(folder, m, "prefill")) | set(graph_files(folder, m, "decode")))
+    for f in files:
+        _place(f, ver / f.name)
+    shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
+    shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its sessions
+    shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the names model.py feeds
+    params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name for g in ("prefill", "decode")}),
+              "threads": threads, "plugin_ops": "1" if m.get("ops") == "plugin" else "0",
+              "vocab": m["model"]["vocab"], "max_length": _max_length(m), "max_batch": max_batch}
+    io = _io_union(m["graphs"]["prefill"], m["graphs"]["decode"])
+    io["inputs"][graph_io.LOGITS_TO_KEEP] = {"dtype": "int64", "shape": [1], "optional": True}
+    text = graph_config(base, "prefill", io, "python", "", instances, kind, params, m)
+    validate_config(text, f"{base}/config.pbtxt")
+    (tmp / base / "config.pbtxt").write_text(text)
+    return params
+
+
+def _per_graph_models(tmp: Path, folder: Path, m: dict, base: str, common: dict, backend: str, threads: int,
+                      instances: int, kind: str) -> dict:
+    """`qtale_<precision>_{prefill,decode}` for Triton's ONNX Runtime or TensorRT backend (one graph
+    per model; the ratio still never multiplies them); returns {graph: model name}."""
+    from .manifest import engine_file, graph_files
+
+    engines = _engines(folder, m) if backend == "tensorrt" else {}
+    names = {}
+    for g in ("prefill", "decode"):
+        name = f"{base}_{g}"
+        ver = tmp / name / "1"
+        ver.mkdir(parents=True)
+        files = [engine_file(folder, m, engines[g])] if backend == "tensorrt" else graph_files(folder, m, g)
+        for f in files:
+            _place(f, ver / f.name)
+        params = {**common, "graph": g}
+        if backend == "onnxruntime" and threads:
+            params["intra_op_thread_count"] = threads
+        io = engine_io(engines[g], m["graphs"][g]) if backend == "tensorrt" else m["graphs"][g]
+        text = graph_config(name, g, io, backend, Path(files[0]).name, instances, kind, params, m)
+        validate_config(text, f"{name}/config.pbtxt")
+        (tmp / name / "config.pbtxt").write_text(text)
+        names[g] = name
+    return names
+
+
+def _router(tmp: Path, exports: list, served: dict, ratio_mode: str, max_batch: int, router_instances: int,
+            max_queue: int, max_new_tokens: int, max_new_tokens_cap: int, max_prompt_tokens: int | None,
+            deadline_s: float) -> str:
+    """The router model: tokenizer, theta policy and generation loop over the graph models."""
+    from . import theta as policy
+
+    folder, m0 = exports[0]
+    ver = tmp / ROUTER / "1"
+    ver.mkdir(parents=True)
+    shutil.copy2(TEMPLATES / "router_model.py", ver / "model.py")
+    shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its tokenizer
+    shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
+    shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
+    if (folder / "tokenizer.json").exists():
+        _place(_tokenizer(folder, m0), ver / "tokenizer.json")
+    mlen = _max_length(m0)
+    params = {"exports": json.dumps(served), "default_precision": m0["precision"], "ratio_mode": ratio_mode,
+              "eos_ids": json.dumps(_eos(m0)), "routed_layers": json.dumps(m0["model"].get("routed_layers") or []),
+              "num_layers": m0["model"]["num_layers"], "max_length": mlen, "vocab": m0["model"]["vocab"],
+              "default_max_new_tokens": max_new_tokens, "max_new_tokens_cap": max_new_tokens_cap,
+              "max_prompt_tokens": min(max_prompt_tokens or mlen - 1, mlen - 1), "deadline_s": deadline_s}
+    text = router_config(max_batch, router_instances, params, max_queue, deadline_s)
+    validate_config(text, f"{ROUTER}/config.pbtxt")
+    (tmp / ROUTER / "config.pbtxt").write_text(text)
+    return ROUTER
+
+
 def build_repository(export_dirs, out, backend: str = "python", ratios=None, max_batch: int = 8,
                      instances: int = 1, kind: str | None = None, threads: int = 0, force: bool = False,
                      max_new_tokens: int = 32, ratio_mode: str = "interpolate", max_new_tokens_cap: int = 512,
@@ -290,45 +432,15 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
     `elastic_floor` while the server falls behind, one 0.1 step per `elastic_interval` seconds at most;
     "off" (default) never changes a ratio."""
     from . import theta as policy
-    from .manifest import engine_file, graph_files, read_manifest
 
-    if backend not in BACKENDS:
-        raise QtaleError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
-    if min(max_batch, instances, max_queue, router_instances, max_new_tokens_cap) < 1:
-        raise QtaleError("--max-batch, --instances, --max-queue, --router-instances and --max-new-tokens-cap "
-                         "must be >= 1")
-    if not 1 <= max_new_tokens <= max_new_tokens_cap:
-        raise QtaleError(f"--max-new-tokens {max_new_tokens} must be in 1..--max-new-tokens-cap ({max_new_tokens_cap})")
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise QtaleError("--max-prompt-tokens must be >= 1")
-    if not (deadline_s > 0 and deadline_s <= 86400):  # NaN fails too
-        raise QtaleError(f"--deadline must be in (0, 86400] seconds, got {deadline_s}")
+    _check_limits(backend, max_batch, instances, max_queue, router_instances, max_new_tokens, max_new_tokens_cap,
+                  max_prompt_tokens, deadline_s)
     policy.check_mode(ratio_mode)
-    if elastic not in ELASTIC:
-        raise QtaleError(f"unknown elastic policy '{elastic}' (choose from {', '.join(ELASTIC)})")
-    if elastic != "off":
-        if backend != "python":
-            raise QtaleError("--elastic needs --backend python (the in-flight model)")
-        if elastic_target is None or not (elastic_target > 0 and elastic_target < 1e6):  # NaN fails too
-            raise QtaleError(f"--elastic {elastic} needs --elastic-target > 0 (seconds per output token or "
-                             f"requests waiting), got {elastic_target}")
-        elastic_floor = policy.check_ratio(elastic_floor)
-        if not 0 <= elastic_interval <= 3600:
-            raise QtaleError(f"--elastic-interval must be in [0, 3600] seconds, got {elastic_interval}")
+    elastic_floor = _check_elastic(backend, elastic, elastic_target, elastic_floor, elastic_interval)
     out = _check_out(out, force, export_dirs)
     kind = kind or ("gpu" if backend == "tensorrt" else "cpu")
-    exports = []
-    for d in export_dirs:
-        d = Path(d)
-        m = read_manifest(d, verify=True)
-        exports.append((d, m))
+    exports = _read_exports(export_dirs)
     precisions = [m["precision"] for _, m in exports]
-    if len(set(precisions)) != len(precisions):
-        raise QtaleError(f"two exports with the same precision ({', '.join(precisions)}): one per precision")
-    first = exports[0][1]["model"]
-    for d, m in exports[1:]:
-        if m["model"]["num_layers"] != first["num_layers"] or m["model"]["vocab"] != first["vocab"]:
-            raise QtaleError(f"{d} is an export of another model than {exports[0][0]}")
     # every ratio is checked before anything is written (a bad one leaves nothing behind)
     checked = [{"precision": m["precision"], "ratio": policy.check_ratio(r),
                 **policy.select(m.get("theta_table"), r, ratio_mode)}
@@ -344,83 +456,21 @@ def build_repository(export_dirs, out, backend: str = "python", ratios=None, max
             if backend == "onnxruntime" and m.get("ops") == "plugin":
                 raise QtaleError(f"{folder} uses the qtale plugin ops, which Triton's ONNX Runtime backend "
                                  "cannot run: export with --ops standard, or use --backend python/tensorrt")
-            engines = {}
-            if backend == "tensorrt":
-                for e in m.get("engines") or []:
-                    if isinstance(e, dict) and e.get("graph") in ("prefill", "decode"):
-                        engines.setdefault(e["graph"], e)
-                for g in ("prefill", "decode"):
-                    if g not in engines:
-                        raise QtaleError(f"{folder} has no TensorRT engine for the {g} graph; "
-                                         f"run `qtale build {folder} --graph {g}` first")
             base = f"qtale_{prec}"
             common = {"precision": prec, "routed_layers": json.dumps(m["model"].get("routed_layers") or [])}
             if backend == "python":
-                # one model holds both graphs and the weights file they share: once per precision
-                ver = tmp / base / "1"
-                ver.mkdir(parents=True)
-                files = sorted(set(graph_files(folder, m, "prefill")) | set(graph_files(folder, m, "decode")))
-                for f in files:
-                    _place(f, ver / f.name)
-                shutil.copy2(TEMPLATES / "graph_model.py", ver / "model.py")
-                shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its sessions
-                shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the names model.py feeds
-                params = {**common, "graphs": json.dumps({g: Path(m["graphs"][g]["file"]).name
-                                                          for g in ("prefill", "decode")}),
-                          "threads": threads, "plugin_ops": "1" if m.get("ops") == "plugin" else "0",
-                          "vocab": m["model"]["vocab"], "max_length": _max_length(m), "max_batch": max_batch}
-                io = _io_union(m["graphs"]["prefill"], m["graphs"]["decode"])
-                io["inputs"][graph_io.LOGITS_TO_KEEP] = {"dtype": "int64", "shape": [1], "optional": True}
-                text = graph_config(base, "prefill", io, backend, "", instances, kind, params, m)
-                validate_config(text, f"{base}/config.pbtxt")
-                (tmp / base / "config.pbtxt").write_text(text)
-                models.append(base)
+                params = _python_graph_model(tmp, folder, m, base, common, threads, max_batch, instances, kind)
                 names = {"prefill": base, "decode": base}
-                models.append(_llm_model(tmp, folder, m, base, params, max_batch, max_queue, max_new_tokens,
-                                         max_new_tokens_cap, max_prompt_tokens, deadline_s, ratio_mode,
-                                         elastic, elastic_target, elastic_floor, elastic_interval))
-            else:  # one graph per model in these backends; the ratio still never multiplies them
-                names = {}
-                for g in ("prefill", "decode"):
-                    name = f"{base}_{g}"
-                    ver = tmp / name / "1"
-                    ver.mkdir(parents=True)
-                    files = ([engine_file(folder, m, engines[g])] if backend == "tensorrt"
-                             else graph_files(folder, m, g))
-                    for f in files:
-                        _place(f, ver / f.name)
-                    params = {**common, "graph": g}
-                    if backend == "onnxruntime" and threads:
-                        params["intra_op_thread_count"] = threads
-                    io = engine_io(engines[g], m["graphs"][g]) if backend == "tensorrt" else m["graphs"][g]
-                    text = graph_config(name, g, io, backend, Path(files[0]).name, instances, kind, params, m)
-                    validate_config(text, f"{name}/config.pbtxt")
-                    (tmp / name / "config.pbtxt").write_text(text)
-                    models.append(name)
-                    names[g] = name
+                models += [base, _llm_model(tmp, folder, m, base, params, max_batch, max_queue, max_new_tokens,
+                                            max_new_tokens_cap, max_prompt_tokens, deadline_s, ratio_mode,
+                                            elastic, elastic_target, elastic_floor, elastic_interval)]
+            else:
+                names = _per_graph_models(tmp, folder, m, base, common, backend, threads, instances, kind)
+                models += [names["prefill"], names["decode"]]
             # the Python graph model takes logits_to_keep: the router's prefill asks for the last position only
             served[prec] = {**names, "theta_table": m.get("theta_table") or {}, "logits_to_keep": backend == "python"}
-        # the router
-        m0 = exports[0][1]
-        ver = tmp / ROUTER / "1"
-        ver.mkdir(parents=True)
-        shutil.copy2(TEMPLATES / "router_model.py", ver / "model.py")
-        shutil.copy2(TEMPLATES / "model_files.py", ver / "model_files.py")  # its tokenizer
-        shutil.copy2(Path(policy.__file__), ver / "theta_policy.py")  # the same rule as `qtale run`
-        shutil.copy2(Path(graph_io.__file__), ver / "graph_io.py")  # the same loop as `qtale run`
-        if (exports[0][0] / "tokenizer.json").exists():
-            _place(_tokenizer(exports[0][0], exports[0][1]), ver / "tokenizer.json")
-        eos = _eos(m0)
-        mlen = _max_length(m0)
-        params = {"exports": json.dumps(served), "default_precision": precisions[0], "ratio_mode": ratio_mode,
-                  "eos_ids": json.dumps(eos), "routed_layers": json.dumps(m0["model"].get("routed_layers") or []),
-                  "num_layers": m0["model"]["num_layers"], "max_length": mlen, "vocab": m0["model"]["vocab"],
-                  "default_max_new_tokens": max_new_tokens, "max_new_tokens_cap": max_new_tokens_cap,
-                  "max_prompt_tokens": min(max_prompt_tokens or mlen - 1, mlen - 1), "deadline_s": deadline_s}
-        text = router_config(max_batch, router_instances, params, max_queue, deadline_s)
-        validate_config(text, f"{ROUTER}/config.pbtxt")
-        (tmp / ROUTER / "config.pbtxt").write_text(text)
-        models.append(ROUTER)
+        models.append(_router(tmp, exports, served, ratio_mode, max_batch, router_instances, max_queue,
+                              max_new_tokens, max_new_tokens_cap, max_prompt_tokens, deadline_s))
         (tmp / MARKER).write_text(json.dumps({"format": "qtale-triton-repository", "models": models}) + "\n")
         _check_out(out, force, export_dirs)  # it may have appeared meanwhile
         safe_write.publish(tmp, out)
