@@ -290,6 +290,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, force: bool = False, progre
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _optimizer(model, cfg: TrainConfig):
+    """AdamW over the routers (cfg.lr) and, where trained, the LoRA factors (cfg.lora_lr)."""
+    router_params = [p for p in model.routers.parameters() if p.requires_grad]
+    ids = {id(p) for p in router_params}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": router_params, "lr": cfg.lr}]
+    if other:  # LoRA factors: a base-model update wants a far smaller step than fresh routers
+        groups.append({"params": other, "lr": cfg.lora_lr if cfg.lora_lr is not None else cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _accumulate(cfg: TrainConfig, model, runner, teachers, examples, pad_id: int, step: int, rank: int, world: int,
+                loss_kind: str, all_layers: bool, lambda1: float, lambda2: float) -> dict[str, float]:
+    """One optimizer step's gradients over cfg.grad_accum micro-batches; returns the mean losses and
+    path statistics."""
+    sums: dict[str, float] = {}
+    for micro in range(cfg.grad_accum):
+        b = {k: v.to(device()) for k, v in batch_for(examples, step, micro, cfg, rank, world, pad_id).items()}
+        valid = b["attention_mask"].bool()
+        vf = valid.float()
+        o = runner(b["input_ids"], attention_mask=b["attention_mask"],
+                   labels=b["labels"] if loss_kind == "task" else None, execute_all=all_layers)
+        if loss_kind == "task":
+            main = o.loss
+        else:
+            teacher = model.head(teachers.hidden(model, b, step, micro, rank))
+            main = distill_loss(o.logits, teacher, vf)
+        r_loss = ratio_loss(o.gates, vf, cfg.target_ratio)
+        ent = router_entropy(o.router_logits, vf)
+        total = main if all_layers else main + lambda1 * r_loss - lambda2 * ent
+        (total / cfg.grad_accum).backward()
+        stats = path_stats(o.gates, valid)
+        for k, v in {"loss": total.item(), loss_kind + "_loss": main.item(), "ratio_loss": r_loss.item(),
+                     "entropy": ent.item(), **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+    return sums
+
+
 def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work: Path | None) -> Path:
     out = Path(cfg.out)
     rank, world = init_distributed()
@@ -323,13 +361,7 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
         from torch.nn.parallel import DistributedDataParallel
 
         runner = DistributedDataParallel(model)
-    router_params = [p for p in model.routers.parameters() if p.requires_grad]
-    ids = {id(p) for p in router_params}
-    other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": router_params, "lr": cfg.lr}]
-    if other:  # LoRA factors: a base-model update wants a far smaller step than fresh routers
-        groups.append({"params": other, "lr": cfg.lora_lr if cfg.lora_lr is not None else cfg.lr})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(model, cfg)
     if resume:
         load_optimizer_state(model, optimizer, torch.load(out / OPTIMIZER, weights_only=True, map_location="cpu"),
                              sharded)
@@ -346,27 +378,8 @@ def _train(cfg: TrainConfig, *, resume: bool, force: bool, progress: bool, work:
         # an all-layers step: the adapter is trained for routed execution only and otherwise drifts
         # from the base on the all-layers path (the high-ratio end); no router loss on such a step
         all_layers = cfg.full_every > 0 and (step + 1) % cfg.full_every == 0
-        sums: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            b = {k: v.to(device()) for k, v in
-                 batch_for(examples, step, micro, cfg, rank, world, tokenizer.pad_token_id).items()}
-            valid = b["attention_mask"].bool()
-            vf = valid.float()
-            o = runner(b["input_ids"], attention_mask=b["attention_mask"],
-                       labels=b["labels"] if loss_kind == "task" else None, execute_all=all_layers)
-            if loss_kind == "task":
-                main = o.loss
-            else:
-                teacher = model.head(teachers.hidden(model, b, step, micro, rank))
-                main = distill_loss(o.logits, teacher, vf)
-            r_loss = ratio_loss(o.gates, vf, cfg.target_ratio)
-            ent = router_entropy(o.router_logits, vf)
-            total = main if all_layers else main + lambda1 * r_loss - lambda2 * ent
-            (total / cfg.grad_accum).backward()
-            stats = path_stats(o.gates, valid)
-            for k, v in {"loss": total.item(), loss_kind + "_loss": main.item(), "ratio_loss": r_loss.item(),
-                         "entropy": ent.item(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        sums = _accumulate(cfg, model, runner, teachers, examples, tokenizer.pad_token_id, step, rank, world,
+                           loss_kind, all_layers, lambda1, lambda2)
         if not all(math.isfinite(v) for v in sums.values()):
             raise QtaleError(f"training diverged at step {step} (non-finite loss); lower --lr")
         optimizer.step()
