@@ -28,18 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qtale_export.deploy import tensorrt as qtrt  # noqa: E402
+from qtale_export.deploy.onnx_graphs import initializers  # noqa: E402
 from qtale_export.export.main import export_checkpoint  # noqa: E402
 
 BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.FLOAT8E4M3FN: 8}
 LIMIT = 1.3  # the target: engine <= 1.3 x quantized projection bytes + the table
-
-
-def _initializers(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _initializers(a.g)
 
 
 def quantized_bytes(onnx_path: Path) -> dict[str, int]:
@@ -47,7 +40,7 @@ def quantized_bytes(onnx_path: Path) -> dict[str, int]:
     model = onnx.load(str(onnx_path), load_external_data=False)
     out = {"projections": 0, "table": 0}
     seen = set()
-    for t in _initializers(model.graph):
+    for t in initializers(model.graph):  # If branches hold their own
         if t.name in seen or not t.name.endswith((".weight_q", ".weight_scale")):
             continue
         seen.add(t.name)

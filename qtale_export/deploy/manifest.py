@@ -110,13 +110,10 @@ def graph_files(folder: str | os.PathLike, data: dict, graph: str) -> list[Path]
 def _external_locations(graph) -> set[str]:
     import onnx
 
-    found = {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-             for e in t.external_data if e.key == "location"}
-    for node in graph.node:  # If branches hold initializers of their own
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                found |= _external_locations(sub)
-    return found
+    from .onnx_graphs import initializers
+
+    return {e.value for t in initializers(graph) if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
 
 
 def _check_external_data(onnx_path: Path, listed: set[str]) -> None:

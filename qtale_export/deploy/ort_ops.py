@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import QtaleError
+from . import onnx_graphs
 
 QTALE_DOMAIN = "qtale"
 EXT_DOMAIN = "ai.onnx.contrib"
@@ -84,15 +85,6 @@ def to_runnable(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _all_nodes(graph):
-    """The nodes of a graph and of every subgraph (If / Loop / Scan bodies) in it."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_nodes(g)
-
-
 def session(path: str | os.PathLike, providers=None, threads: int | None = None, exact: bool = False,
             spin: bool = True, model: onnx.ModelProto | None = None):
     """An onnxruntime.InferenceSession for an exported graph, with the qtale ops when it uses them.
@@ -121,7 +113,7 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None,
     rewrite = rewrite or uses_qtale_ops(model)
     if exact:
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        for n in _all_nodes(model.graph):  # decode.onnx has its layers inside If branches
+        for n in onnx_graphs.nodes(model.graph):  # decode.onnx has its layers inside If branches
             for a in n.attribute:
                 if n.op_type == "MatMulNBits" and a.name == "accuracy_level" and a.i != 0:
                     a.i = 0

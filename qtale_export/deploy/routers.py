@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import onnx
 
+from .onnx_graphs import subgraphs
+
 GATE_OP = "GreaterOrEqual"  # a router's gate, margin >= logit(theta), named gate_name(i)
 
 
@@ -22,13 +24,7 @@ def is_gate(node: onnx.NodeProto) -> bool:
 def _branch_inputs(node: onnx.NodeProto) -> set[str]:
     """Every value the subgraphs of `node` (If branches, recursively) read: an over-approximation
     of their outer-scope references, which is what dead-node elimination must keep."""
-    names: set[str] = set()
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            for n in a.g.node:
-                names.update(i for i in n.input if i)
-                names |= _branch_inputs(n)
-    return names
+    return {i for g in subgraphs(node) for n in g.node for i in n.input if i}
 
 
 def cut_routers(m: onnx.ModelProto) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto as P
 
+from ..deploy import onnx_graphs
 from ..errors import QtaleError
 
 # The documents, by key (docs/tensorrt.md, "TensorRT conformance check", has the full citations).
@@ -111,26 +112,15 @@ def _expand(letters: list[str], n: int) -> list[str]:
     return letters
 
 
-def _types(graph: onnx.GraphProto, out: dict[str, int]) -> dict[str, int]:
+def _types(graph: onnx.GraphProto) -> dict[str, int]:
     """elem type of every named value in a graph and its subgraphs (names are unique in exports)."""
-    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if vi.type.tensor_type.elem_type:
-            out[vi.name] = vi.type.tensor_type.elem_type
-    for t in graph.initializer:
-        out[t.name] = t.data_type
-    for n in graph.node:
-        for a in n.attribute:
-            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
-                _types(g, out)
-    return out
-
-
-def _initializers(graph: onnx.GraphProto, out: set) -> set:
-    out.update(t.name for t in graph.initializer)
-    for n in graph.node:
-        for a in n.attribute:
-            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
-                _initializers(g, out)
+    out: dict[str, int] = {}
+    for g in onnx_graphs.graphs(graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type:
+                out[vi.name] = vi.type.tensor_type.elem_type
+        for t in g.initializer:
+            out[t.name] = t.data_type
     return out
 
 
@@ -178,14 +168,6 @@ def _node_problem(node, types: dict, inits: set) -> str | None:
     return None
 
 
-def _walk(graph: onnx.GraphProto, in_branch: bool = False):
-    for n in graph.node:
-        yield n, in_branch
-        for a in n.attribute:
-            for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
-                yield from _walk(g, True)
-
-
 def problems(model: onnx.ModelProto) -> list[str]:
     """Every way `model` (loaded with or without its external data) leaves the documents."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -193,14 +175,14 @@ def problems(model: onnx.ModelProto) -> list[str]:
     if opset is None or not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         found.append(f"opset {opset} is outside {OPSET_RANGE[0]}..{OPSET_RANGE[1]} ({OPS_DOC})")
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types = _types(inferred.graph, {})
-    inits = _initializers(inferred.graph, set())
+    types = _types(inferred.graph)
+    inits = {t.name for t in onnx_graphs.initializers(inferred.graph)}
     for vi in list(inferred.graph.input) + list(inferred.graph.output):
         dt = NAMES.get(vi.type.tensor_type.elem_type, str(vi.type.tensor_type.elem_type))
         if dt not in NETWORK_IO:
             found.append(f"network {'input' if vi in inferred.graph.input else 'output'} {vi.name} is {dt}, "
                          f"not a TensorRT network I/O type ({OPS_DOC})")
-    for node, in_branch in _walk(inferred.graph):
+    for node in onnx_graphs.nodes(inferred.graph):
         why = _node_problem(node, types, inits)
         if why:
             found.append(f"node {node.name or '(unnamed)'} ({node.op_type}): {why}")
@@ -215,5 +197,5 @@ def check(graph: str | os.PathLike | onnx.ModelProto) -> dict:
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise QtaleError(f"{where}not TensorRT-conformant: {found[0]}{more}; see docs/tensorrt.md")
-    ops = sorted({n.op_type for n, _ in _walk(model.graph)})
-    return {"ok": True, "nodes": sum(1 for _ in _walk(model.graph)), "ops": ops, "documents": OPS_DOC}
+    all_nodes = list(onnx_graphs.nodes(model.graph))
+    return {"ok": True, "nodes": len(all_nodes), "ops": sorted({n.op_type for n in all_nodes}), "documents": OPS_DOC}

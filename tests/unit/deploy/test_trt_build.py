@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from qtale_export.deploy import engine_info, graph_io, trt_builder
+from qtale_export.deploy.onnx_graphs import initializers
 from qtale_export.deploy import tensorrt as qtrt
 from qtale_export.errors import QtaleError
 
@@ -25,17 +26,9 @@ def _build(export, graph, **kw):
     return qtrt.build(options)
 
 
-def _initializers(graph):
-    yield from graph.initializer
-    for node in graph.node:  # If branches hold their DequantizeLinear weights
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _initializers(a.g)
-
-
 def _quantized_weight_bytes(onnx_path, bits) -> int:
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return sum(int(np.prod(t.dims)) * bits // 8 for t in _initializers(model.graph) if t.name.endswith(".weight_q"))
+    return sum(int(np.prod(t.dims)) * bits // 8 for t in initializers(model.graph) if t.name.endswith(".weight_q"))
 
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
