@@ -35,8 +35,6 @@ PLUGIN_DIR = "plugins"  # where an export keeps the plugin library its engines w
 KERNELS_LIB = "libqtale_kernels.so"  # the CUDA kernels the plugin library loads from its own folder
 DEFAULT_WORKSPACE_MB = 4096
 JETSON_WORKSPACE_MB = 2048  # unified memory is shared with the CPU; leave room for the KV cache
-INSTALL_HINT = ("pip install 'qtale-export[tensorrt-rtx]' (engine builds without a GPU) or tensorrt on a GPU "
-                "host / Jetson with JetPack 6, or pass --dry-run")
 
 
 @dataclass
@@ -227,9 +225,8 @@ def trtexec_command(plan: BuildPlan) -> list[str]:
 # ---- building (TensorRT needed) -----------------------------------------------------------
 
 
-def build_engine(plan: BuildPlan) -> tuple[trt_builder.Built, trt_builder.Flavour]:
+def build_engine(plan: BuildPlan, flavour: trt_builder.Flavour) -> trt_builder.Built:
     """Parse, configure and build with the TensorRT Python API (trt_builder); updates the timing cache."""
-    flavour = trt_builder.load(plan.builder)
     if not flavour.rtx and int(flavour.version.split(".")[0]) < 10:
         raise QtaleError(f"TensorRT {flavour.version} is too old: QTALE plugins need TensorRT >= 10 (IPluginV3)")
     cache = None
@@ -240,7 +237,7 @@ def build_engine(plan: BuildPlan) -> tuple[trt_builder.Built, trt_builder.Flavou
                                      compute_capabilities=plan.compute_capabilities, timing_cache=cache)
     if cache is not None:
         write_bytes(plan.timing_cache, cache)
-    return built, flavour
+    return built
 
 
 # ---- manifest bookkeeping -----------------------------------------------------------------
@@ -320,8 +317,9 @@ def build(options: BuildOptions) -> dict[str, Any]:
         return {"dry_run": True, "trtexec": trtexec_command(plan), "engine": str(plan.engine_path)}
     sm = JETSON_ORIN_SM if options.jetson else gpu_sm()
     check_tensorrt(plan.precision, plan.jetson, sm)
-    plan.compute_capabilities = target_capabilities(plan)
-    built, flavour = build_engine(plan)
+    flavour = trt_builder.load(plan.builder)
+    plan.compute_capabilities = target_capabilities(plan, flavour)
+    built = build_engine(plan, flavour)
     layers_file = None
     summary = None
     if built.layers is not None:
@@ -340,11 +338,11 @@ def build(options: BuildOptions) -> dict[str, Any]:
                          layers_file=layers_file, summary=summary, io=built.io)
 
 
-def target_capabilities(plan: BuildPlan) -> tuple[str, ...]:
+def target_capabilities(plan: BuildPlan, flavour: trt_builder.Flavour) -> tuple[str, ...]:
     """The SM versions a TensorRT-RTX engine is built for: as asked, else TensorRT-RTX's defaults,
     and for a precision with an SM floor (FP8: 8.9) only those above it. Empty for TensorRT (it builds
     for its GPU)."""
-    if plan.builder == "tensorrt" or (plan.builder == "auto" and trt_builder.load("auto").name == "tensorrt"):
+    if not flavour.rtx:
         return tuple(plan.compute_capabilities)
     sms = tuple(plan.compute_capabilities) or trt_builder.RTX_DEFAULT_SM
     able = capable(plan.precision, sms)

@@ -135,12 +135,12 @@ def parse_network(flavour: Flavour, builder: Any, logger: Any, onnx_path: Path,
     return network, parser
 
 
-def takes_plugins(flavour: Flavour, builder: Any) -> bool:
+def takes_plugins(flavour: Flavour) -> bool:
     """Whether this TensorRT's networks accept IPluginV3 layers. TensorRT-RTX 1.7.1 loads a plugin
     library into its registry and finds its creators, but its network has no add_plugin_v3 and its
     ONNX parser calls std::terminate right after creating the plugin (docs/tensorrt.md), so this is
     asked before parsing rather than learnt from a crash."""
-    return hasattr(builder.create_network(0), "add_plugin_v3")
+    return hasattr(flavour.trt.INetworkDefinition, "add_plugin_v3")
 
 
 def set_compute_capabilities(flavour: Flavour, config: Any, sms: tuple[str, ...]) -> None:
@@ -163,7 +163,7 @@ def build(flavour: Flavour, onnx_path: Path, *, shapes: dict, strongly_typed: bo
     trt = flavour.trt
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    if plugin_lib is not None and not takes_plugins(flavour, builder):
+    if plugin_lib is not None and not takes_plugins(flavour):
         raise QtaleError(f"{flavour.name} {flavour.version} networks take no plugin layers (its network API has no "
                          "add_plugin_v3 and its ONNX parser aborts on a plugin node): build --ops plugin exports "
                          "with TensorRT on a GPU host, or export with --ops standard")
