@@ -9,7 +9,10 @@ when --work already holds it), then `qtale build` of prefill and decode with Ten
 ahead-of-time; the default profile: batch 1, 1/256/--max-tokens tokens). Reported per engine: its
 bytes; the export's quantized bytes (DequantizeLinear codes + scales of the decoder projections, and
 of the embedding table, which the tied LM head shares); the limit 1.3 x projections + table; the
-constant bytes per data type from the builder's layer report; the conditional jumps of the decode.
+constant bytes per data type from the builder's layer report; the conditional jumps of the decode;
+and the text the plan carries beside the weights (engine_info.plan_text: TensorRT-RTX's CUDA C
+kernel sources for its on-device JIT, and the compiler's descriptions), with the engine's bytes less
+that text against the same limit.
 Needs the [train] and [tensorrt-rtx] extras; no GPU. The engines are not run here (that needs an
 Ampere-or-later RTX-class GPU).
 """
@@ -66,10 +69,13 @@ def run(precision: str, work: Path, sms: tuple[str, ...], max_tokens: int) -> li
         q = quantized_bytes(export / f"{graph}.onnx")
         limit = LIMIT * q["projections"] + q["table"]
         form = json.loads((export / "manifest.json").read_text())["graphs"]["decode"].get("form")
+        text = summary["plan_text"]
+        without_text = summary["engine_bytes"] - text["kernel_source_bytes"] - text["other_text_bytes"]
         rows.append({"precision": precision, "graph": graph, "decode_form": form,
                      "engine_bytes": summary["engine_bytes"], "quantized_projection_bytes": q["projections"],
                      "table_bytes": q["table"], "limit_bytes": int(limit),
-                     "within_limit": summary["engine_bytes"] <= limit,
+                     "within_limit": summary["engine_bytes"] <= limit, "plan_text": text,
+                     "engine_bytes_without_text": without_text, "without_text_within_limit": without_text <= limit,
                      "constant_bytes": summary["constant_bytes"], "weights_bytes": summary["weights_bytes"],
                      "conditional_jumps": summary["conditional_jumps"], "branch_gemms": summary["branch_gemms"],
                      "compute_capabilities": entry["compute_capabilities"], "builder": entry["builder"],
@@ -91,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [r for precision in args.precisions.split(",") for r in run(precision, args.work, sms, args.max_tokens)]
     mb = 1e6
-    print(f"\n{'engine':<16}{'MB':>8}{'quant MB':>10}{'table MB':>10}{'limit MB':>10}  within  constants (MB by dtype)")
+    print(f"\n{'engine':<16}{'MB':>8}{'weights':>9}{'src MB':>8}{'sources':>8}{'text MB':>8}{'rest MB':>8}"
+          f"{'limit MB':>9}  within  w/o text  constants (MB by dtype)")
     for r in rows:
         consts = ", ".join(f"{k} {v / mb:.1f}" for k, v in r["constant_bytes"].items())
-        print(f"{r['precision'] + ' ' + r['graph']:<16}{r['engine_bytes'] / mb:>8.1f}"
-              f"{r['quantized_projection_bytes'] / mb:>10.1f}{r['table_bytes'] / mb:>10.1f}{r['limit_bytes'] / mb:>10.1f}"
-              f"  {'yes' if r['within_limit'] else 'NO':<6}  {consts}; jumps {r['conditional_jumps']}")
+        t = r["plan_text"]
+        print(f"{r['precision'] + ' ' + r['graph']:<16}{r['engine_bytes'] / mb:>8.1f}{r['weights_bytes'] / mb:>9.1f}"
+              f"{t['kernel_source_bytes'] / mb:>8.1f}{t['kernel_sources']:>8}{t['other_text_bytes'] / mb:>8.1f}"
+              f"{(r['engine_bytes_without_text'] - r['weights_bytes']) / mb:>8.1f}{r['limit_bytes'] / mb:>9.1f}"
+              f"  {'yes' if r['within_limit'] else 'NO':<6}  {'yes' if r['without_text_within_limit'] else 'NO':<8}"
+              f"  {consts}; jumps {r['conditional_jumps']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print(f"wrote {args.json}")

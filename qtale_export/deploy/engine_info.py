@@ -1,5 +1,6 @@
 """What a built TensorRT engine holds, from its layer information: layer types, the constants
-(weights) each layer keeps and their data types, and the conditional jumps of lazy `If` layers.
+(weights) each layer keeps and their data types, and the conditional jumps of lazy `If` layers;
+and, from the serialized plan's bytes, the text it carries beside the weights (`plan_text`).
 
 TensorRT gives layer information two ways: `IEngineInspector.get_engine_information(JSON)` on a
 deserialized engine (needs a GPU), and the builder's own "Layers:" report, one line per layer,
@@ -125,6 +126,35 @@ def weights_memory(messages: list[str]) -> int | None:
         if match:
             return int(match.group(1))
     return None
+
+
+_TEXT_RUN = re.compile(rb"[\t\n\r\x20-\x7e]{1024,}")
+KERNEL_MARK = b"__global__"
+
+
+def plan_text(engine: bytes) -> dict:
+    """The readable text inside a serialized plan: kernel source (runs holding `__global__`) and
+    the rest (the compiler's graph and tensor descriptions), as runs of >= 1 KiB printable ASCII.
+
+    Why: a TensorRT-RTX plan compiles its kernels on the device (JIT), so it ships each generated
+    kernel as CUDA C source, every one with the same long prelude of helper templates. That text,
+    not the weights, is what makes its engines larger than their quantized weights (docs/tensorrt.md);
+    `source_unique_line_bytes` (each distinct source line once) shows how little of it differs.
+    The plan format is not documented: this reads bytes, it does not parse the plan."""
+    source = other = blobs = kernels = 0
+    lines: set[bytes] = set()
+    for match in _TEXT_RUN.finditer(engine):
+        run = match.group()
+        if KERNEL_MARK in run:
+            source += len(run)
+            blobs += 1
+            kernels += run.count(KERNEL_MARK)
+            lines.update(run.split(b"\n"))
+        else:
+            other += len(run)
+    lines.discard(b"")
+    return {"kernel_source_bytes": source, "kernel_sources": blobs, "kernels": kernels,
+            "source_unique_line_bytes": sum(len(line) + 1 for line in lines), "other_text_bytes": other}
 
 
 def to_json(layers: list[Layer], summary_: dict) -> str:

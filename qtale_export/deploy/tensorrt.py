@@ -327,6 +327,7 @@ def build(options: BuildOptions) -> dict[str, Any]:
         summary = engine_info.summary(layers)
         summary["engine_bytes"] = len(built.engine)
         summary["weights_bytes"] = built.weights_bytes
+        summary["plan_text"] = engine_info.plan_text(built.engine)
         layers_file = plan.engine_path.with_name(plan.engine_name + ".layers.json")
         write_bytes(layers_file, engine_info.to_json(layers, summary).encode())
     write_bytes(plan.engine_path, built.engine)

@@ -50,6 +50,13 @@ def test_every_standard_form_builds(trt_exports, precision, graph):
     if precision in QUANT:  # weight-only quantized weights are kept as such in the engine
         dtype, bits = QUANT[precision]
         assert summary["constant_bytes"][dtype] == _quantized_weight_bytes(export / f"{graph}.onnx", bits) > 0
+    # the plan is the weights plus text: TensorRT-RTX's kernel sources for its on-device JIT and the
+    # compiler's descriptions; what is neither is small
+    text = summary["plan_text"]
+    assert text["kernels"] >= text["kernel_sources"] > 0
+    assert text["source_unique_line_bytes"] < text["kernel_source_bytes"] / 4  # one prelude, many copies
+    rest = summary["engine_bytes"] - summary["weights_bytes"] - text["kernel_source_bytes"] - text["other_text_bytes"]
+    assert 0 <= rest < 0.1 * summary["engine_bytes"], (rest, summary["engine_bytes"])
     manifest_decode = manifest["graphs"]["decode"]["form"]
     assert manifest_decode == ("compact" if precision == "int8" else "if")
     if graph == "decode" and manifest_decode == "if":  # one lazy conditional per routed layer, jumped over
@@ -104,6 +111,17 @@ def test_one_compute_capability_makes_a_smaller_engine(trt_exports):
     all_sms = _build(export, "prefill")["layers"]["summary"]["engine_bytes"]
     one = _build(export, "prefill", compute_capabilities=("8.9",))
     assert one["compute_capabilities"] == ["8.9"] and one["layers"]["summary"]["engine_bytes"] < all_sms
+
+
+def test_plan_text_counts_kernel_sources_and_other_text():
+    prelude = b"".join(b"template<> __device__ int cast%d(int x) {return x;}\n" % i for i in range(40))
+    kernel = prelude + b"__global__ void k(float* x) {}\n"
+    desc = b"tensor={ name=\"t\" dims={ 1 } }\n" * 60
+    plan = b"\x00\x01" + kernel + b"\xff" * 9 + kernel + b"\x00" + desc + b"\x80" + b"short text\x00"
+    text = engine_info.plan_text(plan)
+    assert text == {"kernel_source_bytes": 2 * len(kernel), "kernel_sources": 2, "kernels": 2,
+                    "source_unique_line_bytes": len(kernel), "other_text_bytes": len(desc)}
+    assert engine_info.plan_text(b"\x00" * 4096)["kernel_sources"] == 0
 
 
 def test_dim_ranges_tie_decode_total_to_past():
