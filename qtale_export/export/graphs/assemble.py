@@ -33,6 +33,12 @@ def _logits_and_cache_outputs(b: Builder, s: Spec, logits: str, graph: str) -> N
         b.add_output(name, NP2ONNX[np.dtype(dtype)], shape)
 
 
+def _present_after_past(b: Builder, i: int, k: str, v: str) -> None:
+    """present.{i}.key/value of a decode graph: layer i's past cache with this step's k, v appended."""
+    for name, new in (("key", k), ("value", v)):
+        b.op("Concat", [graph_io.past(i, name), new], outputs=[graph_io.present(i, name)], axis=2)
+
+
 def build_prefill(w: Weights, ops: str, opset: int, act, weight_fn, target: str = "ort-cpu",
                   lowering=None) -> onnx.ModelProto:
     """The prompt graph; `lowering` makes the Lowering (default: the plain one for `target`,
@@ -100,8 +106,7 @@ def build_decode(w: Weights, ops: str, opset: int, act, weight_fn, target: str =
                            else_branch=b.branch(skip_nodes, f"layers.{i}.skip", skip_out, [elem] * 3))
         else:
             x, k, v = L.layer(i, x, pos, full_pos, k_ok, past=past)
-        b.op("Concat", [graph_io.past(i, "key"), k], outputs=[graph_io.present(i, "key")], axis=2)
-        b.op("Concat", [graph_io.past(i, "value"), v], outputs=[graph_io.present(i, "value")], axis=2)
+        _present_after_past(b, i, k, v)
         execs.append(b.unsq(gate, [0]))  # [1, B, 1]
     b.op("Concat", [graph_io.PAST_EXEC, b.op("Concat", execs, axis=0)], outputs=[graph_io.EXEC_MASK], axis=2)
     _logits_and_cache_outputs(b, s, L.head(x), "decode")
@@ -138,8 +143,7 @@ def build_decode_compacted(w: Weights, ops: str, opset: int, act, weight_fn) -> 
         else:
             gate = valid
             x, k, v = L.layer(i, x, pos, full_pos, b.op("Concat", [past_ok, gate], axis=1), past=past)
-        b.op("Concat", [graph_io.past(i, "key"), k], outputs=[graph_io.present(i, "key")], axis=2)
-        b.op("Concat", [graph_io.past(i, "value"), v], outputs=[graph_io.present(i, "value")], axis=2)
+        _present_after_past(b, i, k, v)
         execs.append(b.unsq(b.op("Concat", [pe, gate], axis=1), [0]))
     b.op("Concat", execs, outputs=[graph_io.EXEC_MASK], axis=0)
     _logits_and_cache_outputs(b, s, L.head(x), "decode")
