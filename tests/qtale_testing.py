@@ -2,7 +2,9 @@
 a wide spread of P(execute). Imported as `qtale_testing` (a unique name: several conftest.py exist)."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -115,3 +117,22 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_concurrently(work: Callable[[int], None], n: int, timeout: float = 300) -> list[str]:
+    """work(k) for k in range(n), each on its own thread, all at once; returns what went wrong: the
+    exceptions they raised (repr) and one line per thread still running after `timeout` s."""
+    errors: list[str] = []
+
+    def guarded(k: int) -> None:
+        try:
+            work(k)
+        except Exception as exc:  # reported to the test; a thread must not hang it
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=guarded, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return errors + [f"thread {k} still running after {timeout} s" for k, t in enumerate(threads) if t.is_alive()]

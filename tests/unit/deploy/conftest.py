@@ -161,6 +161,14 @@ def int4_export(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def runtime(int4_export):
+    """`qtale run`'s runtime on int4_export: the answers the Triton models must equal."""
+    from qtale_export.deploy.runtime import Runtime
+
+    return Runtime.open(int4_export, threads=1)
+
+
 @pytest.fixture(scope="session")
 def tritonserver(triton_venv):
     """run_tritonserver(repo, work) on the Triton venv: `with tritonserver(repo, work) as (client, addr)`."""

@@ -14,6 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from qtale_testing import run_concurrently
 
 PROMPTS = ("The quick brown fox jumps over the lazy dog. A journey", "Once upon a time", "The capital of France is",
            "Water boils at one hundred degrees")
@@ -88,13 +89,6 @@ def generate(addr: str, options: dict, model: str = MODEL, timeout: float = 120,
 
 
 @pytest.fixture(scope="module")
-def runtime(int4_export):
-    from qtale_export.deploy.runtime import Runtime
-
-    return Runtime.open(int4_export, threads=1)
-
-
-@pytest.fixture(scope="module")
 def server(tritonserver, int4_export, tmp_path_factory):
     from qtale_export.deploy.triton import build_repository
 
@@ -125,26 +119,19 @@ def test_concurrent_rows_equal_qtale_run_and_bad_options_fail_alone(server, runt
     want = {(p, r): runtime.generate(p, ratio=r, max_new_tokens=12) for p in PROMPTS for r in RATIOS}
     bad = [({"max_tokens": 0}, "max_tokens must be in 1..200, got 0"), ({"temperature": -1.0}, "temperature"),
            ({"execution_ratio": 1.5}, r"\(0, 1\]"), ({"top_p": 0.0}, "top_p"), ({"theta": 0.3}, "not both")]
-    answers, errors = [], []
+    answers = []
 
     def work(k: int) -> None:
-        try:
-            for j in range(9):
-                p, r = PROMPTS[(j + k) % 4], RATIOS[(j // 4 + k) % 3]
-                options = {"text_input": p, "execution_ratio": r, "max_tokens": 12, "stream": bool((j + k) % 2)}
-                if (j + k) % 4 == 3:
-                    extra, message = bad[(j + k) % len(bad)]
-                    answers.append(("bad", message, generate(addr, {**options, **extra})))
-                else:
-                    answers.append(((p, r), options["stream"], generate(addr, options)))
-        except Exception as exc:
-            errors.append(repr(exc))
+        for j in range(9):
+            p, r = PROMPTS[(j + k) % 4], RATIOS[(j // 4 + k) % 3]
+            options = {"text_input": p, "execution_ratio": r, "max_tokens": 12, "stream": bool((j + k) % 2)}
+            if (j + k) % 4 == 3:
+                extra, message = bad[(j + k) % len(bad)]
+                answers.append(("bad", message, generate(addr, {**options, **extra})))
+            else:
+                answers.append(((p, r), options["stream"], generate(addr, options)))
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    errors = run_concurrently(work, 8)
     assert not errors and len(answers) == 72
     for key, extra, ans in answers:
         if key == "bad":

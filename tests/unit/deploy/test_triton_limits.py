@@ -6,22 +6,15 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from qtale_testing import run_concurrently
 
 PROMPTS = ("The quick brown fox jumps over the lazy dog. A journey", "Once upon a time", "The capital of France is",
            "Water boils at one hundred degrees")
 RATIOS = (0.6, 0.7, 1.0)  # calibrated, interpolated, all layers
 CAP, PROMPT_CAP = 64, 40
-
-
-@pytest.fixture(scope="module")
-def runtime(int4_export):
-    from qtale_export.deploy.runtime import Runtime
-
-    return Runtime.open(int4_export, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +84,11 @@ def test_concurrent_clients_equal_qtale_run_row_by_row(server, runtime):
                 res = _router(c, ids[p], r)
                 results.append((p, r, _tokens(res), float(res.as_numpy("realized_ratio")[0, 0]),
                                 res.as_numpy("stop_reason")[0, 0].decode()))
-        except Exception as exc:  # reported below; the thread must not hang the test
-            errors.append(repr(exc))
         finally:
             c.close()
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and not any(t.is_alive() for t in threads)
+    errors += run_concurrently(work, clients)
+    assert not errors
     assert refused and all("max_new_tokens must be in 1..64" in m for m in refused)
     assert len(results) + len(refused) == clients * per_client and {(p, r) for p, r, *_ in results} == set(want)
     wrong = [(p, r) for p, r, toks, _, _ in results if toks != want[(p, r)].token_ids]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qtale_testing import THETAS, spread_routers
+from qtale_testing import THETAS, run_concurrently, spread_routers
 
 PROMPT = "The quick brown fox jumps over the lazy dog. A journey"
 
@@ -129,8 +129,6 @@ def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(serv
     """8 clients at once, 240 requests over three ratios and three prompts: every answer equals
     `qtale run`'s, and the router executed fewer batches than requests (rows of different ratios ran
     together), all on the one graph model."""
-    import threading
-
     import tritonclient.grpc as grpcclient
 
     from qtale_export.deploy.runtime import Runtime
@@ -141,7 +139,7 @@ def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(serv
     ids = {p: rt.tokenizer.encode(p) for p in PROMPTS}
     before = client.get_inference_statistics("qtale_router").model_stats[0]
     clients, per_client = 8, 30
-    results, errors = [], []
+    results = []
 
     def work(k: int) -> None:
         c = grpcclient.InferenceServerClient(addr)
@@ -150,17 +148,11 @@ def test_concurrent_clients_at_mixed_ratios_are_batched_and_equal_qtale_run(serv
                 p, r = PROMPTS[j % len(PROMPTS)], RATIOS[(j // len(PROMPTS) + k) % len(RATIOS)]
                 res = _infer_router(c, ids=ids[p], ratio=r)
                 results.append((p, r, _tokens(res), float(res.as_numpy("realized_ratio")[0, 0])))
-        except Exception as exc:  # reported below; the thread must not hang the test
-            errors.append(repr(exc))
         finally:
             c.close()
 
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and not any(t.is_alive() for t in threads)
+    errors = run_concurrently(work, clients)
+    assert not errors
     assert len(results) == clients * per_client and {(p, r) for p, r, _, _ in results} == set(want)
     for p, r, toks, realized in results:
         assert toks == want[(p, r)].token_ids, (p, r)
